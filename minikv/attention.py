@@ -1,0 +1,97 @@
+"""Reference attention of new queries over one layer's KV store.
+
+Query heads are grouped by KV head (GQA) by folding the G query heads of a group into the query axis, so keys and
+values are never copied G times (no `repeat_kv`). Visibility is decided by *position*, never by slot: a query at
+position p sees the live entries with position <= p. Long prompts are processed in query chunks so the
+(B, Hq, T, S) score tensor is never materialised for large T; what a policy needs from the probabilities is
+accumulated chunk by chunk:
+  "colsum"     attention each entry received, summed over the queries: (B, Hkv, G, S)       (H2O, D2O)
+  "last_rows"  probabilities of the last `window` queries:             (B, Hkv, G, w, S)    (SnapKV, Ada-KV, CORM)
+  "probs"      all probabilities (decode steps, small T):               (B, Hkv, G, T, S)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .store import LayerStore
+
+# Scores are materialised for at most this many (query, key) pairs per chunk and batch row x head.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over the visible entries (float32, or float64 in oracle mode); a row that sees nothing gives 0."""
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    s = scores.to(dtype).masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).min)    # finite even for fully masked rows
+    e = torch.exp(s - m)
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+
+
+def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
+           window: int = 0, chunk: int | None = None, use_sdpa: bool = False):
+    """Attention of queries over the store. Returns (out (B, Hq, T, d), stats dict as requested in `need`).
+
+    q: (B, Hq, T, d) already rotated; qpos: (B, T) absolute positions, -1 for padding queries (output 0).
+    need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows".
+    """
+    B, Hq, T, d = q.shape
+    Hkv, S = store.k.shape[1], store.k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"attend: {Hq} query heads is not a multiple of {Hkv} KV heads")
+    G = Hq // Hkv
+    if qpos.shape != (B, T):
+        raise ValueError(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
+    if use_sdpa and not need:
+        return _attend_sdpa(q, qpos, store), {}
+
+    scale = 1.0 / math.sqrt(d)
+    if chunk is None:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, G * S))
+    out = torch.empty_like(q)
+    stats: dict[str, torch.Tensor] = {}
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if "colsum" in need:
+        stats["colsum"] = torch.zeros(B, Hkv, G, S, dtype=acc_dtype, device=q.device)
+    w = min(window, T)
+    if "last_rows" in need:
+        stats["last_rows"] = torch.zeros(B, Hkv, G, w, S, dtype=acc_dtype, device=q.device)
+    if "probs" in need:
+        stats["probs"] = torch.zeros(B, Hkv, G, T, S, dtype=acc_dtype, device=q.device)
+
+    kT = store.k.transpose(-1, -2)                                          # (B, Hkv, d, S)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        tc = t1 - t0
+        qc = q[:, :, t0:t1].reshape(B, Hkv, G * tc, d)                      # (B, Hkv, G*tc, d), groups folded
+        scores = (qc @ kT).view(B, Hkv, G, tc, S) * scale                   # (B, Hkv, G, tc, S)
+        visible = (store.pos[:, :, None, None, :] >= 0) & \
+                  (store.pos[:, :, None, None, :] <= qpos[:, None, None, t0:t1, None])   # (B, Hkv, 1, tc, S)
+        p = softmax_visible(scores, visible)                                # (B, Hkv, G, tc, S)
+        oc = p.to(store.v.dtype).view(B, Hkv, G * tc, S) @ store.v          # (B, Hkv, G*tc, d)
+        out[:, :, t0:t1] = oc.view(B, Hq, tc, d)
+        if "colsum" in need:
+            stats["colsum"] += p.sum(dim=3)
+        if "probs" in need:
+            stats["probs"][:, :, :, t0:t1] = p
+        if "last_rows" in need and t1 > T - w:
+            lo = max(t0, T - w)
+            stats["last_rows"][:, :, :, lo - (T - w):t1 - (T - w)] = p[:, :, :, lo - t0:]
+    return out, stats
+
+
+def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore) -> torch.Tensor:
+    """The same attention through torch's fused SDPA (no probabilities); used when no policy needs them."""
+    B, Hq, T, d = q.shape
+    Hkv, S = store.k.shape[1], store.k.shape[2]
+    G = Hq // Hkv
+    visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)
+    qg = q.view(B, Hkv, G, T, d).reshape(B, Hkv, G * T, d)
+    mask = visible[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
+    out = F.scaled_dot_product_attention(qg, store.k, store.v, attn_mask=mask)
+    # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
+    out = torch.nan_to_num(out, nan=0.0)
+    return out.view(B, Hq, T, d)

@@ -1,0 +1,81 @@
+"""Budget parsing and allocation across layers. Allocation is separate from scoring and selection, so methods compose
+(e.g. Ada-KV's head-wise allocation over a PyramidKV layer schedule, D2O's layer ratios over H2O selection).
+
+A budget is the number of entries one (layer, KV head) may hold, counting everything kept (sinks, windows, heavy
+hitters, merged entries). Users give it as a count (`512`) or as a ratio of the prompt length (`0.2`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A count of entries (int >= 1) or a ratio of the prompt length (float in (0, 1])."""
+    value: int | float
+
+    def __post_init__(self):
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"budget must be a count or a ratio, got {v!r}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"budget count must be >= 1, got {v}")
+        if isinstance(v, float) and not (0 < v <= 1):
+            raise ValueError(f"budget ratio must be in (0, 1], got {v}")
+
+    @property
+    def is_ratio(self) -> bool:
+        return isinstance(self.value, float)
+
+    def entries(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        """Budget in entries per batch row (B,), from each row's prompt length (ratios round down, at least 1)."""
+        n = torch.as_tensor(prompt_lengths, dtype=torch.long)
+        if self.is_ratio:
+            return (n.double() * self.value).floor().long().clamp_min(1)
+        return torch.full_like(n, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.is_ratio else str(self.value)
+
+
+def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
+    """'0.2' -> ratio 0.2; '512' -> 512 entries; None stays None (the policy keeps everything)."""
+    if text is None or isinstance(text, Budget):
+        return text
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return Budget(text)
+    s = str(text).strip()
+    try:
+        return Budget(int(s))
+    except ValueError:
+        pass
+    try:
+        return Budget(float(s))
+    except ValueError:
+        raise ValueError(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)") from None
+
+
+def uniform_layer_budgets(per_row: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Every layer gets the same budget: (B,) -> (L, B)."""
+    return per_row[None, :].expand(n_layers, -1).clone()
+
+
+def pyramid_prefix_budgets(prefix_budget: torch.Tensor, prompt_lengths: torch.Tensor, window: int,
+                           n_layers: int, beta: int = 20) -> torch.Tensor:
+    """PyramidKV's linearly decreasing per-layer prefix budgets (baselines.md), (B,) -> (L, B).
+
+    b = average prefix budget; min_b = b // beta; max_b = 2b - min_b, capped at n - w (then min_b = 2b - max_b);
+    step = (max_b - min_b) // (L - 1); layer l keeps max_b - l * step prefix entries.
+    """
+    b = prefix_budget.long()
+    n = torch.as_tensor(prompt_lengths, dtype=torch.long, device=b.device)
+    min_b = b // beta
+    max_b = 2 * b - min_b
+    capped = max_b >= n - window
+    max_b = torch.where(capped, n - window, max_b)
+    min_b = torch.where(capped, 2 * b - max_b, min_b)
+    step = (max_b - min_b) // max(1, n_layers - 1)
+    layers = torch.arange(n_layers, device=b.device)[:, None]
+    return max_b[None, :] - layers * step[None, :]

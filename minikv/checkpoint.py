@@ -1,0 +1,108 @@
+"""Load a Llama-family checkpoint in the Hugging Face layout (config.json + safetensors), with named errors.
+
+Only safetensors are read (never pickle). Weights may be bf16/fp16/fp32 and sharded through
+`model.safetensors.index.json`. Any missing tensor, unexpected tensor or shape mismatch is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import LlamaConfig
+from .model import Llama, rope_inv_freq
+
+FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face Llama checkpoint must hold, with its shape."""
+    D, F, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, D),
+            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, D),
+            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, D),
+            p + "self_attn.o_proj.weight": (D, cfg.num_attention_heads * d),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+        })
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    return shapes
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{index} names shard {f.name}, which is missing from {folder}")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ValueError(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
+
+
+def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint's safetensors file(s), by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in _weight_files(Path(folder)):
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot read {f}: corrupt or truncated safetensors file ({e}); "
+                             f"re-download or re-convert it") from None
+    return state
+
+
+def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> None:
+    """Raise naming the first missing tensor, unexpected tensor or shape mismatch."""
+    want = expected_shapes(cfg)
+    # Tied checkpoints sometimes still carry a copy of the head; accept it and use the embeddings.
+    extra = set(state) - set(want) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    extra = {n for n in extra if not n.endswith("rotary_emb.inv_freq")}
+    missing = [n for n in want if n not in state]
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, config implies {shape}")
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
+    """Build a Llama from a Hugging Face folder and load its weights (cast to `dtype`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist; {FETCH_HINT}")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; {FETCH_HINT}")
+    cfg = LlamaConfig.from_json(folder / "config.json")
+    state = read_state_dict(folder)
+    check_state_dict(state, cfg, source=str(folder))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    ours = {name.removeprefix("model."): t.to(dtype) for name, t in state.items()
+            if name in expected_shapes(cfg)}
+    model.load_state_dict(ours, strict=True, assign=True)
+    model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)   # buffers built on meta: rebuild
+    return model.to(device).eval()

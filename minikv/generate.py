@@ -1,0 +1,169 @@
+"""Prefill + decode over the explicit store: sampling, stop tokens, batches with left padding, policy hooks.
+
+The generation loop is the only place that calls a policy: `after_prefill` for every layer during the prompt's
+forward pass (so layer l is compressed before layer l+1 runs) and `after_step` for every layer of every decode step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .model import Llama
+from .store import KVCache
+
+
+# ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if not (temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- batching ----------------------------------------------------------------------------------------------
+def left_pad(seqs: list[list[int]], pad_id: int, start: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (B, T) ids and (B, T) positions continuing from `start` (B,); padding gets -1."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    pos = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, T - len(s):] = torch.tensor(s)
+            pos[b, T - len(s):] = int(start[b]) + torch.arange(len(s))
+    return ids.to(device), pos.to(device)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]                        # new tokens per row (stop token excluded)
+    prompt_tokens: list[int]
+    cache_ratio: float                             # live entries / entries of a full cache, averaged
+    kv_bytes_live: int
+    kv_bytes_allocated: int
+    kv_bytes_full: int                             # what the full cache would hold now (same dtype)
+    prefill_seconds: float
+    decode_seconds: float
+    cache: KVCache | None = field(default=None, repr=False)
+    policy_report: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (f"cache ratio {self.cache_ratio:.3f} | KV live {self.kv_bytes_live / mib:.2f} MiB, "
+                f"allocated {self.kv_bytes_allocated / mib:.2f} MiB, full cache {self.kv_bytes_full / mib:.2f} MiB | "
+                f"prefill {self.prefill_seconds:.2f}s, decode {sum(map(len, self.tokens))} tok in "
+                f"{self.decode_seconds:.2f}s")
+
+
+def full_cache_bytes(model: Llama, cache: KVCache) -> int:
+    c = model.cfg
+    return int(cache.seen.sum()) * c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * \
+        model.embed_tokens.weight.element_size()
+
+
+@torch.no_grad()
+def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
+            pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0):
+    """Run the prompts through the model (compressing with `policy`), then the question if given.
+
+    Question-aware use puts the question inside `prompts`; question-agnostic use passes it as `question`, which is
+    appended after compression without eviction. Returns (logits of the last token (B, vocab), cache).
+    """
+    from .policies import get_policy
+    policy = get_policy("full") if policy is None else policy
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    ctx = model.cfg.max_position_embeddings
+    longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * len(prompts)))
+    if longest > ctx:
+        raise ValueError(f"prompt of {longest} tokens is longer than the model's context ({ctx} tokens)")
+    B = len(prompts)
+    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1)
+    policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
+    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)
+    sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
+    logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs, window=policy.window,
+                   use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
+    if question:
+        if len(question) != B or any(len(q) == 0 for q in question):
+            raise ValueError("question must give one non-empty token list per prompt")
+        ids, pos = left_pad(question, pad_id, cache.seen, model.device)
+        logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
+    if not policy.decode_evicts:
+        cache.reserve(extra_capacity)
+    return logits, cache
+
+
+def _sdpa_default(model: Llama) -> bool:
+    return model.device.type == "cuda"
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
+             question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
+             on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
+             keep_cache: bool = False) -> GenerationResult:
+    """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache."""
+    from .policies import get_policy
+    policy = get_policy("full") if policy is None else policy
+    check_sampling(temperature, top_p, max_new_tokens)
+    stop = set(model.cfg.eos_ids if stop_ids is None else stop_ids)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+    ctx = model.cfg.max_position_embeddings
+    t0 = time.perf_counter()
+    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=max_new_tokens)
+    _sync(model)
+    t1 = time.perf_counter()
+    B = len(prompts)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, gen)                          # (B,)
+        is_stop = torch.tensor([int(t) in stop for t in nxt.tolist()], device=model.device)
+        newly = ~done & ~is_stop
+        for b in torch.nonzero(newly).flatten().tolist():
+            out[b].append(int(nxt[b]))
+        if on_tokens is not None:
+            on_tokens([int(nxt[b]) if newly[b] else None for b in range(B)])
+        done |= is_stop
+        if bool(done.all()) or step == max_new_tokens - 1 or int(cache.seen.max()) >= ctx:
+            break
+        # Finished rows feed a padding token at position -1: nothing is cached for them.
+        pos = torch.where(done, -1, cache.seen)[:, None]
+        logits = model(torch.where(done, pad_id, nxt)[:, None], cache, pos, hook=policy.after_step,
+                       need=policy.decode_needs, window=policy.window, use_sdpa=sdpa)[:, -1]
+    _sync(model)
+    t2 = time.perf_counter()
+    return GenerationResult(
+        tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
+        kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
+        kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        cache=cache if keep_cache else None, policy_report=policy.report())
+
+
+def _sync(model: Llama) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,170 @@
+"""A self-contained Llama (RMSNorm -> RoPE attention over an explicit KV store -> SwiGLU MLP), in dependency order.
+
+RoPE convention (the only one used inside minikv): Hugging Face "rotate_half", which pairs dimension i with i + d/2.
+Checkpoints in the Meta/GGUF interleaved order are converted at load time (minikv/convert.py, tested).
+The KV store is passed in explicitly; modules hold weights only.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attend
+from .config import LlamaConfig
+from .store import KVCache, LayerStore
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (float64 in oracle mode)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = x.to(dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+# ---- RoPE --------------------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
+    """Inverse frequencies base^(-2i/d), with `linear` or `llama3` scaling applied when the config asks. (d/2,)"""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_len = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * torch.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.to(dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for absolute positions pos (B, T) -> each (B, 1, T, d) in rotate_half layout."""
+    angles = pos.clamp_min(0).to(inv_freq.dtype)[..., None] * inv_freq     # (B, T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, d)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x (B, H, T, d) by the angles of their positions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---- attention block ---------------------------------------------------------------------------------------
+# A per-layer hook the generation loop passes in: hook(layer_index, store, stats) runs right after the layer's
+# attention, so a policy compresses layer l's cache before layer l+1 is computed (keeps prefill peak memory low).
+LayerHook = Callable[[int, LayerStore, dict], None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)      # keys are cached after RoPE, at true positions
+        store.append(k, v, pos)
+        out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa)  # (B, Hq, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), stats
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        """SwiGLU: down(silu(gate(x)) * up(x))."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)   # float64, cast per use
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, capacity: int = 16) -> KVCache:
+        c = self.cfg
+        return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity,
+                             dtype=self.dtype, device=self.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,
+                hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
+                use_sdpa: bool = False, last_only: bool = False) -> torch.Tensor:
+        """Run T new tokens per row through the model, appending their keys/values to `cache`.
+
+        tokens: (B, T) ids; pos: (B, T) absolute positions (-1 marks left padding, which is not cached);
+        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only).
+        """
+        B, T = tokens.shape
+        if pos is None:
+            pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)
+        if int(pos.max()) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context "
+                             f"({self.cfg.max_position_embeddings} tokens)")
+        if len(cache.layers) != len(self.layers) or cache.seen.shape != (B,):
+            raise ValueError(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
+                             f"model has {len(self.layers)} layers, tokens batch {B}")
+        x = self.embed_tokens(tokens)                                            # (B, T, D)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        for i, block in enumerate(self.layers):
+            a, stats = block.self_attn(block.input_layernorm(x), pos, cos, sin, cache.layers[i],
+                                       need, window, use_sdpa)
+            x = x + a
+            x = x + block.mlp(block.post_attention_layernorm(x))
+            if hook is not None:
+                hook(i, cache.layers[i], stats)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return x @ head.T                                                       # (B, T, vocab)

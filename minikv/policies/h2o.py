@@ -1,0 +1,72 @@
+"""H2O, Heavy-Hitter Oracle (Zhang et al. 2023): keep the most recent entries and the heavy hitters, i.e. the
+entries that have received the most attention so far (accumulated over every query that saw them).
+
+Score (store stat "score"): prefill column sums of the attention matrix + each decode step's attention row,
+averaged over the G query heads of a KV group. Budget = n_heavy + n_recent (default split 1:1).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import first_positions_mask, group_mean, recent_mask, select_topk
+from ..store import LayerStore
+from .base import Policy, apply_keep
+
+
+def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
+    """score_j = sum over prompt queries i of A[i, j], group-averaged. colsum: (B, Hkv, G, S)."""
+    store.add_stat("score", dtype=colsum.dtype)
+    store.stats["score"] += group_mean(colsum).to(store.stats["score"].dtype)
+
+
+def accumulate_step_scores(store: LayerStore, probs: torch.Tensor) -> None:
+    """score_j += A[t, j] for the new query t (group-averaged). probs: (B, Hkv, G, 1, S)."""
+    store.add_stat("score", dtype=probs.dtype)
+    store.stats["score"] += group_mean(probs.sum(dim=3)).to(store.stats["score"].dtype)
+
+
+def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Tensor, n_recent: torch.Tensor,
+                      n_sink: int = 0) -> torch.Tensor:
+    """(B, Hkv, S) keep mask: the last n_recent positions, plus the top n_heavy other entries by score.
+
+    The first n_sink positions get score +inf (they count inside n_heavy). n_heavy, n_recent: (B,) or (B, Hkv).
+    """
+    n_heavy, n_recent = (x if x.dim() == 2 else x[:, None] for x in (n_heavy, n_recent))
+    recent = recent_mask(store.pos, n_recent, store.seen)
+    score = score.masked_fill(first_positions_mask(store.pos, n_sink), float("inf"))
+    heavy = select_topk(score, n_heavy, valid=store.valid & ~recent)
+    return recent | heavy
+
+
+def split_budget(budget: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_heavy, n_recent) from a budget: n_heavy = floor(budget * heavy_share), the rest recent."""
+    n_heavy = (budget.double() * heavy_share).floor().long()
+    return n_heavy, budget - n_heavy
+
+
+class H2O(Policy):
+    name = "h2o"
+    prefill_needs = frozenset({"colsum"})
+    decode_needs = frozenset({"probs"})
+    decode_evicts = True
+
+    def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0):
+        super().__init__(budget)
+        if self.budget is None:
+            raise ValueError("h2o needs a budget (a count like 512 or a ratio like 0.2)")
+        if not 0 <= heavy_share <= 1:
+            raise ValueError(f"heavy_share must be in [0, 1], got {heavy_share}")
+        self.heavy_share, self.n_sink = heavy_share, n_sink
+
+    def _compress(self, store: LayerStore) -> None:
+        budget = self.budget_entries(store.k.device)
+        n_heavy, n_recent = split_budget(budget, self.heavy_share)
+        apply_keep(store, heavy_recent_keep(store, store.stats["score"], n_heavy, n_recent, self.n_sink))
+
+    def after_prefill(self, layer, store, stats):
+        accumulate_prefill_scores(store, stats["colsum"])
+        self._compress(store)
+
+    def after_step(self, layer, store, stats):
+        accumulate_step_scores(store, stats["probs"])
+        self._compress(store)

@@ -1,0 +1,90 @@
+"""SnapKV (Li et al. 2024) and PyramidKV (Cai et al. 2024): prefill-only compression from an observation window.
+
+The last `window` prompt queries vote: score_j = mean over window queries of A[i, j] (then the GQA group mean),
+max-pooled along positions (kernel 7). Keep the window plus the top (budget - window) earlier entries.
+PyramidKV uses the same scores with a per-layer budget that decreases linearly with depth.
+Decode tokens are appended without eviction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..budgets import pyramid_prefix_budgets
+from ..ops import group_mean, recent_mask, select_topk
+from ..store import LayerStore
+from .base import Policy, apply_keep
+
+
+def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:
+    """SnapKV prefix scores (B, Hkv, S): window-mean attention, group mean, max-pool; -inf outside the prefix.
+
+    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries.
+    """
+    s = group_mean(last_rows.mean(dim=3))                                  # (B, Hkv, S)
+    prefix = store.valid & ~recent_mask(store.pos, window, store.seen)     # earlier entries, not the window
+    s = s.masked_fill(~prefix, float("-inf"))
+    if kernel > 1:
+        B, H, S = s.shape
+        # max_pool1d pads with -inf, so the pooling never reaches into the window or empty slots.
+        s = F.max_pool1d(s.reshape(B * H, 1, S), kernel, stride=1, padding=kernel // 2).view(B, H, S)
+        s = s.masked_fill(~prefix, float("-inf"))
+    return s
+
+
+def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget: torch.Tensor,
+                          window: int) -> torch.Tensor:
+    """(B, Hkv, S): the last `window` positions plus the top prefix_budget earlier entries ((B,) or (B, Hkv))."""
+    k = prefix_budget if prefix_budget.dim() == 2 else prefix_budget[:, None]
+    win = recent_mask(store.pos, window, store.seen)
+    return win | select_topk(score, k.clamp_min(0), valid=store.valid & ~win)
+
+
+class SnapKV(Policy):
+    name = "snapkv"
+    prefill_needs = frozenset({"last_rows"})
+
+    def __init__(self, budget, window: int = 32, kernel: int = 7):
+        super().__init__(budget)
+        if self.budget is None:
+            raise ValueError(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
+        if window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"window must be >= 1 and kernel a positive odd number, got {window}, {kernel}")
+        self.window, self.kernel = window, kernel
+
+    def prefix_budgets(self, layer: int, device) -> torch.Tensor:
+        """Prefix entries each row keeps in this layer (B,)."""
+        budget = self.budget_entries(device)
+        if bool((budget < self.window).any()):
+            raise ValueError(f"{self.name}: budget {int(budget.min())} is smaller than the observation window "
+                             f"({self.window}); use a budget >= window or a smaller window")
+        return budget - self.window
+
+    def after_prefill(self, layer, store, stats):
+        n = store.seen
+        budget = self.prefix_budgets(layer, store.k.device)
+        if bool((n <= budget + self.window).all()):
+            return                                  # the prompt already fits: no compression
+        score = window_scores(store, stats["last_rows"], self.window, self.kernel)
+        keep = window_plus_topk_keep(store, score, budget, self.window)
+        keep |= (n <= budget + self.window)[:, None, None] & store.valid     # rows that fit keep everything
+        apply_keep(store, keep)
+        self.layer_log[layer] = {"prefix_budget": budget.tolist()}
+
+
+class PyramidKV(SnapKV):
+    name = "pyramidkv"
+
+    def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20):
+        super().__init__(budget, window, kernel)
+        self.beta = beta
+
+    def prefix_budgets(self, layer, device):
+        b = super().prefix_budgets(layer, device)
+        n = self.prompt_lengths.to(device)
+        return pyramid_prefix_budgets(b, n, self.window, self.n_layers, self.beta)[layer].clamp_min(0)
+
+    def report(self):
+        r = super().report()
+        r["prefix_budget_per_layer"] = {l: v["prefix_budget"] for l, v in sorted(self.layer_log.items())}
+        return r

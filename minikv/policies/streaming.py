@@ -1,0 +1,41 @@
+"""StreamingLLM (Xiao et al. 2023): keep the first `n_sink` positions (attention sinks) and the most recent ones.
+
+Reference: mit-han-lab/streaming-llm `StartRecentKVCache(start_size=n_sink, recent_size=budget - n_sink)`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import first_positions_mask, recent_mask
+from ..store import LayerStore
+from .base import Policy, apply_keep
+
+
+def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """(B, Hkv, S) keep mask: positions < n_sink, plus the last budget - n_sink positions. budget: (B,)."""
+    return first_positions_mask(store.pos, n_sink) | recent_mask(store.pos, (budget - n_sink)[:, None], store.seen)
+
+
+class Streaming(Policy):
+    name = "streaming"
+    decode_evicts = True
+
+    def __init__(self, budget, n_sink: int = 4):
+        super().__init__(budget)
+        if self.budget is None:
+            raise ValueError("streaming needs a budget (a count like 512 or a ratio like 0.2)")
+        if n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {n_sink}")
+        self.n_sink = n_sink
+
+    def _compress(self, store: LayerStore) -> None:
+        budget = self.budget_entries(store.k.device)
+        if bool((budget <= self.n_sink).any()):
+            raise ValueError(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
+        apply_keep(store, sink_window_keep(store, budget, self.n_sink))
+
+    def after_prefill(self, layer, store, stats):
+        self._compress(store)
+
+    def after_step(self, layer, store, stats):
+        self._compress(store)
