@@ -114,7 +114,8 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
 
 
 def _sdpa_default(model: Llama) -> bool:
-    return model.device.type == "cuda"
+    """Fused SDPA when no policy needs probabilities, except in float64 oracle mode (one code path, exact)."""
+    return model.dtype != torch.float64
 
 
 @torch.no_grad()

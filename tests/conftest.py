@@ -1,0 +1,76 @@
+"""Shared test set-up: hypothesis profiles, tiny random models, the real default model (slow tests).
+
+Hypothesis profile from MINIKV_HYPOTHESIS_PROFILE (default: "ci" when CI is set, else "dev"):
+  ci    derandomized, no example database, bounded example counts, no deadline
+  dev   few examples, for quick local runs
+  deep  thousands of examples (run by hand: MINIKV_HYPOTHESIS_PROFILE=deep pytest tests -k property)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+settings.load_profile(os.environ.get("MINIKV_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+REPO = Path(__file__).resolve().parent.parent
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides):
+    """A small random Llama config (GQA by default) for fast tests."""
+    from minikv.config import LlamaConfig
+    base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def tiny_model(dtype=torch.float32, seed: int = 0, std: float = 0.3, **overrides):
+    """A tiny Llama with random weights large enough (std) that attention is far from uniform."""
+    from minikv.model import Llama
+    torch.manual_seed(seed)
+    model = Llama(tiny_config(**overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The converted default model; fetched once if missing (CI fetches it before the tests)."""
+    from minikv.convert import default_model_dir as _dir, ensure_default_model
+    folder = _dir()
+    if not (folder / "model.safetensors").exists():
+        if os.environ.get("MINIKV_NO_FETCH"):
+            pytest.skip(f"default model not found at {folder} and MINIKV_NO_FETCH is set")
+        ensure_default_model()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_dir):
+    from minikv.checkpoint import load_model
+    return load_model(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from minikv.tokenizer import load_tokenizer
+    return load_tokenizer(default_model_dir)

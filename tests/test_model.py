@@ -1,0 +1,191 @@
+"""The model against transformers, and the cache against recomputation (the tests that catch cache bugs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import tiny_model
+from minikv.attention import attend
+from minikv.checkpoint import load_model
+from minikv.generate import generate, left_pad
+
+transformers = pytest.importorskip("transformers", reason="transformers (test extra) is the parity oracle")
+
+
+def _hf_checkpoint(tmp_path, n_heads, n_kv_heads, tie, rope_scaling, seed=0):
+    """Save a random transformers LlamaForCausalLM to tmp_path; return (hf_model, folder)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=16 * n_heads, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_scaling=rope_scaling)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    return hf, tmp_path
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,tie,rope", [
+    (4, 4, False, None),          # MHA, untied, no scaling
+    (4, 2, True, None),           # GQA, tied
+    (6, 2, False, LLAMA3),        # GQA, llama3 scaling
+    (4, 1, True, {"rope_type": "linear", "factor": 2.0}),
+])
+def test_logits_match_transformers(tmp_path, n_heads, n_kv_heads, tie, rope):
+    hf, folder = _hf_checkpoint(tmp_path, n_heads, n_kv_heads, tie, rope)
+    ours = load_model(folder)
+    x = torch.randint(0, 97, (2, 70))       # 70 > original_max_position_embeddings: exercises llama3 bands
+    with torch.no_grad():
+        ref = hf(x).logits
+        got = ours(x, ours.new_cache(2))
+    assert (ref - got).abs().max().item() < 1e-5
+
+
+def test_cached_decoding_equals_recomputation():
+    model = tiny_model(torch.float64)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        step_logits = [model(ids[:, :10], cache)[:, -1]]
+        for t in range(10, 30):
+            step_logits.append(model(ids[:, t:t + 1], cache)[:, -1])
+        for i, t in enumerate(range(10, 31)):
+            full = model(ids[:, :t], model.new_cache(2))[:, -1]
+            assert torch.allclose(step_logits[i], full, rtol=1e-10, atol=1e-10), f"token {t}"
+
+
+@given(cuts=st.lists(st.integers(1, 39), max_size=5, unique=True))
+def test_chunked_prefill_equals_one_shot(cuts):
+    model = tiny_model(torch.float64)
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one = model(ids, model.new_cache(1))
+        cache = model.new_cache(1)
+        bounds = [0, *sorted(cuts), 40]
+        parts = [model(ids[:, a:b], cache) for a, b in zip(bounds, bounds[1:]) if b > a]
+    assert torch.allclose(torch.cat(parts, dim=1), one, rtol=1e-10, atol=1e-10)
+
+
+@given(chunk=st.integers(1, 50), T=st.integers(1, 50))
+def test_query_chunking_does_not_change_attention(chunk, T):
+    model = tiny_model(torch.float64)
+    g = torch.Generator().manual_seed(T)
+    cache = model.new_cache(1)
+    k = torch.randn(1, 2, T, 16, generator=g, dtype=torch.float64)
+    cache.layers[0].append(k, torch.randn_like(k), torch.arange(T)[None])
+    q = torch.randn(1, 4, T, 16, generator=g, dtype=torch.float64)
+    need = frozenset({"colsum", "last_rows", "probs"})
+    a, sa = attend(q, torch.arange(T)[None], cache.layers[0], need, window=5, chunk=chunk)
+    b, sb = attend(q, torch.arange(T)[None], cache.layers[0], need, window=5, chunk=T)
+    assert torch.allclose(a, b, atol=1e-12)
+    for name in need:
+        assert torch.allclose(sa[name], sb[name], atol=1e-12), name
+    assert torch.allclose(sa["last_rows"], sa["probs"][:, :, :, -min(5, T):])
+    assert torch.allclose(sa["colsum"], sa["probs"].sum(3))
+
+
+def test_sdpa_path_matches_reference():
+    model = tiny_model(torch.float32)
+    ids = torch.randint(0, 101, (2, 33))
+    pos = torch.arange(33).expand(2, 33).clone()
+    pos[0, :5] = -1                                            # left padding in row 0
+    with torch.no_grad():
+        ref = model(ids, model.new_cache(2), pos.clone())
+        fast = model(ids, model.new_cache(2), pos.clone(), use_sdpa=True)
+    assert torch.allclose(ref[0, 5:], fast[0, 5:], atol=1e-5) and torch.allclose(ref[1], fast[1], atol=1e-5)
+
+
+def test_left_padded_batch_equals_single_rows():
+    model = tiny_model(torch.float64)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
+    batch = generate(model, prompts, max_new_tokens=6, stop_ids=[])
+    for b, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=6, stop_ids=[])
+        assert alone.tokens[0] == batch.tokens[b]
+    ids, pos = left_pad(prompts, 0, torch.zeros(3, dtype=torch.long), "cpu")
+    assert pos[1].tolist() == [-1, -1, -1, -1, -1, 0, 1]
+
+
+def test_stop_tokens_end_rows_and_freeze_their_cache():
+    model = tiny_model(torch.float64)
+    free = generate(model, [[1, 2, 3]], max_new_tokens=8, stop_ids=[])
+    stop = free.tokens[0][3]
+    res = generate(model, [[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=8, stop_ids=[stop], keep_cache=True)
+    assert res.tokens[0] == free.tokens[0][:free.tokens[0].index(stop)]
+    assert int(res.cache.seen[0]) == 3 + len(res.tokens[0])   # nothing cached after the stop token
+
+
+def test_sampling_is_seeded_and_top_p_limits_choices():
+    model = tiny_model(torch.float32)
+    a = generate(model, [[1, 2, 3]], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3, stop_ids=[])
+    b = generate(model, [[1, 2, 3]], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3, stop_ids=[])
+    assert a.tokens == b.tokens
+    from minikv.generate import sample
+    logits = torch.tensor([[10.0, 9.0, -50.0, -50.0]])
+    picks = {int(sample(logits, 1.0, 0.5, torch.Generator().manual_seed(s))) for s in range(50)}
+    assert picks == {0}                                       # 0 alone holds > 50% of the mass
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"max_new_tokens": -2}, "max_new_tokens"),
+])
+def test_invalid_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_model(), [[1, 2]], **kwargs)
+
+
+def test_prompt_longer_than_context_is_an_error():
+    model = tiny_model(max_position_embeddings=32)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        generate(model, [list(range(1, 40))], max_new_tokens=1)
+
+
+# ---- checkpoint errors -------------------------------------------------------------------------------------
+def _save_tiny(tmp_path):
+    hf, folder = _hf_checkpoint(tmp_path, 4, 2, False, None)
+    return folder
+
+
+def test_missing_folder_names_fetch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="minikv fetch"):
+        load_model(tmp_path / "nope")
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = _save_tiny(tmp_path)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_model(folder)
+
+
+def test_missing_unexpected_and_misshaped_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = _save_tiny(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    cases = [
+        ({k: v for k, v in state.items() if k != name}, f"missing tensor '{name}'"),
+        ({**state, "model.layers.1.extra.weight": torch.zeros(2)}, "unexpected tensor 'model.layers.1.extra.weight'"),
+        ({**state, name: torch.zeros(3, 3)}, f"tensor '{name}' has shape"),
+    ]
+    for broken, message in cases:
+        save_file(broken, folder / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            load_model(folder)
+
+
+def test_bad_config(tmp_path):
+    folder = _save_tiny(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="multiple of"):
+        load_model(folder)

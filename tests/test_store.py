@@ -1,0 +1,164 @@
+"""The KV store: append / keep / merge invariants (stateful), byte accounting, masked == compacted attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from minikv.attention import attend
+from minikv.store import LayerStore
+from strategies import gqa_shapes, seeded_randn
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random sequences of append / keep / merge; every entry carries an exact tag so survivors are checkable."""
+
+    B, H, d = 2, 2, 4
+
+    def __init__(self):
+        super().__init__()
+        self.store = LayerStore.empty(self.B, self.H, self.d, capacity=1, dtype=torch.float64)
+        self.store.add_stat("tag")
+        # The model of the store: per (b, h) a list of (position, key, value, tag), in position order.
+        self.model = [[[] for _ in range(self.H)] for _ in range(self.B)]
+        self.step = 0
+
+    @rule(n=st.integers(1, 6), pad=st.lists(st.integers(0, 3), min_size=2, max_size=2))
+    def append(self, n, pad):
+        T = n + max(pad)
+        pos = torch.full((self.B, T), -1, dtype=torch.long)
+        for b in range(self.B):
+            real = T - pad[b]
+            pos[b, T - real:] = self.store.seen[b] + torch.arange(real)
+        k = seeded_randn(self.step, self.B, self.H, T, self.d)
+        v = seeded_randn(self.step + 10_000, self.B, self.H, T, self.d)
+        self.step += 1
+        slots = self.store.append(k, v, pos)
+        for b in range(self.B):
+            for h in range(self.H):
+                for t in range(T):
+                    if pos[b, t] >= 0:
+                        tag = float(self.step * 100 + t)
+                        self.store.stats["tag"][b, h, slots[b, h, t]] = tag
+                        self.model[b][h].append((int(pos[b, t]), k[b, h, t].clone(), v[b, h, t].clone(), tag))
+
+    @rule(data=st.data())
+    def keep(self, data):
+        mask = torch.zeros(self.store.pos.shape, dtype=torch.bool)
+        for b in range(self.B):
+            for h in range(self.H):
+                n = len(self.model[b][h])
+                chosen = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label=f"keep[{b},{h}]")
+                mask[b, h, :n] = torch.tensor(chosen, dtype=torch.bool)
+                self.model[b][h] = [e for e, c in zip(self.model[b][h], chosen) if c]
+        self.store.keep(mask)
+
+    @precondition(lambda self: all(len(self.model[b][h]) for b in range(2) for h in range(2)))
+    @rule(data=st.data())
+    def merge(self, data):
+        E = 2
+        dst = torch.zeros(self.B, self.H, E, dtype=torch.long)
+        w = torch.zeros(self.B, self.H, E, dtype=torch.float64)
+        src_k = seeded_randn(self.step + 20_000, self.B, self.H, E, self.d)
+        src_v = seeded_randn(self.step + 30_000, self.B, self.H, E, self.d)
+        self.step += 1
+        scale = torch.ones(self.store.pos.shape, dtype=torch.float64)
+        for b in range(self.B):
+            for h in range(self.H):
+                n = len(self.model[b][h])
+                for e in range(E):
+                    dst[b, h, e] = data.draw(st.integers(0, n - 1), label="dst")
+                    w[b, h, e] = data.draw(st.floats(0, 1), label="w")
+                s = data.draw(st.floats(0.5, 1.0), label="scale")
+                slot = int(dst[b, h, 0])
+                scale[b, h, slot] = s
+                new = []
+                for i, (p, k, v, tag) in enumerate(self.model[b][h]):
+                    sc = s if i == slot else 1.0
+                    k, v = k * sc, v * sc
+                    for e in range(E):
+                        if int(dst[b, h, e]) == i:
+                            k, v = k + w[b, h, e] * src_k[b, h, e], v + w[b, h, e] * src_v[b, h, e]
+                    new.append((p, k, v, tag))
+                self.model[b][h] = new
+        self.store.merge(dst, src_k, src_v, w, scale)
+
+    @invariant()
+    def consistent(self):
+        s = self.store
+        assert (s.length <= s.capacity).all()
+        for b in range(self.B):
+            for h in range(self.H):
+                n = int(s.length[b, h])
+                entries = self.model[b][h]
+                assert n == len(entries)
+                pos = s.pos[b, h, :n]
+                assert (pos[1:] > pos[:-1]).all(), "positions strictly increasing"
+                assert (pos < s.seen[b]).all() and (s.pos[b, h, n:] == -1).all()
+                assert pos.tolist() == [e[0] for e in entries]
+                assert s.stats["tag"][b, h, :n].tolist() == [e[3] for e in entries], "stats aligned with entries"
+                for i, (p, k, v, tag) in enumerate(entries):
+                    assert torch.allclose(s.k[b, h, i], k, atol=1e-12) and torch.allclose(s.v[b, h, i], v, atol=1e-12)
+
+    @invariant()
+    def attention_matches_float64_recomputation(self):
+        s = self.store
+        q = seeded_randn(self.step + 40_000, self.B, self.H * 2, 1, self.d)
+        qpos = s.seen[:, None].clone()
+        out, _ = attend(q, qpos, s)
+        for b in range(self.B):
+            for hq in range(self.H * 2):
+                entries = self.model[b][hq // 2]
+                if not entries:
+                    assert torch.all(out[b, hq] == 0)
+                    continue
+                K = torch.stack([e[1] for e in entries])
+                V = torch.stack([e[2] for e in entries])
+                p = torch.softmax(K @ q[b, hq, 0] / self.d ** 0.5, dim=0)
+                assert torch.allclose(out[b, hq, 0], p @ V, atol=1e-10)
+
+
+TestStoreMachine = StoreMachine.TestCase
+
+
+@given(shape=gqa_shapes(), data=st.data())
+def test_masked_eviction_equals_compaction(shape, data):
+    """Evicting by masking (pos = -1) and by real compaction give the same attention output."""
+    B, Hkv, G, T, d = shape
+    store = LayerStore.empty(B, Hkv, d, dtype=torch.float64)
+    store.append(seeded_randn(1, B, Hkv, T, d), seeded_randn(2, B, Hkv, T, d), torch.arange(T).expand(B, T))
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * Hkv * T, max_size=B * Hkv * T)))
+    keep = keep.view(B, Hkv, T)
+    mask = torch.zeros(store.pos.shape, dtype=torch.bool)
+    mask[..., :T] = keep
+    q = seeded_randn(3, B, Hkv * G, 2, d)
+    qpos = torch.full((B, 2), T)
+    masked = LayerStore(store.k.clone(), store.v.clone(), torch.where(mask, store.pos, -1), store.length.clone(),
+                        store.seen.clone())
+    out_masked, _ = attend(q, qpos, masked)
+    store.keep(mask)
+    out_kept, _ = attend(q, qpos, store)
+    assert torch.allclose(out_masked, out_kept, atol=1e-12)
+
+
+def test_keep_returns_memory_and_bytes_are_counted():
+    store = LayerStore.empty(1, 2, 8, capacity=1000)
+    store.append(torch.randn(1, 2, 1000, 8), torch.randn(1, 2, 1000, 8), torch.arange(1000)[None])
+    before = store.nbytes_allocated()
+    assert store.nbytes_live() == 2 * 1000 * 2 * 8 * 4
+    mask = torch.zeros(store.pos.shape, dtype=torch.bool)
+    mask[0, 0, :100] = True
+    mask[0, 1, :50] = True
+    store.keep(mask)
+    assert store.nbytes_live() == 150 * 2 * 8 * 4                   # uneven heads, counted per entry
+    assert store.nbytes_allocated() < before / 5                    # the longest head (100) sets the allocation
+    assert store.length.tolist() == [[100, 50]]
+
+
+def test_append_rejects_bad_shapes():
+    store = LayerStore.empty(1, 2, 8)
+    with pytest.raises(ValueError, match="append"):
+        store.append(torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8), torch.arange(4)[None])
+    with pytest.raises(ValueError, match="keep"):
+        store.keep(torch.ones(1, 2, 3, dtype=torch.bool))
