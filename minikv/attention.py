@@ -88,10 +88,25 @@ def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore) -> torc
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
     G = Hq // Hkv
-    visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)
-    qg = q.view(B, Hkv, G, T, d).reshape(B, Hkv, G * T, d)
-    mask = visible[:, :, None].expand(B, Hkv, G, T, S).reshape(B, Hkv, G * T, S)
-    out = F.scaled_dot_product_attention(qg, store.k, store.v, attn_mask=mask)
-    # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
-    out = torch.nan_to_num(out, nan=0.0)
-    return out.view(B, Hq, T, d)
+    fresh = T <= S and bool((store.length == T).all()) and bool((store.pos[:, :, :T] == qpos[:, None, :]).all())
+    if fresh:
+        # A fresh prompt without padding: the plain causal mask is exact, and lets SDPA use its flash kernel.
+        out = _sdpa(q, store.k[:, :, :T], store.v[:, :, :T], None, G, is_causal=True)
+    else:
+        visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)
+        same = bool((visible == visible[:, :1]).all())
+        # The mask is per KV head; share it when every head sees the same entries, else repeat it per query head.
+        mask = visible[:, :1] if same else visible.repeat_interleave(G, dim=1)       # (B, 1 or Hq, T, S)
+        out = _sdpa(q, store.k, store.v, mask, G)
+        # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
+        out = torch.nan_to_num(out, nan=0.0)
+    return out
+
+
+def _sdpa(q, k, v, mask, G: int, is_causal: bool = False) -> torch.Tensor:
+    """SDPA with GQA: torch's enable_gqa where available (torch >= 2.5), else keys/values expanded G times."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
+    except TypeError:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

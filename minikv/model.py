@@ -99,9 +99,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        """SwiGLU: down(silu(gate(x)) * up(x))."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, rows: int = 8192):
+        """SwiGLU: down(silu(gate(x)) * up(x)), `rows` tokens at a time so long prompts keep a small peak."""
+        flat = x.reshape(-1, x.shape[-1])                                      # (B*T, D)
+        if flat.shape[0] <= rows:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], rows):
+            h = flat[i:i + rows]
+            out[i:i + rows] = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return out.view_as(x)
 
 
 class Block(nn.Module):
