@@ -123,8 +123,11 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
-             keep_cache: bool = False) -> GenerationResult:
-    """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache."""
+             keep_cache: bool = False, reserve_tokens: int | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
+
+    The cache reserves room for `reserve_tokens` (default max_new_tokens) decode entries right after prefill.
+    """
     from .policies import get_policy
     policy = get_policy("full") if policy is None else policy
     check_sampling(temperature, top_p, max_new_tokens)
@@ -134,7 +137,8 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         gen = torch.Generator(device=model.device).manual_seed(seed)
     ctx = model.cfg.max_position_embeddings
     t0 = time.perf_counter()
-    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=max_new_tokens)
+    reserve = max_new_tokens if reserve_tokens is None else reserve_tokens
+    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=reserve)
     _sync(model)
     t1 = time.perf_counter()
     B = len(prompts)

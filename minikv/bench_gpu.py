@@ -1,0 +1,198 @@
+"""GPU benchmark following specs/perf.md: random bf16 weights at Llama-2-7B / Llama-3-8B shapes, 4096-token prompts,
+256 new tokens, greedy; per policy the largest batch that fits, decode throughput, prefill time, time per decode
+step, peak memory and live/allocated KV bytes; transformers' generate (full cache, SDPA) as the peer.
+
+    python -m minikv bench gpu [--quick] [--out results/bench_gpu.json]
+
+One call runs the whole table (the GPU is lent by the minute). Results: JSON + a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import LlamaConfig
+from .model import Llama, rope_inv_freq
+
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+}
+POLICIES = ["full", "streaming", "h2o", "snapkv", "d2o", "corm", "adakv-snapkv"]
+
+
+def random_model(shape: str, dtype=torch.bfloat16, device="cuda") -> Llama:
+    """A Llama at a real shape with random weights, built directly on the GPU (no CPU init)."""
+    cfg = LlamaConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+    model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+    return model.eval()
+
+
+def policy_for(name: str, ratio: float):
+    from .policies import get_policy
+    if name == "full":
+        return get_policy("full")
+    if name == "corm":
+        return get_policy("corm")          # budget-free: its measured ratio is reported
+    return get_policy(name, ratio)
+
+
+def _free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def run_minikv(model: Llama, policy_name: str, ratio: float, batch: int, prompt_len: int, new_tokens: int,
+               reserve: int | None = None) -> dict:
+    """One generate() at this batch; returns timings, peak memory and KV bytes."""
+    from .generate import generate
+    _free()
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(3, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    res = generate(model, prompts, policy_for(policy_name, ratio), max_new_tokens=new_tokens, stop_ids=[],
+                   reserve_tokens=reserve)
+    steps = max(1, len(res.tokens[0]) - 1)
+    return {
+        "engine": "minikv", "policy": policy_name, "batch": batch, "prefill_s": res.prefill_seconds,
+        "decode_ms_per_step": 1000 * res.decode_seconds / steps,
+        "decode_tok_per_s": batch * steps / res.decode_seconds,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "kv_live_gib": res.kv_bytes_live / 2**30, "kv_alloc_gib": res.kv_bytes_allocated / 2**30,
+        "kv_full_gib": res.kv_bytes_full / 2**30, "cache_ratio": res.cache_ratio,
+    }
+
+
+def fits(fn, batch: int) -> dict | None:
+    try:
+        return fn(batch)
+    except torch.cuda.OutOfMemoryError:
+        _free()
+        return None
+
+
+def max_batch(fn, total_bytes: int, small: int = 2, large: int = 6) -> int:
+    """Largest batch for which fn(batch) runs, from a linear memory model checked by real runs.
+
+    Peak memory is affine in the batch (weights + per-row cache and activations); two small probes give the
+    line, the prediction is tried, and the batch backs off by 8% until it fits (each probe costs a prefill).
+    """
+    a, b = fits(fn, small), fits(fn, large)
+    if a is None or b is None:
+        return 0 if a is None else small
+    per_row = max(1.0, (b["peak_gib"] - a["peak_gib"]) * 2**30 / (large - small))
+    base = a["peak_gib"] * 2**30 - small * per_row
+    batch = max(large, int((0.97 * total_bytes - base) / per_row))
+    while batch > large and fits(fn, batch) is None:
+        batch = int(batch * 0.92)
+    return batch
+
+
+def run_hf(shape: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """transformers' generate (default dynamic cache, SDPA), random bf16 weights, greedy."""
+    import transformers
+    _free()
+    cfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    hf = hf.to_empty(device="cuda").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
+        hf.model.rotary_emb.__init__(hf.config, device="cuda")
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize(); t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        torch.cuda.synchronize(); t2 = time.perf_counter()
+    prefill = t1 - t0
+    decode = max(1e-9, (t2 - t1) - prefill)
+    out = {"engine": "transformers", "policy": "full", "batch": batch, "prefill_s": prefill,
+           "decode_ms_per_step": 1000 * decode / (new_tokens - 1),
+           "decode_tok_per_s": batch * (new_tokens - 1) / decode, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del hf
+    _free()
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = ["shape", "engine", "policy", "batch", "prefill_s", "decode_ms_per_step", "decode_tok_per_s", "peak_gib",
+            "kv_live_gib", "kv_alloc_gib", "kv_full_gib", "cache_ratio"]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        raise RuntimeError("minikv bench gpu needs a CUDA GPU")
+    quick = getattr(args, "quick", False)
+    prompt_len, new_tokens, ratio = (512, 16, 0.2) if quick else (4096, 256, 0.2)
+    shapes = os.environ.get("MINIKV_BENCH_SHAPES", "llama2-7b,llama3-8b").split(",")
+    policies = os.environ.get("MINIKV_BENCH_POLICIES", ",".join(POLICIES)).split(",")
+    out = Path(args.out or os.environ.get("OUT", "results") + "/bench_gpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "ratio": ratio}
+
+    def save():
+        out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+
+    for shape in shapes:
+        model = random_model(shape)
+        for name in policies:
+            probe = lambda b: run_minikv(model, name, ratio, b, prompt_len, 3, reserve=new_tokens)
+            best = max_batch(probe, torch.cuda.get_device_properties(0).total_memory)
+            for batch in sorted({1, 16, best}) if name == "full" else sorted({16, best}):
+                if batch == 0:
+                    continue
+                try:
+                    r = run_minikv(model, name, ratio, batch, prompt_len, new_tokens)
+                except torch.cuda.OutOfMemoryError:
+                    _free()
+                    continue
+                r.update(shape=shape, max_batch=batch == best)
+                rows.append(r)
+                print(format_table([r]).splitlines()[-1], flush=True)
+                save()
+        del model
+        _free()
+        for batch in (1, 16):
+            try:
+                r = run_hf(shape, batch, prompt_len, new_tokens)
+            except torch.cuda.OutOfMemoryError:
+                _free()
+                continue
+            r.update(shape=shape)
+            rows.append(r)
+            print(format_table([r]).splitlines()[-1], flush=True)
+            save()
+    print(format_table(rows))
+    save()
+    print(f"saved {out}")
+    return 0

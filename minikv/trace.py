@@ -1,0 +1,92 @@
+"""`minikv trace`: a readable, per-step account of what a policy did to a short prompt, for teaching.
+
+For every recorded hook call: per KV head, which positions were kept, evicted, and merged into, then the policy's
+own report (budgets, per-layer ratios, thresholds).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .record import Recorder, head_changes
+
+
+def _compact(positions: list[int], limit: int = 24) -> str:
+    """'0-3,7,9-12' style ranges, cut after `limit` numbers."""
+    if not positions:
+        return "-"
+    runs, start, prev = [], positions[0], positions[0]
+    for p in positions[1:] + [None]:
+        if p is not None and p == prev + 1:
+            prev = p
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if p is not None:
+            start = prev = p
+    text = ",".join(runs)
+    return text if len(positions) <= limit or len(text) < 120 else text[:117] + "..."
+
+
+def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str]:
+    """The account as text lines, one block per (phase, layer)."""
+    lines = []
+    for ev in recorder.events:
+        changes = head_changes(ev)
+        if ev.phase != "prefill" and not any(c["evicted"] or c["merged_into"] for c in changes):
+            continue                                          # nothing happened in this layer at this step
+        err = (ev.probe_out_after - ev.probe_out_before).abs().max().item()
+        lines.append(f"[{ev.phase}] layer {ev.layer}: probe-query attention change max|Δ| = {err:.3g}")
+        for c in changes:
+            line = (f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]"
+                    f"  evicted [{_compact(c['evicted'])}]")
+            if c["merged_into"]:
+                line += f"  merged into [{_compact(c['merged_into'])}]"
+            lines.append(line)
+            if tokens and c["evicted"] and len(c["evicted"]) <= 8:
+                lines.append("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]
+                                                                  if p < len(tokens)))
+    return lines
+
+
+def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
+    """Generate with a recording policy; returns (recorder, generated text, token strings)."""
+    from .generate import generate
+    rec = Recorder(policy, layers=layers)
+    ids = tokenizer.encode(prompt)
+    res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
+    all_ids = ids + res.tokens[0]
+    pieces = [tokenizer.decode([i]) for i in all_ids]
+    return rec, tokenizer.decode(res.tokens[0]), pieces, res
+
+
+def cmd_trace(args) -> int:
+    from .cli import load_model_and_tokenizer, make_policy
+    model, tok = load_model_and_tokenizer(args)
+    layers = None if args.layers == "all" else {int(x) for x in args.layers.split(",")}
+    rec, text, pieces, res = run_trace(model, tok, make_policy(args), args.prompt, args.max_new_tokens, layers)
+    print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {args.budget}")
+    print("\n".join(trace_lines(rec, pieces)))
+    print(f"generated: {text!r}")
+    print(res.summary())
+    print("policy report:", json.dumps(rec.policy.report(), default=_jsonable, indent=1)[:4000])
+    return 0
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, set):
+        return sorted(x)
+    return str(x)
+
+
+def register(sub) -> None:
+    from .cli import add_model_args, add_policy_args
+    p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--layers", default="0", help="comma-separated layers to show, or 'all' (default: 0)")
+    add_model_args(p)
+    add_policy_args(p)
+    p.set_defaults(func=cmd_trace)
