@@ -19,13 +19,29 @@ def gpl3_ids(default_tokenizer):
     return default_tokenizer.encode(GPL3.read_text())
 
 
-def test_gpl3_perplexity_first_2048_tokens(default_model, gpl3_ids):
-    """Full-cache perplexity of the first 2048 GPL-3 tokens is 19.66 +- 0.05 (model.md, checked independently)."""
-    x = torch.tensor([gpl3_ids[:2048]])
+def _perplexity(model, ids: list[int]) -> float:
+    x = torch.tensor([ids])
     with torch.no_grad():
-        logits = default_model(x, default_model.new_cache(1), use_sdpa=True)
-    ppl = torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:]).exp().item()
-    print(f"GPL-3 perplexity (2048 tokens): {ppl:.3f}")
+        logits = model(x, model.new_cache(1), use_sdpa=True)
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:]).exp().item()
+
+
+def test_gpl3_perplexity_first_2048_tokens(default_model, default_tokenizer, gpl3_ids):
+    """Full-cache perplexity of the first 2048 GPL-3 tokens is 19.66 +- 0.05 (model.md, checked independently).
+
+    model.md's reference (19.66 on 7658 tokens) was measured on the tokenization that transformers' GGUF loader
+    builds, which skips the Digits pre-tokenizer step; SmolLM2's own tokenizer.json has that step and gives 7639
+    tokens (tests/test_tokenizer.py checks both counts). The check below uses the reference's tokenization so it
+    tests the model; the model's own tokenization is printed beside it (19.715 when measured).
+    """
+    import copy
+    plain = copy.copy(default_tokenizer)
+    plain.digits_individual = False                 # the reference's tokenization (no Digits step)
+    ref_ids = plain.encode(GPL3.read_text())
+    assert len(ref_ids) == 7658 and len(gpl3_ids) == 7639
+    ppl = _perplexity(default_model, ref_ids[:2048])
+    own = _perplexity(default_model, gpl3_ids[:2048])
+    print(f"GPL-3 perplexity, first 2048 tokens: {ppl:.3f} (reference tokenization), {own:.3f} (tokenizer.json)")
     assert abs(ppl - 19.66) <= 0.05
 
 
