@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import LlamaConfig
-from .model import Llama, rope_inv_freq
+from .model import Llama
 
 SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -44,7 +44,6 @@ def random_model(shape: str, dtype=torch.bfloat16, device="cuda") -> Llama:
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=gen)
-    model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import LlamaConfig
-from .model import Llama, rope_inv_freq
+from .model import Llama
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 
@@ -104,5 +104,4 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     ours = {name.removeprefix("model."): t.to(dtype) for name, t in state.items()
             if name in expected_shapes(cfg)}
     model.load_state_dict(ours, strict=True, assign=True)
-    model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)   # buffers built on meta: rebuild
     return model.to(device).eval()

@@ -34,9 +34,12 @@ class RMSNorm(nn.Module):
 
 # ---- RoPE --------------------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
-    """Inverse frequencies base^(-2i/d), with `linear` or `llama3` scaling applied when the config asks. (d/2,)"""
+    """Inverse frequencies base^(-2i/d), with `linear` or `llama3` scaling applied when the config asks. (d/2,)
+
+    Computed in `dtype` throughout: float32 reproduces Hugging Face's arithmetic, float64 is the oracle mode.
+    """
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
     if kind == "linear":
@@ -50,11 +53,14 @@ def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
         mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
         inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return inv.to(dtype)
+    return inv
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for absolute positions pos (B, T) -> each (B, 1, T, d) in rotate_half layout."""
+    """cos/sin tables for absolute positions pos (B, T) -> each (B, 1, T, d) in rotate_half layout.
+
+    Angles are computed in inv_freq's dtype (float32, or float64 in oracle mode) and cast to the model's dtype.
+    """
     angles = pos.clamp_min(0).to(inv_freq.dtype)[..., None] * inv_freq     # (B, T, d/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -129,7 +135,15 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)   # float64, cast per use
+        self._inv_freq: dict = {}          # (dtype, device) -> rope inverse frequencies, built on first use
+
+    def inv_freq(self, dtype) -> torch.Tensor:
+        """RoPE inverse frequencies for activations of `dtype`: float64 in oracle mode, else float32."""
+        rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (rope_dtype, self.device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.cfg, rope_dtype).to(self.device)
+        return self._inv_freq[key]
 
     @property
     def dtype(self):
@@ -162,7 +176,7 @@ class Llama(nn.Module):
             raise ValueError(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
                              f"model has {len(self.layers)} layers, tokens batch {B}")
         x = self.embed_tokens(tokens)                                            # (B, T, D)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq(x.dtype), pos, x.dtype)
         for i, block in enumerate(self.layers):
             a, stats = block.self_attn(block.input_layernorm(x), pos, cos, sin, cache.layers[i],
                                        need, window, use_sdpa)

@@ -1,7 +1,10 @@
 """Policy registry: names -> classes. `get_policy(name, budget=..., **options)` builds one; unknown names are errors."""
 from __future__ import annotations
 
+from .adakv import AdaH2O, AdaPyramidKV, AdaSnapKV
 from .base import Policy
+from .corm import CORM
+from .d2o import D2O
 from .full import FullCache
 from .h2o import H2O
 from .snapkv import PyramidKV, SnapKV
@@ -9,10 +12,15 @@ from .streaming import Streaming
 
 REGISTRY: dict[str, type[Policy]] = {
     "full": FullCache,
+    "corm": CORM,
     "streaming": Streaming,
     "h2o": H2O,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "adakv-snapkv": AdaSnapKV,
+    "adakv-pyramidkv": AdaPyramidKV,
+    "adakv-h2o": AdaH2O,
+    "d2o": D2O,
 }
 
 
