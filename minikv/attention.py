@@ -32,11 +32,12 @@ def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor
 
 
 def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
-           window: int = 0, chunk: int | None = None, use_sdpa: bool = False):
+           window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
     """Attention of queries over the store. Returns (out (B, Hq, T, d), stats dict as requested in `need`).
 
     q: (B, Hq, T, d) already rotated; qpos: (B, T) absolute positions, -1 for padding queries (output 0).
-    need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows".
+    need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows";
+    padded: False promises that no query is padding (lets the SDPA path use a plain causal mask on a fresh prompt).
     """
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
@@ -46,7 +47,7 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     if qpos.shape != (B, T):
         raise ValueError(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
     if use_sdpa and not need:
-        return _attend_sdpa(q, qpos, store), {}
+        return _attend_sdpa(q, qpos, store, padded), {}
 
     scale = 1.0 / math.sqrt(d)
     if chunk is None:
@@ -83,20 +84,20 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     return out, stats
 
 
-def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore) -> torch.Tensor:
+def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
     """The same attention through torch's fused SDPA (no probabilities); used when no policy needs them."""
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
     G = Hq // Hkv
-    fresh = T <= S and bool((store.length == T).all()) and bool((store.pos[:, :, :T] == qpos[:, None, :]).all())
+    # Decided from host-side bookkeeping only (no GPU sync): the store's first append, without padding.
+    fresh = store.n_appends == 1 and not padded
     if fresh:
         # A fresh prompt without padding: the plain causal mask is exact, and lets SDPA use its flash kernel.
         out = _sdpa(q, store.k[:, :, :T], store.v[:, :, :T], None, G, is_causal=True)
     else:
         visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)
-        same = bool((visible == visible[:, :1]).all())
-        # The mask is per KV head; share it when every head sees the same entries, else repeat it per query head.
-        mask = visible[:, :1] if same else visible.repeat_interleave(G, dim=1)       # (B, 1 or Hq, T, S)
+        # The mask is per KV head; share it while every head holds the same entries, else repeat it per query head.
+        mask = visible[:, :1] if store.heads_aligned else visible.repeat_interleave(G, dim=1)  # (B, 1 or Hq, T, S)
         out = _sdpa(q, store.k, store.v, mask, G)
         # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
         out = torch.nan_to_num(out, nan=0.0)

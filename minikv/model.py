@@ -87,14 +87,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool):
+    def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool,
+                padded: bool = True):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)      # keys are cached after RoPE, at true positions
         store.append(k, v, pos)
-        out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa)  # (B, Hq, T, d)
+        out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa, padded=padded)  # (B,Hq,T,d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), stats
 
 
@@ -169,8 +170,10 @@ class Llama(nn.Module):
         B, T = tokens.shape
         if pos is None:
             pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)
-        if int(pos.max()) >= self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context "
+        lo, hi = pos.aminmax()
+        lo, hi = int(lo), int(hi)                                                 # one host sync per forward
+        if hi >= self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {hi + 1} tokens exceeds the model's context "
                              f"({self.cfg.max_position_embeddings} tokens)")
         if len(cache.layers) != len(self.layers) or cache.seen.shape != (B,):
             raise ValueError(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
@@ -179,7 +182,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(x.dtype), pos, x.dtype)
         for i, block in enumerate(self.layers):
             a, stats = block.self_attn(block.input_layernorm(x), pos, cos, sin, cache.layers[i],
-                                       need, window, use_sdpa)
+                                       need, window, use_sdpa, padded=lo < 0)
             x = x + a
             x = x + block.mlp(block.post_attention_layernorm(x))
             if hook is not None:

@@ -31,6 +31,10 @@ class LayerStore:
     length: torch.Tensor                              # (B, Hkv) int64
     seen: torch.Tensor                                # (B,) tokens appended so far = the next token's position
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # each (B, Hkv, S)
+    # Host-side bookkeeping, so the decode path never waits for the GPU to learn a length:
+    max_len_bound: int = 0        # >= the longest head's length (exact after every keep)
+    n_appends: int = 0            # append calls so far (the first one, without padding, is a plain causal prompt)
+    heads_aligned: bool = True    # every head holds the same positions (False after any eviction)
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
@@ -82,7 +86,7 @@ class LayerStore:
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth)."""
-        need = self.max_length() + extra
+        need = self.max_length() + extra + 1          # +1: the spare slot append uses for padding
         if need > self.capacity:
             self._resize(need)
 
@@ -101,7 +105,7 @@ class LayerStore:
         real = (pos >= 0)                                             # (B, T)
         n_new = real.sum(-1)                                          # (B,)
         # +1 spare slot: skipped (padding) tokens are written there and left marked empty.
-        need = int((self.length.max(dim=1).values + n_new).max()) + 1 if B else 0
+        need = self.max_len_bound + T + 1
         if need > self.capacity:
             self._resize(max(need, int(self.capacity * 1.5)))
         offset = torch.cumsum(real.long(), dim=-1) - 1                # (B, T) rank among the real tokens
@@ -118,6 +122,8 @@ class LayerStore:
             t.scatter_(2, slot, 0)
         self.length += n_new[:, None]
         self.seen += n_new
+        self.max_len_bound += T
+        self.n_appends += 1
         return torch.where(real[:, None, :], slot, -1)
 
     # ---- keep (eviction with real compaction) --------------------------------------------------------------
@@ -143,6 +149,8 @@ class LayerStore:
         self.pos = torch.where(live, torch.gather(self.pos, 2, order), -1)
         self.stats = {n: torch.where(live, torch.gather(t, 2, order), 0) for n, t in self.stats.items()}
         self.length = new_len
+        self.max_len_bound = S_new
+        self.heads_aligned = False
 
     def keep_slots(self, slots: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Keep the given slots per head. slots: (B, Hkv, K) int64; counts: (B, Hkv) how many of K are real."""

@@ -1,0 +1,185 @@
+"""Ada-KV (Feng et al., arXiv 2407.11550): adaptive head-wise budgets inside a layer.
+
+Theorem 3.1 bounds a layer's eviction error by 2hC - 2C sum_i F_i (F_i = attention mass head i keeps; see
+minikv/bounds.py), and the global top-B over all heads' scores maximises sum_i F_i (Thm 3.3). So instead of giving every
+KV head the same prefix budget b, the layer's Hkv*b prefix entries go to whichever heads hold the highest scores, with
+a safeguard so every head keeps at least floor(alpha*b). The allocation (`adakv_allocate`) is separate from the scorers
+and composes with SnapKV window scores, PyramidKV's layer schedule and H2O's accumulated scores. Each head then really
+stores its own count (store.keep compacts unevenly; no masking), so live bytes drop while the padded allocation is the
+longest head's length.
+
+Budget = average per-head cache size INCLUDING the window: prefix budget b = budget - window (SnapKV family) or
+b = n_heavy (H2O family, whose window is the n_recent most recent entries).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..budgets import pyramid_prefix_budgets
+from ..ops import first_positions_mask, recent_mask, select_topk
+from ..store import LayerStore
+from .base import apply_keep
+from .h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
+from .snapkv import SnapKV, window_plus_topk_keep, window_scores
+
+VARIANTS = ("official", "exact")
+
+
+def check_allocation_options(alpha: float, variant: str) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"adakv: alpha (safeguard share) must be in [0, 1], got {alpha}")
+    if variant not in VARIANTS:
+        raise ValueError(f"adakv: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
+    """floor(alpha * b) per row (B,): the prefix entries every head keeps whatever the global ranking says."""
+    return (prefix_budget.double() * alpha).floor().long()
+
+
+def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alpha: float = 0.2,
+                   variant: str = "official", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Ada-KV head-wise prefix budgets (B, Hkv) from scores (B, Hkv, m) and the average prefix budget b per head.
+
+    official (FFY0/AdaKV snapkv_utils.py, AdaptiveSnapKVCluster.update_kv): f_i = how many of the global
+      top-(Hkv*b) over all heads' scores concatenated belong to head i; B_i = round((1 - alpha) f_i + floor(alpha b))
+      (torch.round, half to even; computed in float64). With at least Hkv*b candidates, sum f_i = Hkv*b and
+      sum_i B_i - Hkv*b = sum_i (round(x_i) - x_i) - Hkv*frac(alpha b), which lies in
+      [-Hkv*(1/2 + frac(alpha b)), Hkv*(1/2 - frac(alpha b))]: the layer may hold up to ~1.5*Hkv entries fewer, or
+      Hkv/2 more, than Hkv*b (it never exceeds a head's candidate count).
+    exact (kvpress AdaKVPress): each head first keeps its own top floor(alpha b); a global top over all remaining
+      entries fills the rest, so sum_i B_i = Hkv*b exactly (or every candidate, when there are fewer).
+    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
+    """
+    check_allocation_options(alpha, variant)
+    B, H, m = scores.shape
+    valid = (scores > float("-inf")) if valid is None else valid
+    b = torch.as_tensor(prefix_budget, device=scores.device).long().expand(B)              # (B,)
+    if bool((b < 0).any()):
+        raise ValueError(f"adakv: prefix budget must be >= 0, got {b.tolist()}")
+    n_cand = valid.sum(-1)                                                                  # (B, Hkv)
+    floor = safeguard_floor(b, alpha)                                                        # (B,)
+    if variant == "official":
+        top = select_topk(scores.reshape(B, H * m), H * b, valid.reshape(B, H * m))         # (B, Hkv*m)
+        f = top.view(B, H, m).sum(-1)                                                       # (B, Hkv)
+        counts = torch.round((1 - alpha) * f.double() + floor[:, None].double()).long()
+    else:
+        safe = select_topk(scores, floor[:, None], valid)                                  # (B, Hkv, m)
+        n_safe = safe.sum(-1)                                                               # (B, Hkv)
+        rest = (H * b - n_safe.sum(-1)).clamp_min(0)                                        # (B,)
+        extra = select_topk(scores.reshape(B, H * m), rest, (valid & ~safe).reshape(B, H * m))
+        counts = n_safe + extra.view(B, H, m).sum(-1)
+    return torch.minimum(counts, n_cand)
+
+
+class AdaSnapKV(SnapKV):
+    """SnapKV window scores + Ada-KV head-wise allocation of the layer's prefix budget (prefill only)."""
+    name = "adakv-snapkv"
+
+    def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official"):
+        super().__init__(budget, window, kernel)
+        check_allocation_options(alpha, variant)
+        self.alpha, self.variant = alpha, variant
+
+    def after_prefill(self, layer, store, stats):
+        n = store.seen                                                                      # (B,)
+        b = self.prefix_budgets(layer, store.k.device)                                      # (B,)
+        fits = n <= b + self.window
+        if bool(fits.all()):
+            return                                  # the prompt already fits: no compression
+        score = window_scores(store, stats["last_rows"], self.window, self.kernel)          # (B, Hkv, S)
+        counts = adakv_allocate(score, b, self.alpha, self.variant)                         # (B, Hkv)
+        keep = window_plus_topk_keep(store, score, counts, self.window)
+        keep |= fits[:, None, None] & store.valid                                          # rows that fit keep all
+        apply_keep(store, keep)
+        _log_heads(self.layer_log, layer, b, torch.where(fits[:, None], n[:, None] - self.window, counts),
+                   self.window)
+
+    def report(self):
+        return _head_report(super().report(), self)
+
+
+class AdaPyramidKV(AdaSnapKV):
+    """PyramidKV's per-layer prefix budget (baselines.md), then the Ada-KV allocation within each layer."""
+    name = "adakv-pyramidkv"
+
+    def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
+                 variant: str = "official"):
+        super().__init__(budget, window, kernel, alpha, variant)
+        self.beta = beta
+
+    def prefix_budgets(self, layer, device):
+        b = super().prefix_budgets(layer, device)                                           # average b per row
+        n = self.prompt_lengths.to(device)
+        return pyramid_prefix_budgets(b, n, self.window, self.n_layers, self.beta)[layer].clamp_min(0)
+
+
+class AdaH2O(H2O):
+    """H2O accumulated scores + Ada-KV allocation of the heavy-hitter share; the n_recent window stays uniform.
+
+    Prefill: once a row's cache exceeds the budget, the non-recent part's Hkv*n_heavy entries are allocated across
+    heads by adakv_allocate over the accumulated scores. Decode (a simplification, documented): each head keeps the
+    heavy count it got at that moment for the rest of the sequence, so every step evicts exactly one entry per head
+    (the lowest-scored non-recent one), as H2O does; budgets are not re-allocated per step.
+    """
+    name = "adakv-h2o"
+
+    def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, alpha: float = 0.2,
+                 variant: str = "official"):
+        super().__init__(budget, heavy_share, n_sink)
+        check_allocation_options(alpha, variant)
+        self.alpha, self.variant = alpha, variant
+
+    def start(self, cfg, batch, prompt_lengths):
+        super().start(cfg, batch, prompt_lengths)
+        self.heavy: dict[int, torch.Tensor] = {}          # layer -> (B, Hkv) heavy counts, -1 = not allocated yet
+
+    def _compress(self, layer: int, store: LayerStore) -> None:
+        budget = self.budget_entries(store.k.device)                                        # (B,)
+        n_heavy, n_recent = split_budget(budget, self.heavy_share)                          # (B,), (B,)
+        B, H = store.length.shape
+        heavy = self.heavy.get(layer, torch.full((B, H), -1, dtype=torch.long, device=store.k.device))
+        new = (heavy[:, 0] < 0) & (store.seen > budget)                                     # rows that overflow now
+        if bool(new.any()):
+            recent = recent_mask(store.pos, n_recent[:, None], store.seen)                  # (B, Hkv, S)
+            # Sinks rank first (they count inside the heavy share), as in heavy_recent_keep.
+            score = store.stats["score"].masked_fill(first_positions_mask(store.pos, self.n_sink), float("inf"))
+            counts = adakv_allocate(score, n_heavy, self.alpha, self.variant, valid=store.valid & ~recent)
+            heavy = torch.where(new[:, None], counts, heavy)
+            self.heavy[layer] = heavy
+            _log_heads(self.layer_log, layer, n_heavy, heavy.clamp_min(0), n_recent[:, None])
+        active = heavy[:, 0] >= 0                                                           # (B,)
+        if not bool(active.any()):
+            return
+        keep = heavy_recent_keep(store, store.stats["score"], heavy.clamp_min(0), n_recent, self.n_sink)
+        keep |= ~active[:, None, None] & store.valid                                       # rows that still fit
+        apply_keep(store, keep)
+
+    def after_prefill(self, layer, store, stats):
+        accumulate_prefill_scores(store, stats["colsum"])
+        self._compress(layer, store)
+
+    def after_step(self, layer, store, stats):
+        accumulate_step_scores(store, stats["probs"])
+        self._compress(layer, store)
+
+    def report(self):
+        return _head_report(super().report(), self)
+
+
+# ---- what the policies report ---------------------------------------------------------------------------------
+def _log_heads(log: dict, layer: int, b: torch.Tensor, prefix_counts: torch.Tensor, window) -> None:
+    """Record a layer's allocation: average prefix budget b (B,), per-head prefix budgets and totals (B, Hkv)."""
+    total = prefix_counts + torch.as_tensor(window, device=prefix_counts.device)
+    log[layer] = {"prefix_budget": b.tolist(), "head_prefix_budgets": prefix_counts.tolist(),
+                  "head_budgets": total.tolist()}
+
+
+def _head_report(base: dict, policy) -> dict:
+    """The policy's report plus, per compressed layer, the per-head budgets [row][head] (total incl. window)."""
+    log = dict(sorted(policy.layer_log.items()))
+    base.update(alpha=policy.alpha, variant=policy.variant,
+                prefix_budget_per_layer={l: v["prefix_budget"] for l, v in log.items()},
+                head_prefix_budgets={l: v["head_prefix_budgets"] for l, v in log.items()},
+                head_budgets={l: v["head_budgets"] for l, v in log.items()})
+    return base
