@@ -97,9 +97,7 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
         text = Path("/usr/share/common-licenses/GPL-3")
         words = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
         prompt = tok.encode(words)[:96]
-        rb, ro = SMALL_CASE.get(policy_name, (0.5, {}))
-        rec = record_case(model, prompt, get_policy(policy_name, budget if budget != default_budget else rb,
-                                                    **opts), new_tokens=2, layers={real_layer})
+        rec = record_case(model, prompt, get_policy(policy_name, budget, **opts), new_tokens=2, layers={real_layer})
         cases.append((f"smollm2_layer{real_layer}", f"SmolLM2-135M-Instruct layer {real_layer} (Hq=9, Hkv=3, d=64), "
                       "float64, first 96 GPL-3 tokens, 2 greedy decode steps", rec, "float64"))
     manifest = {"format_version": FORMAT_VERSION, "policy": policy_name, "budget": None if budget is None else

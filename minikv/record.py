@@ -61,7 +61,8 @@ class Recorder:
             return hook(layer, store, stats)
         before, probe_before = snapshot(store), self._probe(store)
         hook(layer, store, stats)
-        inputs = {name: t.detach().clone().contiguous() for name, t in stats.items()}
+        n = before["pos"].shape[-1]     # statistics are trimmed to the same slots as the snapshot (last dim = S)
+        inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
         self.events.append(Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store)))
 
     def after_prefill(self, layer, store, stats):

@@ -69,7 +69,7 @@ def cmd_trace(args) -> int:
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
     print(res.summary())
-    print("policy report:", json.dumps(rec.policy.report(), default=_jsonable, indent=1)[:4000])
+    print("policy report:", json.dumps(rec.policy.report(), default=_jsonable))
     return 0
 
 
