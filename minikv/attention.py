@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .store import LayerStore
 
-# Scores are materialised for at most this many (query, key) pairs per chunk and batch row x head.
-_CHUNK_ELEMENTS = 1 << 22
+# Scores are materialised for at most this many elements per query chunk (all batch rows and heads together):
+# 2^26 float32 scores = 256 MiB, a few times that with the softmax temporaries.
+_CHUNK_ELEMENTS = 1 << 26
 
 
 def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
 
     scale = 1.0 / math.sqrt(d)
     if chunk is None:
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, G * S))
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * S))
     out = torch.empty_like(q)
     stats: dict[str, torch.Tensor] = {}
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,0 +1,177 @@
+"""CORM, Cache Optimization with Recent Message (Dai et al. 2024, arXiv 2404.15949): budget-free eviction of the keys
+that all of the last w queries ignored (specs/corm.md).
+
+Step s (1-indexed) is the query at position s-1. Key i is *important* at step s iff alpha_{s,i} >= 1/s, where alpha is
+the softmax over the entries still cached and s is the absolute step even after evictions (GQA, our decision: for ANY
+of the G query heads of its KV group). Key i is evicted at step t iff pos_i <= t-1-r and it was minor at every one of
+the steps t-w+1 .. t. Eviction is permanent and per (layer, KV head); nothing is budgeted, so the cache size depends
+on the input, layer and head.
+
+State: one integer per entry, the store stat `last_hit` = the last step at which the entry was important (initially
+its own step, pos + 1). The rule is then  evict iff pos_i <= t-1-r and last_hit_i <= t-w ; with r >= w every
+evictable key was seen by all w queries of the window, so this makes exactly the decisions of storing the last w
+attention rows (tests/test_corm.py checks it against a literal w-row implementation).
+
+Prefill modes (`prefill_mode`):
+  "oneshot"  (default) full-attention prefill, then the rule is applied once at the last prompt step using the last w
+             prompt rows: keep key i iff it is in the last r positions or a query among the last w prompt positions
+             gives it alpha >= 1/s. It ignores the evictions the definition would make inside the prompt (the rows
+             were computed over the full prompt). Decoding then follows the exact rule.
+  "exact"    the definition: the prompt as decode steps, one token at a time (`corm_exact_prefill`). The generation
+             loop feeds a prompt in one forward pass, so it must call `corm_exact_prefill` when
+             policy.prefill_mode == "exact"; `after_prefill` refuses to run in that mode rather than approximate.
+Optional (not the paper): threshold="cached" uses 1/(entries the query saw) instead of 1/s; n_sink > 0 never evicts
+the first n_sink positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import first_positions_mask
+from ..store import KVCache, LayerStore
+from .base import Policy, apply_keep
+
+THRESHOLDS = ("step", "cached")
+PREFILL_MODES = ("oneshot", "exact")
+
+
+def init_last_hit(store: LayerStore) -> torch.Tensor:
+    """last_hit_i = pos_i + 1 (the entry's own step) for entries appended since the last call; returns the stat."""
+    last_hit = store.add_stat("last_hit", 0, dtype=torch.long)            # (B, Hkv, S); append zero-fills new ones
+    new = store.valid & (last_hit == 0)                                   # a live entry's own step is >= 1
+    last_hit.copy_(torch.where(new, store.pos + 1, last_hit))
+    return last_hit
+
+
+def step_thresholds(store: LayerStore, qpos: torch.Tensor, threshold: str, dtype) -> torch.Tensor:
+    """tau = 1/s with s = qpos + 1 (absolute step; "step") or s = entries visible to the query ("cached"). (B, Hkv, Tq)
+
+    qpos: (B, Tq) query positions. Padding queries (s < 1) get tau = +inf, so they never mark a hit.
+    """
+    B, Hkv = store.pos.shape[:2]
+    if threshold == "step":
+        s = (qpos + 1)[:, None, :].expand(B, Hkv, -1)                     # (B, Hkv, Tq)
+    else:
+        visible = store.valid[:, :, None, :] & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,Tq,S)
+        s = visible.sum(-1)                                               # (B, Hkv, Tq)
+    s = s.to(dtype)
+    return torch.where(s >= 1, 1.0 / s.clamp_min(1), torch.full_like(s, float("inf")))
+
+
+def important_mask(probs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """important_{s,i} = OR over the G query heads of (alpha_{s,i} >= tau_s). probs (B,Hkv,G,Tq,S) -> (B,Hkv,Tq,S)."""
+    return (probs >= tau[:, :, None, :, None].to(probs.dtype)).any(dim=2)
+
+
+def record_hits(last_hit: torch.Tensor, important: torch.Tensor, steps: torch.Tensor) -> None:
+    """last_hit_i <- max(last_hit_i, max{s : key i important at step s}). important (B,Hkv,Tq,S); steps (B, Tq)."""
+    hit_step = torch.where(important, steps[:, None, :, None], 0).amax(dim=2)   # (B, Hkv, S), 0 = no hit
+    torch.maximum(last_hit, hit_step, out=last_hit)
+
+
+def corm_keep(store: LayerStore, last_hit: torch.Tensor, w: int, r: int, n_sink: int = 0) -> torch.Tensor:
+    """(B, Hkv, S) keep mask at step t = seen: evict iff pos_i <= t-1-r and last_hit_i <= t-w (and pos_i >= n_sink)."""
+    t = store.seen[:, None, None]                                         # (B, 1, 1) the step just taken
+    old = store.pos <= t - 1 - r                                          # outside the recent-r protection
+    long_term_minor = last_hit <= t - w                                   # no hit during steps t-w+1 .. t
+    evict = store.valid & old & long_term_minor & ~first_positions_mask(store.pos, n_sink)
+    return store.valid & ~evict
+
+
+def oneshot_window_steps(store: LayerStore, n_rows: int) -> torch.Tensor:
+    """Steps of the last n_rows prompt queries: s_j = seen - n_rows + j + 1 (<= 0 for left-padding rows). (B, n_rows)"""
+    j = torch.arange(n_rows, device=store.seen.device)
+    return store.seen[:, None] - n_rows + j + 1
+
+
+class CORM(Policy):
+    name = "corm"
+    prefill_needs = frozenset({"last_rows"})
+    decode_needs = frozenset({"probs"})
+    decode_evicts = False      # the cache does not keep a fixed size: it grows or shrinks with the input
+
+    def __init__(self, budget=None, w: int = 256, r: int = 256, prefill_mode: str = "oneshot",
+                 threshold: str = "step", n_sink: int = 0):
+        if budget is not None:
+            raise ValueError(f"corm is budget-free (got budget={budget!r}): its cache size follows from w and r; "
+                             f"compare at the measured cache ratio and sweep (w, r) instead")
+        super().__init__(None)
+        for name, v in (("w", w), ("r", r), ("n_sink", n_sink)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"corm: {name} must be an integer, got {v!r}")
+        if w < 1:
+            raise ValueError(f"corm: w (the window of recent queries that vote) must be >= 1, got {w}")
+        if r < w:
+            raise ValueError(f"corm: r (recent positions never evicted) must be >= w, got r={r} < w={w}; "
+                             f"with r < w a key could be judged by queries issued before it existed")
+        if n_sink < 0:
+            raise ValueError(f"corm: n_sink must be >= 0, got {n_sink}")
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"corm: threshold must be one of {THRESHOLDS} ('step' = 1/s as in the paper, "
+                             f"'cached' = 1/(entries cached), an ablation), got {threshold!r}")
+        if prefill_mode not in PREFILL_MODES:
+            raise ValueError(f"corm: prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+        self.w, self.r, self.n_sink = w, r, n_sink
+        self.window = w                       # rows of the last prompt queries needed for oneshot ("last_rows")
+        self.threshold, self.prefill_mode = threshold, prefill_mode
+
+    def after_prefill(self, layer, store, stats):
+        if self.prefill_mode == "exact":
+            raise RuntimeError("corm prefill_mode='exact' processes the prompt token by token: call "
+                               "minikv.policies.corm.corm_exact_prefill(model, prompts, policy) instead of a "
+                               "one-pass prefill, or use prefill_mode='oneshot'")
+        rows = stats["last_rows"]                                         # (B, Hkv, G, w', S), w' = min(w, T)
+        last_hit = init_last_hit(store)
+        steps = oneshot_window_steps(store, rows.shape[3])                # (B, w')
+        tau = step_thresholds(store, steps - 1, self.threshold, rows.dtype)
+        record_hits(last_hit, important_mask(rows, tau), steps)
+        self._evict(layer, store, last_hit)
+
+    def after_step(self, layer, store, stats):
+        last_hit = init_last_hit(store)
+        steps = store.seen[:, None]                                       # (B, 1): step t = position t-1 + 1
+        tau = step_thresholds(store, steps - 1, self.threshold, stats["probs"].dtype)
+        record_hits(last_hit, important_mask(stats["probs"], tau), steps)
+        self._evict(layer, store, last_hit)
+
+    def _evict(self, layer: int, store: LayerStore, last_hit: torch.Tensor) -> None:
+        apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
+        self.layer_log[layer] = {"entries": store.length.clone()}    # a tensor; turned into numbers in report()
+
+    def report(self):
+        r = super().report()
+        r.update(w=self.w, r=self.r, prefill_mode=self.prefill_mode, threshold=self.threshold, n_sink=self.n_sink)
+        r["entries_per_layer_head"] = {l: v["entries"].tolist() for l, v in sorted(self.layer_log.items())}
+        return r
+
+    def __repr__(self):
+        return (f"CORM(w={self.w}, r={self.r}, prefill_mode={self.prefill_mode!r}, threshold={self.threshold!r}, "
+                f"n_sink={self.n_sink})")
+
+
+@torch.no_grad()
+def corm_exact_prefill(model, prompts: list[list[int]], policy: Policy, question: list[list[int]] | None = None,
+                       pad_id: int = 0) -> tuple[torch.Tensor, KVCache]:
+    """The `exact` prefill: the prompt as len(prompt) decode steps, each followed by policy.after_step (same returns
+    as generate.prefill: (logits of the last token (B, vocab), cache)). Left-padded rows skip their padding steps."""
+    from ..generate import left_pad
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    B = len(prompts)
+    longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * B))
+    if longest > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens is longer than the model's context "
+                         f"({model.cfg.max_position_embeddings} tokens)")
+    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1)
+    policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
+    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)       # (B, T) each; padding has pos -1
+    for j in range(ids.shape[1]):
+        logits = model(ids[:, j:j + 1], cache, pos[:, j:j + 1], hook=policy.after_step,
+                       need=policy.decode_needs, window=policy.window)[:, -1]
+    if question:
+        # Question-agnostic use, as generate.prefill: the question is appended after compression, without eviction.
+        if len(question) != B or any(len(q) == 0 for q in question):
+            raise ValueError("question must give one non-empty token list per prompt")
+        ids, pos = left_pad(question, pad_id, cache.seen, model.device)
+        logits = model(ids, cache, pos, last_only=True)[:, -1]
+    return logits, cache

@@ -1,0 +1,352 @@
+"""D2O, Dynamic Discriminative Operations (Wan et al., arXiv 2406.13035): specs/d2o.md, step by step.
+
+Layer level: layers whose prefill attention is more spread out get a larger share of the budget (Steps 1-2).
+Token level: H2O eviction per KV head with attention sinks (Step 3); each evicted entry is compared with the kept
+ones of its head and, when it is similar enough (an EMA threshold), merged into its nearest kept entry instead of
+being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
+
+    Step 1  layer_variance_statistic   F_l from the prefill column sums
+    Step 2  layer_weights, layer_ratios, heavy_recent_sizes
+    Step 3  h2o.heavy_recent_keep (reused) over h2o.accumulate_prefill_scores / accumulate_step_scores
+    Step 4  nearest_kept, update_threshold, merge_decision
+    Step 5  merge_weights_code, merge_weights_paper, applied through LayerStore.merge
+    Step 6  evict_and_merge, called by D2O.after_step
+
+Budget: D2O's budget is a ratio rho of the sequence length at the first compression. A count budget c is converted
+to the ratio c / prompt_length of each row; rho >= 1 (a count >= the prompt length, or ratio 1.0) means the row is
+never compressed, which is identical to the full cache.
+
+Choices and deviations from the authors' code (AIoT-MLSys-Lab/d2o, modeling_llama3_*_d2o.py):
+- Per KV head: eviction, scores (group-averaged over the G query heads, as H2O in minikv), similarities and merges
+  work on the Hkv heads; the official Llama-3 files expand K/V to all query heads and lose GQA's memory saving.
+  The layer statistic (Step 1) is still computed on the Hq query heads.
+- Batch > 1: tau is one scalar per (layer, batch row) and every row decides its own merges; the official code runs
+  batch 1. Per-row prompt lengths give per-row S_h / S_r.
+- tau is reset for every new sequence (`start`); the official code never resets it.
+- Several evictions at once (the first compression): one merge decision per evicted slot index k, where the k-th
+  evicted entry of each head (in position order) is paired across heads, as the official code does (every
+  compressed head evicts the same count there). The decision is mean over heads of m >= tau; merged entries use
+  their own head's m and nearest kept entry.
+- A layer whose ratio is clamped to 1 keeps everything (int() rounding of T*r*share would drop one entry per step
+  for odd T).
+- "paper" weights: the first tau is mean(m) as with "code"; later tau = beta*max(m) + (1-beta)*tau.
+- when="prefill" compresses every layer at the end of the prompt's forward pass (all F_l are needed for the
+  ratios), not layer by layer, so prefill peak memory is the full cache's.
+- A layer with S_h + S_r = 0 keeps nothing after a step (the new entry is still attended once); nothing is merged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..store import LayerStore
+from .base import Policy, apply_keep
+from .h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
+
+MERGE_WEIGHTS = ("code", "paper")
+WHEN = ("first_decode", "prefill")
+ALLOCATIONS = ("variance", "uniform")
+
+
+# ---- Step 1: layer statistic ---------------------------------------------------------------------------------
+def layer_variance_statistic(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Step 1: F_l = mean_h minmax_h(batch-mean of the unbiased variance over keys of the column sums). () float64.
+
+    colsum: (B, Hkv, G, S) attention received per entry, summed over prompt queries; valid: (B, Hkv, S) live slots.
+    """
+    B, Hkv, G, S = colsum.shape
+    col = colsum.double().reshape(B, Hkv * G, S)                           # (B, Hq, S); query head j -> KV j // G
+    mask = valid[:, :, None, :].expand(B, Hkv, G, S).reshape(B, Hkv * G, S)  # (B, Hq, S)
+    n = mask.sum(-1)                                                      # (B, Hq)
+    mean = (col * mask).sum(-1) / n.clamp_min(1)                          # (B, Hq)
+    var = ((col - mean[..., None]) ** 2 * mask).sum(-1) / (n - 1).clamp_min(1)   # (B, Hq) unbiased
+    v = var.mean(dim=0)                                                   # (Hq,) batch mean
+    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
+    return v.mean()
+
+
+# ---- Step 2: per-layer ratios and sizes ------------------------------------------------------------------------
+def layer_weights(F: torch.Tensor) -> torch.Tensor:
+    """Step 2: w = softmax(-F) over the L layers. (L,) -> (L,); each L*w_l lies in [1/e, e] since F in [0, 1]."""
+    return torch.softmax(-F.double(), dim=0)
+
+
+def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
+                 allocation: str = "variance") -> torch.Tensor:
+    """Step 2: r_l = clamp(softmax(-F)_l * L * rho, 0.01, 1) ("uniform": rho); protected layers get 1. (L, B).
+
+    F: (L,); rho: (B,) nominal ratio per batch row. Protected layers' shares are not redistributed.
+    """
+    L = F.shape[0]
+    rho = rho.double()
+    if allocation == "variance":
+        raw = layer_weights(F)[:, None] * L * rho[None, :]                  # (L, B), sums to L * rho
+    elif allocation == "uniform":
+        raw = rho[None, :].expand(L, -1)
+    else:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    r = raw.clamp(0.01, 1.0).clone()
+    for layer in protected:
+        r[layer] = 1.0
+    return r
+
+
+def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: S_h = int(T * r * heavy_share), S_r = int(T * r * (1 - heavy_share)), per batch row. Each (B,) long."""
+    budget = T.double() * ratio.double()                                  # (B,)
+    return (budget * heavy_share).floor().long(), (budget * (1 - heavy_share)).floor().long()
+
+
+# ---- Step 4: nearest kept entry, threshold, decision -----------------------------------------------------------
+def evicted_slots(evict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of the evicted entries of each head in position order, padded: ((B, Hkv, E) long, (B, Hkv, E) real)."""
+    counts = evict.sum(-1)                                                # (B, Hkv)
+    E = int(counts.max()) if counts.numel() else 0
+    # Stable sort puts evicted slots first in slot order, which is position order (live slots are sorted).
+    order = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[..., :E]   # (B, Hkv, E)
+    real = torch.arange(E, device=evict.device) < counts[..., None]      # (B, Hkv, E)
+    return order, real
+
+
+def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, eps: float = 1e-8):
+    """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
+
+    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep: (B, Hkv, S) kept slots.
+    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the lower slot (older position).
+    """
+    d = k.shape[-1]
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)                  # (B, Hkv, S, d) unit keys
+    ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, d))   # (B, Hkv, E, d)
+    u = (ke @ kn.transpose(-1, -2)).masked_fill(~keep[:, :, None, :], float("-inf"))   # (B, Hkv, E, S)
+    m, j = u.max(dim=-1)                                                  # first maximum = lower slot
+    return m, j
+
+
+def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
+    B = m.shape[0]
+    w = real.reshape(B, -1)
+    n = w.sum(-1)
+    s = torch.where(w, m.reshape(B, -1).double(), 0.0).sum(-1)
+    return s / n.clamp_min(1), n > 0
+
+
+def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alpha: float = 0.5,
+                     beta: float = 0.5, rule: str = "code") -> torch.Tensor:
+    """Step 4: first compression (tau NaN) tau = mean(m); later "code" tau <- alpha*tau + beta*mean(m), "paper"
+    tau <- beta*max(m) + (1 - beta)*tau. Rows without evictions keep tau. tau: (B,) float64; m, real: (B, Hkv, E)."""
+    B = m.shape[0]
+    mean, has = _row_mean(m, real)                                        # (B,)
+    if rule == "code":
+        later = alpha * tau + beta * mean
+    elif rule == "paper":
+        mx = torch.where(real, m.double(), float("-inf")).reshape(B, -1).amax(-1) if m.numel() else mean
+        later = beta * mx + (1 - beta) * tau
+    else:
+        raise ValueError(f"threshold rule must be one of {MERGE_WEIGHTS}, got {rule!r}")
+    new = torch.where(torch.isnan(tau), mean, later)
+    return torch.where(has, new, tau)
+
+
+def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Step 4: merge the k-th evicted entry of every head iff mean over heads of m[:, :, k] >= tau. (B, Hkv, E)."""
+    n = real.sum(dim=1)                                                   # (B, E) heads with a k-th entry
+    mean = torch.where(real, m.double(), 0.0).sum(dim=1) / n.clamp_min(1)   # (B, E)
+    decide = (n > 0) & (mean >= tau[:, None])                             # (B, E)
+    return decide[:, None, :] & real & torch.isfinite(m)
+
+
+# ---- Step 5: merge weights -------------------------------------------------------------------------------------
+def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
+    """Step 5 ("code"): k_c <- (k_c + sum_{e in I_c} m_e k_e) / (1 + |I_c|), i.e. scatter-mean with include_self.
+
+    m, dst, merged: (B, Hkv, E). Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)) for LayerStore.merge.
+    """
+    w = merged.to(m.dtype)
+    count = torch.zeros(*dst.shape[:2], S, dtype=w.dtype, device=dst.device).scatter_add(2, dst, w)  # |I_c|
+    scale = 1.0 / (1.0 + count)                                           # (B, Hkv, S)
+    return torch.where(merged, m, 0.0) * torch.gather(scale, 2, dst), scale
+
+
+def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
+    """Step 5 ("paper"): w_e = exp(u_e) / (sum_{I_c} exp(u_e') + e), w_c = e / (sum exp(u_e') + e); convex.
+
+    u_e = cos(k_e, k_c) = m_e for the entry's nearest kept c. Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)).
+    """
+    ex = torch.where(merged, torch.exp(torch.where(merged, m, 0.0)), 0.0)   # (B, Hkv, E)
+    denom = torch.full((*dst.shape[:2], S), math.e, dtype=ex.dtype, device=dst.device).scatter_add(2, dst, ex)
+    return ex / torch.gather(denom, 2, dst), math.e / denom
+
+
+# ---- Step 6: one compression of one layer ----------------------------------------------------------------------
+def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
+                    merge_weights: str = "code", tau_override: float | None = None):
+    """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then compaction.
+
+    keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression).
+    Returns (new tau (B,), merged entries, dropped entries).
+    """
+    evict = store.valid & ~keep                                           # (B, Hkv, S)
+    if not bool(evict.any()):
+        return tau, 0, 0
+    src, real = evicted_slots(evict)                                      # (B, Hkv, E)
+    m, j = nearest_kept(store.k, src, keep)
+    real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
+    if tau_override is None:
+        tau = update_threshold(tau, m, real_m, alpha, beta, merge_weights)   # updated before it is used
+    else:
+        tau = torch.full_like(tau, float(tau_override))
+    merged = merge_decision(m, real_m, tau)                               # (B, Hkv, E)
+    n_merged = int(merged.sum())
+    if n_merged:
+        weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
+        src_w, dst_scale = weights(m, j, merged, store.capacity)
+        d = store.k.shape[-1]
+        idx = src[..., None].expand(*src.shape, d)
+        store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
+    apply_keep(store, keep)
+    return tau, n_merged, int(real.sum()) - n_merged
+
+
+# ---- the policy ------------------------------------------------------------------------------------------------
+class D2O(Policy):
+    """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries."""
+    name = "d2o"
+    prefill_needs = frozenset({"colsum"})
+    decode_needs = frozenset({"probs"})
+    decode_evicts = True
+
+    def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
+                 alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
+                 when: str = "first_decode", allocation: str = "variance", tau_override: float | None = None):
+        super().__init__(budget)
+        if self.budget is None:
+            raise ValueError("d2o needs a budget: a ratio like 0.2 (a count is converted to count / prompt length)")
+        if not 0 <= heavy_share <= 1:
+            raise ValueError(f"heavy_share must be in [0, 1], got {heavy_share}")
+        if not isinstance(n_sink, int) or n_sink < 0:
+            raise ValueError(f"n_sink must be a non-negative integer, got {n_sink!r}")
+        if merge_weights not in MERGE_WEIGHTS:
+            raise ValueError(f"merge_weights must be one of {MERGE_WEIGHTS}, got {merge_weights!r}")
+        if when not in WHEN:
+            raise ValueError(f"when must be one of {WHEN}, got {when!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        beta = (0.5 if merge_weights == "code" else 0.7) if beta is None else beta
+        for name, x in (("alpha", alpha), ("beta", beta)):
+            if not math.isfinite(x):
+                raise ValueError(f"{name} must be finite, got {x}")
+        if tau_override is not None and math.isnan(tau_override):
+            raise ValueError("tau_override must be a number (+inf never merges), got NaN")
+        self.heavy_share, self.n_sink, self.alpha, self.beta = heavy_share, n_sink, alpha, beta
+        self.protected_option = None if protected_layers is None else tuple(protected_layers)
+        self.merge_weights, self.when, self.allocation, self.tau_override = merge_weights, when, allocation, tau_override
+
+    # -- per-sequence state ----------------------------------------------------------------------------------
+    def start(self, cfg, batch, prompt_lengths):
+        super().start(cfg, batch, prompt_lengths)
+        L = self.n_layers
+        prot = (0, 1, L - 1) if self.protected_option is None else self.protected_option
+        bad = [p for p in prot if not -L <= p < L]
+        if bad:
+            raise ValueError(f"protected_layers {bad} out of range for a model with {L} layers")
+        self.protected = {p % L for p in prot}
+        n = self.prompt_lengths.double()
+        v = self.budget.value
+        self.rho = torch.full_like(n, float(v)) if self.budget.is_ratio else v / n      # (B,)
+        self.F = torch.full((L,), float("nan"), dtype=torch.float64)
+        self.ratios = None                                                # (L, B) once allocated
+        self.full_rows = None                                             # (L, B) bool: never compressed
+        self.S_h = torch.full((L, batch), -1, dtype=torch.long)
+        self.S_r = torch.full((L, batch), -1, dtype=torch.long)
+        self.tau = torch.full((L, batch), float("nan"), dtype=torch.float64)
+        self.tau_history: list[list[float]] = [[] for _ in range(L)]
+        self.merged, self.dropped = [0] * L, [0] * L
+        self._prefill_stores: dict[int, LayerStore] = {}
+
+    def _allocate(self) -> None:
+        """Step 2 once all layers' F are known."""
+        if torch.isnan(self.F).any():
+            missing = torch.nonzero(torch.isnan(self.F)).flatten().tolist()
+            raise RuntimeError(f"d2o: layer statistic missing for layers {missing}; was the prompt run with "
+                               f"need={sorted(self.prefill_needs)} and after_prefill?")
+        self.ratios = layer_ratios(self.F, self.rho, self.protected, self.allocation)
+        self.full_rows = (self.ratios >= 1.0) | (self.rho >= 1.0)[None, :]
+        for p in self.protected:
+            self.full_rows[p] = True
+
+    def _compress(self, layer: int, store: LayerStore) -> None:
+        """Step 3 selection (sizes fixed at the layer's first compression), then Steps 4-5."""
+        full = self.full_rows[layer].to(store.k.device)                  # (B,)
+        if bool(full.all()):
+            return
+        if int(self.S_h[layer, 0]) < 0:                                   # first compression: T = entries now
+            T = store.seen.cpu()
+            self.S_h[layer], self.S_r[layer] = heavy_recent_sizes(T, self.ratios[layer], self.heavy_share)
+        dev = store.k.device
+        keep = heavy_recent_keep(store, store.stats["score"], self.S_h[layer].to(dev), self.S_r[layer].to(dev),
+                                 self.n_sink)
+        keep |= full[:, None, None] & store.valid
+        tau, n_merged, n_dropped = evict_and_merge(store, keep, self.tau[layer].to(dev), self.alpha, self.beta,
+                                                   self.merge_weights, self.tau_override)
+        self.tau[layer] = tau.cpu()
+        self.merged[layer] += n_merged
+        self.dropped[layer] += n_dropped
+        self.tau_history[layer].append(float(self.tau[layer, 0]))
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def after_prefill(self, layer, store, stats):
+        if "colsum" not in stats:
+            raise ValueError("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
+        accumulate_prefill_scores(store, stats["colsum"])
+        self.F[layer] = layer_variance_statistic(stats["colsum"], store.valid).cpu()
+        if self.when == "prefill":
+            # Ratios need every layer's F: compress all layers once the last one has run.
+            self._prefill_stores[layer] = store
+            if layer == self.n_layers - 1:
+                self._allocate()
+                for l, s in sorted(self._prefill_stores.items()):
+                    self._compress(l, s)
+                self._prefill_stores = {}
+
+    def after_step(self, layer, store, stats):
+        if "probs" not in stats:
+            raise ValueError("d2o: after_step needs the 'probs' statistic (run decode with need=decode_needs)")
+        accumulate_step_scores(store, stats["probs"])
+        if self.ratios is None:
+            self._allocate()
+        self._compress(layer, store)
+
+    # -- observability ---------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Per-layer F, L*w, ratios, S_h/S_r, merged/dropped counts, final tau and tau history (row 0)."""
+        r = super().report()
+        r.update(heavy_share=self.heavy_share, n_sink=self.n_sink, alpha=self.alpha, beta=self.beta,
+                 merge_weights=self.merge_weights, when=self.when, allocation=self.allocation,
+                 tau_override=self.tau_override)
+        if not hasattr(self, "F"):
+            return r
+        L = self.n_layers
+        Lw = (layer_weights(self.F) * L).tolist() if not torch.isnan(self.F).any() else [None] * L
+        r["rho"] = self.rho.tolist()
+        r["protected_layers"] = sorted(self.protected)
+        r["layers"] = [{
+            "layer": l,
+            "protected": l in self.protected,
+            "F": float(self.F[l]),
+            "Lw": Lw[l],
+            "ratio": None if self.ratios is None else self.ratios[l].tolist(),
+            "full": None if self.full_rows is None else self.full_rows[l].tolist(),
+            "S_h": self.S_h[l].tolist(),
+            "S_r": self.S_r[l].tolist(),
+            "merged": self.merged[l],
+            "dropped": self.dropped[l],
+            "tau": self.tau[l].tolist(),
+        } for l in range(L)]
+        r["tau_history"] = [list(h) for h in self.tau_history]
+        return r
+
+    def __repr__(self):
+        return (f"D2O(budget={self.budget}, heavy_share={self.heavy_share}, n_sink={self.n_sink}, "
+                f"merge_weights={self.merge_weights!r}, when={self.when!r}, allocation={self.allocation!r})")
