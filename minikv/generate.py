@@ -119,14 +119,36 @@ def _sdpa_default(model: Llama) -> bool:
 
 
 @torch.no_grad()
+def prefill_in_groups(model: Llama, prompts: list[list[int]], policy, rows: int, question=None, pad_id: int = 0,
+                      use_sdpa: bool | None = None, extra_capacity: int = 0):
+    """Prefill `rows` prompts at a time, each group with its own copy of the policy, then join caches and policies.
+
+    Peak memory is then the compressed caches plus one group's uncompressed prompt, which is what lets a policy that
+    compresses only after the whole prompt (D2O, CORM) fit large batches. Batch-level statistics (D2O's layer
+    statistic is a batch mean) are computed per group. Returns (logits, cache, joined policy).
+    """
+    import copy
+    parts = []
+    for g0 in range(0, len(prompts), rows):
+        p = copy.deepcopy(policy)
+        q = None if question is None else question[g0:g0 + rows]
+        logits, cache = prefill(model, prompts[g0:g0 + rows], p, q, pad_id, use_sdpa, extra_capacity)
+        parts.append((logits, cache, p))
+    joined = type(policy).concat_rows([p for _, _, p in parts])
+    return torch.cat([l for l, _, _ in parts]), KVCache.concat([c for _, c, _ in parts]), joined
+
+
+@torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
-             keep_cache: bool = False, reserve_tokens: int | None = None) -> GenerationResult:
+             keep_cache: bool = False, reserve_tokens: int | None = None,
+             prefill_rows: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
 
     The cache reserves room for `reserve_tokens` (default max_new_tokens) decode entries right after prefill.
+    `prefill_rows` prefills that many prompts at a time (see prefill_in_groups) to keep the prefill peak down.
     """
     from .policies import get_policy
     policy = get_policy("full") if policy is None else policy
@@ -138,7 +160,11 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
     ctx = model.cfg.max_position_embeddings
     t0 = time.perf_counter()
     reserve = max_new_tokens if reserve_tokens is None else reserve_tokens
-    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=reserve)
+    if prefill_rows and prefill_rows < len(prompts):
+        logits, cache, policy = prefill_in_groups(model, prompts, policy, prefill_rows, question, pad_id, use_sdpa,
+                                                  extra_capacity=reserve)
+    else:
+        logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=reserve)
     _sync(model)
     t1 = time.perf_counter()
     B = len(prompts)

@@ -224,3 +224,26 @@ class KVCache:
     def reserve(self, extra: int) -> None:
         for layer in self.layers:
             layer.reserve(extra)
+
+    @classmethod
+    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+        """Stack caches of different batch rows into one (used by prefill in row groups)."""
+        return cls([concat_layers([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))])
+
+
+def concat_layers(stores: list[LayerStore]) -> LayerStore:
+    """One LayerStore holding the batch rows of several, padded to the largest capacity."""
+    S = max(s.capacity for s in stores)
+    for s in stores:
+        if s.capacity < S:
+            s._resize(S)
+    names = set(stores[0].stats)
+    if any(set(s.stats) != names for s in stores):
+        raise ValueError("concat: stores carry different statistics")
+    cat = lambda get: torch.cat([get(s) for s in stores], dim=0)
+    return LayerStore(k=cat(lambda s: s.k), v=cat(lambda s: s.v), pos=cat(lambda s: s.pos),
+                      length=cat(lambda s: s.length), seen=cat(lambda s: s.seen),
+                      stats={n: cat(lambda s: s.stats[n]) for n in names},
+                      max_len_bound=max(s.max_len_bound for s in stores),
+                      n_appends=max(s.n_appends for s in stores),
+                      heads_aligned=all(s.heads_aligned for s in stores))

@@ -163,6 +163,16 @@ class AdaH2O(H2O):
         accumulate_step_scores(store, stats["probs"])
         self._compress(layer, store)
 
+    @classmethod
+    def concat_rows(cls, parts):
+        """Row groups: per-layer heavy counts (B, Hkv) are concatenated like the other per-row state."""
+        joined = super().concat_rows(parts)
+        B = [len(p.prompt_lengths) for p in parts]
+        joined.heavy = {l: torch.cat([p.heavy.get(l, torch.full((b, parts[0].cfg.num_key_value_heads), -1,
+                                                                   dtype=torch.long, device=parts[0].heavy[l].device))
+                                      for p, b in zip(parts, B)]) for l in parts[0].heavy}
+        return joined
+
     def report(self):
         return _head_report(super().report(), self)
 

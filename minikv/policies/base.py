@@ -8,6 +8,8 @@ Per-sequence state (budgets, thresholds) is set in `start` and reset for every n
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..budgets import Budget, parse_budget
@@ -16,6 +18,9 @@ from ..store import LayerStore
 
 class Policy:
     name = "base"
+    # Per-row state: attribute -> its batch dimension. Prefill in row groups runs one copy of the policy per group
+    # and joins them with `concat_rows`, which concatenates exactly these attributes.
+    row_state: dict[str, int] = {"prompt_lengths": 0}
     prefill_needs: frozenset = frozenset()
     decode_needs: frozenset = frozenset()
     window = 0                 # rows of the last queries needed as "last_rows"
@@ -42,6 +47,15 @@ class Policy:
 
     def after_step(self, layer: int, store: LayerStore, stats: dict) -> None:
         pass
+
+    @classmethod
+    def concat_rows(cls, parts: list["Policy"]) -> "Policy":
+        """One policy for the rows of several started copies (in order), concatenating every `row_state` tensor."""
+        joined = copy.copy(parts[0])
+        for name, dim in cls.row_state.items():
+            values = [getattr(p, name) for p in parts]
+            setattr(joined, name, None if values[0] is None else torch.cat(values, dim=dim))
+        return joined
 
     def report(self) -> dict:
         """What the policy decided (per-layer budgets, thresholds, ...), for printing and records."""

@@ -216,6 +216,9 @@ class D2O(Policy):
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
+    # Row groups (generate(prefill_rows=...)): each group allocates from its own layer statistic F when
+    # when="prefill"; with "first_decode" the joined policy allocates at the first step from the first group's F.
+    row_state = {"prompt_lengths": 0, "rho": 0, "ratios": 1, "full_rows": 1, "S_h": 1, "S_r": 1, "tau": 1}
 
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
                  alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
@@ -294,6 +297,13 @@ class D2O(Policy):
         self.merged[layer] += n_merged
         self.dropped[layer] += n_dropped
         self.tau_history[layer].append(float(self.tau[layer, 0]))
+
+    @classmethod
+    def concat_rows(cls, parts):
+        joined = super().concat_rows(parts)
+        joined.merged = [sum(c) for c in zip(*(p.merged for p in parts))]
+        joined.dropped = [sum(c) for c in zip(*(p.dropped for p in parts))]
+        return joined
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def after_prefill(self, layer, store, stats):
