@@ -89,12 +89,19 @@ def run_minikv(model: Llama, policy_name: str, ratio: float, batch: int, prompt_
     }
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+
+
 def fits(fn, batch: int) -> dict | None:
+    """fn(batch), or None when it runs out of memory (memory is freed after the exception's frames are gone)."""
     try:
         return fn(batch)
-    except torch.cuda.OutOfMemoryError:
-        _free()
-        return None
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+    _free()
+    return None
 
 
 def max_batch(fn, total_bytes: int, small: int = 2, large: int = 6) -> int:
@@ -183,12 +190,12 @@ def main(args) -> int:
             for batch in sorted({1, 16, best}) if name == "full" else [best]:
                 if batch == 0:
                     continue
-                try:
-                    r = run_minikv(model, name, ratio, batch, prompt_len, new_tokens)
-                except torch.cuda.OutOfMemoryError:           # the 256-step run needs a little more: back off once
-                    _free()
+                r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch)
+                while r is None and batch > 1:                 # the 256-step run needs a little more: back off
                     batch = best = int(batch * 0.92)
-                    r = run_minikv(model, name, ratio, batch, prompt_len, new_tokens)
+                    r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch)
+                if r is None:
+                    continue
                 r.update(shape=shape, max_batch=batch == best, max_batch_search_s=search_s)
                 rows.append(r)
                 print(format_table([r]).splitlines()[-1], flush=True)
@@ -196,10 +203,8 @@ def main(args) -> int:
         del model
         _free()
         for batch in (1, 16) if os.environ.get("MINIKV_BENCH_HF", "1") == "1" else ():
-            try:
-                r = run_hf(shape, batch, prompt_len, new_tokens)
-            except torch.cuda.OutOfMemoryError:
-                _free()
+            r = fits(lambda b: run_hf(shape, b, prompt_len, new_tokens), batch)
+            if r is None:
                 continue
             r.update(shape=shape)
             rows.append(r)

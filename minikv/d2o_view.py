@@ -74,12 +74,16 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
     ax[1].bar(idx, dropped, bottom=merged, label="dropped")
     ax[1].set(title="evicted entries", xlabel="layer", ylabel="entries (all rows, heads)")
     ax[1].legend()
-    for l, hist in enumerate(report["tau_history"]):
-        if hist:
-            ax[2].plot(range(len(hist)), hist, lw=0.8, label=f"layer {l}" if len(report["tau_history"]) <= 8 else None)
-    ax[2].set(title="threshold tau (row 0)", xlabel="compression step", ylabel="tau")
-    if len(report["tau_history"]) <= 8:
+    hists = [h for h in report["tau_history"] if h]
+    if hists:
+        # Many layers make a spaghetti plot: show the mean over compressed layers and the min-max band.
+        n = min(map(len, hists))
+        steps = range(n)
+        cols = [[h[t] for h in hists] for t in steps]
+        ax[2].fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], alpha=0.3, label="min-max over layers")
+        ax[2].plot(steps, [sum(c) / len(c) for c in cols], lw=0.8, label=f"mean of {len(hists)} layers")
         ax[2].legend()
+    ax[2].set(title="threshold tau (row 0)", xlabel="compression step", ylabel="tau")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

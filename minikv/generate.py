@@ -97,7 +97,9 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     if longest > ctx:
         raise ValueError(f"prompt of {longest} tokens is longer than the model's context ({ctx} tokens)")
     B = len(prompts)
-    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1)
+    # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
+    room = 0 if policy.decode_evicts or policy.prefill_needs else extra_capacity
+    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1 + room)
     policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
     ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)
     sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
@@ -109,7 +111,7 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
     if not policy.decode_evicts:
-        cache.reserve(extra_capacity)
+        cache.reserve(extra_capacity)            # a no-op when the room was allocated up front
     return logits, cache
 
 
@@ -135,7 +137,10 @@ def prefill_in_groups(model: Llama, prompts: list[list[int]], policy, rows: int,
         logits, cache = prefill(model, prompts[g0:g0 + rows], p, q, pad_id, use_sdpa, extra_capacity)
         parts.append((logits, cache, p))
     joined = type(policy).concat_rows([p for _, _, p in parts])
-    return torch.cat([l for l, _, _ in parts]), KVCache.concat([c for _, c, _ in parts]), joined
+    logits = torch.cat([l for l, _, _ in parts])
+    caches = [c for _, c, _ in parts]
+    del parts                                        # KVCache.concat frees each part's layers as it goes
+    return logits, KVCache.concat(caches), joined
 
 
 @torch.no_grad()

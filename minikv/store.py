@@ -227,8 +227,17 @@ class KVCache:
 
     @classmethod
     def concat(cls, caches: list["KVCache"]) -> "KVCache":
-        """Stack caches of different batch rows into one (used by prefill in row groups)."""
-        return cls([concat_layers([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))])
+        """Stack caches of different batch rows into one (used by prefill in row groups).
+
+        Layer by layer, releasing each source layer once copied, so the peak is one layer above the total.
+        The source caches are left without layers.
+        """
+        layers = []
+        for i in range(len(caches[0].layers)):
+            layers.append(concat_layers([c.layers[i] for c in caches]))
+            for c in caches:
+                c.layers[i] = None
+        return cls(layers)
 
 
 def concat_layers(stores: list[LayerStore]) -> LayerStore:
