@@ -29,6 +29,7 @@ SHAPES = {
                       max_position_embeddings=8192, tie_word_embeddings=False),
 }
 POLICIES = ["full", "streaming", "h2o", "snapkv", "d2o", "corm", "adakv-snapkv"]
+PREFILL_ROWS = 8     # prompts prefilled at a time: peak = compressed caches + one group's uncompressed prompt
 
 
 def random_model(shape: str, dtype=torch.bfloat16, device="cuda") -> Llama:
@@ -59,8 +60,6 @@ def policy_for(name: str, ratio: float):
         return get_policy("d2o", ratio, when="prefill")
     return get_policy(name, ratio)
 
-
-PREFILL_ROWS = 8     # prompts prefilled at a time: peak = compressed caches + one group's uncompressed prompt
 
 
 def _free():
@@ -104,11 +103,12 @@ def fits(fn, batch: int) -> dict | None:
     return None
 
 
-def max_batch(fn, total_bytes: int, small: int = 2, large: int = 6) -> int:
+def max_batch(fn, total_bytes: int, small: int = PREFILL_ROWS, large: int = 3 * PREFILL_ROWS) -> int:
     """Largest batch for which fn(batch) runs, from a linear memory model checked by real runs.
 
-    Peak memory is affine in the batch (weights + per-row cache and activations); two small probes give the
-    line, the prediction is tried, and the batch backs off by 8% until it fits (each probe costs a prefill).
+    Beyond one prefill row group, peak memory is affine in the batch (weights + one group's prefill + per-row
+    cache); two probes at multiples of the group size give the line, the prediction is tried, and the batch backs
+    off by 8% until it fits (each probe costs a prefill).
     """
     a, b = fits(fn, small), fits(fn, large)
     if a is None or b is None:

@@ -5,7 +5,7 @@ Token level: H2O eviction per KV head with attention sinks (Step 3); each evicte
 ones of its head and, when it is similar enough (an EMA threshold), merged into its nearest kept entry instead of
 being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
 
-    Step 1  layer_variance_statistic   F_l from the prefill column sums
+    Step 1  head_variances, variance_statistic (= layer_variance_statistic)   F_l from the prefill column sums
     Step 2  layer_weights, layer_ratios, heavy_recent_sizes
     Step 3  h2o.heavy_recent_keep (reused) over h2o.accumulate_prefill_scores / accumulate_step_scores
     Step 4  nearest_kept, update_threshold, merge_decision
@@ -50,8 +50,8 @@ ALLOCATIONS = ("variance", "uniform")
 
 
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
-def layer_variance_statistic(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Step 1: F_l = mean_h minmax_h(batch-mean of the unbiased variance over keys of the column sums). () float64.
+def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Step 1: v = unbiased variance over key positions of each query head's column sums. (B, Hq) float64.
 
     colsum: (B, Hkv, G, S) attention received per entry, summed over prompt queries; valid: (B, Hkv, S) live slots.
     """
@@ -60,10 +60,18 @@ def layer_variance_statistic(colsum: torch.Tensor, valid: torch.Tensor) -> torch
     mask = valid[:, :, None, :].expand(B, Hkv, G, S).reshape(B, Hkv * G, S)  # (B, Hq, S)
     n = mask.sum(-1)                                                      # (B, Hq)
     mean = (col * mask).sum(-1) / n.clamp_min(1)                          # (B, Hq)
-    var = ((col - mean[..., None]) ** 2 * mask).sum(-1) / (n - 1).clamp_min(1)   # (B, Hq) unbiased
-    v = var.mean(dim=0)                                                   # (Hq,) batch mean
-    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
-    return v.mean()
+    return ((col - mean[..., None]) ** 2 * mask).sum(-1) / (n - 1).clamp_min(1)   # (B, Hq) unbiased
+
+
+def variance_statistic(v: torch.Tensor) -> torch.Tensor:
+    """Step 1: F = mean_h (v_h - min v) / (max v - min v + 1e-6) from the batch-mean head variances v (Hq,). ()"""
+    return ((v - v.min()) / (v.max() - v.min() + 1e-6)).mean()
+
+
+def layer_variance_statistic(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Step 1: F_l = mean_h minmax_h(batch-mean of the unbiased variance over keys of the column sums). () float64."""
+    var = head_variances(colsum, valid)                                   # (B, Hq)
+    return variance_statistic(var.sum(dim=0) / var.shape[0])              # batch mean
 
 
 # ---- Step 2: per-layer ratios and sizes ------------------------------------------------------------------------
@@ -216,8 +224,9 @@ class D2O(Policy):
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
-    # Row groups (generate(prefill_rows=...)): each group allocates from its own layer statistic F when
-    # when="prefill"; with "first_decode" the joined policy allocates at the first step from the first group's F.
+    # Row groups (generate(prefill_rows=...)): with "first_decode" the joined policy allocates at the first step
+    # from the summed head variances of all groups, exactly as one batch would; with "prefill" each group has
+    # already allocated from its own F (then the report shows the first group's F).
     row_state = {"prompt_lengths": 0, "rho": 0, "ratios": 1, "full_rows": 1, "S_h": 1, "S_r": 1, "tau": 1}
 
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
@@ -259,6 +268,7 @@ class D2O(Policy):
         v = self.budget.value
         self.rho = torch.full_like(n, float(v)) if self.budget.is_ratio else v / n      # (B,)
         self.F = torch.full((L,), float("nan"), dtype=torch.float64)
+        self.var_sum = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)   # (L, Hq) sum over rows
         self.ratios = None                                                # (L, B) once allocated
         self.full_rows = None                                             # (L, B) bool: never compressed
         self.S_h = torch.full((L, batch), -1, dtype=torch.long)
@@ -274,6 +284,8 @@ class D2O(Policy):
             missing = torch.nonzero(torch.isnan(self.F)).flatten().tolist()
             raise RuntimeError(f"d2o: layer statistic missing for layers {missing}; was the prompt run with "
                                f"need={sorted(self.prefill_needs)} and after_prefill?")
+        rows = len(self.prompt_lengths)
+        self.F = torch.stack([variance_statistic(v / rows) for v in self.var_sum])    # (L,) batch mean, Step 1
         self.ratios = layer_ratios(self.F, self.rho, self.protected, self.allocation)
         self.full_rows = (self.ratios >= 1.0) | (self.rho >= 1.0)[None, :]
         for p in self.protected:
@@ -303,6 +315,7 @@ class D2O(Policy):
         joined = super().concat_rows(parts)
         joined.merged = [sum(c) for c in zip(*(p.merged for p in parts))]
         joined.dropped = [sum(c) for c in zip(*(p.dropped for p in parts))]
+        joined.var_sum = sum(p.var_sum for p in parts)
         return joined
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -310,7 +323,9 @@ class D2O(Policy):
         if "colsum" not in stats:
             raise ValueError("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
         accumulate_prefill_scores(store, stats["colsum"])
-        self.F[layer] = layer_variance_statistic(stats["colsum"], store.valid).cpu()
+        var = head_variances(stats["colsum"], store.valid).cpu()         # (B, Hq)
+        self.var_sum[layer] = var.sum(dim=0)
+        self.F[layer] = variance_statistic(self.var_sum[layer] / var.shape[0])
         if self.when == "prefill":
             # Ratios need every layer's F: compress all layers once the last one has run.
             self._prefill_stores[layer] = store
