@@ -90,6 +90,12 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     """
     from .policies import get_policy
     policy = get_policy("full") if policy is None else policy
+    if getattr(policy, "prefill_mode", None) == "exact":
+        # CORM's definition: the prompt arrives token by token, with evictions after every row.
+        from .policies.corm import corm_exact_prefill
+        logits, cache = corm_exact_prefill(model, prompts, policy, question, pad_id)
+        cache.reserve(extra_capacity)
+        return logits, cache
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
     ctx = model.cfg.max_position_embeddings

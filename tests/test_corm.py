@@ -291,3 +291,17 @@ def test_exact_mode_refuses_one_pass_prefill():
     model = tiny_model(seed=8)
     with pytest.raises(RuntimeError, match="corm_exact_prefill"):
         prefill(model, [tokens(10, 8)], CORM(w=2, r=2, prefill_mode="exact"))
+
+
+def test_generate_dispatches_exact_prefill():
+    """generate() with prefill_mode='exact' runs CORM's token-by-token prefill instead of raising."""
+    from conftest import tiny_model
+    from minikv.generate import generate
+    from minikv.policies import get_policy
+    from minikv.policies.corm import corm_exact_prefill
+    model = tiny_model(torch.float64)
+    prompt = list(range(1, 30))
+    res = generate(model, [prompt], get_policy("corm", w=2, r=4, prefill_mode="exact"), max_new_tokens=3,
+                   stop_ids=[], keep_cache=True)
+    logits, cache = corm_exact_prefill(model, [prompt], get_policy("corm", w=2, r=4, prefill_mode="exact"))
+    assert res.tokens[0][0] == int(logits.argmax(-1))
