@@ -288,9 +288,13 @@ def test_budget_is_refused():
 
 
 def test_exact_mode_refuses_one_pass_prefill():
+    """A one-pass forward with the exact policy's after_prefill hook is refused (generate.prefill dispatches)."""
     model = tiny_model(seed=8)
+    policy = CORM(w=2, r=2, prefill_mode="exact")
+    policy.start(model.cfg, 1, [10])
     with pytest.raises(RuntimeError, match="corm_exact_prefill"):
-        prefill(model, [tokens(10, 8)], CORM(w=2, r=2, prefill_mode="exact"))
+        model(torch.tensor([tokens(10, 8)]), model.new_cache(1), hook=policy.after_prefill,
+              need=policy.prefill_needs, window=policy.window)
 
 
 def test_generate_dispatches_exact_prefill():
