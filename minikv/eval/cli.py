@@ -1,0 +1,204 @@
+"""`minikv eval`: run a task over policy × budget × length × depth × sample, resumably, print the table, plot.
+
+  minikv eval --task passkey --policies full,streaming,h2o,snapkv --budgets 0.2 --lengths 1500 --depths 0.5
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from ..cli import add_model_args, load_model_and_tokenizer, parse_options
+from . import records as rec
+from .runner import EvalConfig, parse_budgets, parse_policies, run_grid
+from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
+
+DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
+
+
+def register(sub) -> None:
+    """Add the `eval` subcommand to minikv's argument parser (called by minikv.cli)."""
+    p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl, longbench-local",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--policies", default="full,streaming,h2o,snapkv",
+                   help="comma-separated; per-policy options after colons, e.g. snapkv:window=16,corm:w=64:r=64")
+    p.add_argument("--budgets", default="0.2", help="ratios (0.1,0.2,0.5) or counts (128,256)")
+    p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 2000; ppl 2048; "
+                                                   "longbench-local: truncation length, default the model context)")
+    p.add_argument("--depths", default="0.5", help="needle depths in [0, 1] (passkey, needle, ruler multikey/value)")
+    p.add_argument("--question-agnostic", action="store_true",
+                   help="compress the context first, then append the question (default: question-aware)")
+    p.add_argument("--samples", type=int, default=None, help="prompts per cell (default 1; longbench-local: all rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<task>); re-running resumes")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option given to every policy (repeatable); per-policy options go in --policies")
+    p.add_argument("--data", default=None, help="longbench-local: a LongBench-format JSONL file")
+    p.add_argument("--subtasks", default=",".join(RULER_SUBTASKS), help="ruler-lite subtasks")
+    p.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
+                   help="wrap prompts in the chat template (auto: the task's default)")
+    p.add_argument("--ppl-prefix", type=int, default=512, help="ppl: tokens prefilled before teacher forcing")
+    p.add_argument("--plot", action="store_true", help="write PNG plots into the output folder (needs matplotlib)")
+    p.add_argument("--view-layer", type=int, default=None, help="layer of the survival strip plot (default L/2)")
+    p.add_argument("--view-head", type=int, default=0, help="KV head of the survival strip plot")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=cmd_eval, eval_parser=p)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+
+
+def config_from_args(args, model_name: str) -> EvalConfig:
+    """The grid the arguments describe, checked before any model is loaded."""
+    budgets = parse_budgets(args.budgets)
+    specs = parse_policies(args.policies, parse_options(args.option), probe_budget=budgets[0])
+    if args.lengths:
+        lengths = _ints(args.lengths, "lengths")
+    else:
+        lengths = [DEFAULT_LENGTH.get(args.task)]          # longbench-local: None = the model's context
+    return EvalConfig(
+        task=args.task, policies=specs, budgets=budgets, lengths=lengths, depths=_floats(args.depths, "depths"),
+        samples=args.samples if args.samples is not None else (None if args.task == "longbench-local" else 1),
+        seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
+        chat={"auto": None, "on": True, "off": False}[args.chat], ppl_prefix=args.ppl_prefix,
+        subtasks=tuple(s.strip() for s in args.subtasks.split(",") if s.strip()), data=args.data,
+        model_name=model_name, dtype=args.dtype)
+
+
+def command_line(args) -> str:
+    """The `minikv eval` command that reproduces this run (options that differ from their defaults)."""
+    parts = ["minikv", "eval"]
+    for action in args.eval_parser._actions:
+        if not action.option_strings or action.dest in ("help", "no_progress", "device"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default or value in (None, [], False) and action.dest != "task":
+            continue
+        flag = action.option_strings[-1]
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [x for v in value for x in (flag, shlex.quote(str(v)))]
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def cmd_eval(args) -> int:
+    """Run the grid (resuming), print and save the table, and plot when asked."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
+    cfg = config_from_args(args, model_name)
+    if cfg.task == "longbench-local":
+        read_longbench(cfg.data)                              # a missing or malformed file fails before loading
+    model, tok = load_model_and_tokenizer(args)
+    out = Path(args.out or Path("runs") / "eval" / args.task)
+    command = command_line(args)
+    result = run_grid(model, tok, cfg, out, progress=not args.no_progress)
+    print(f"{len(result['cells'])} cells: ran {result['ran']}, skipped {result['skipped']} already in "
+          f"{out / rec.RECORDS}", file=sys.stderr)
+    table = rec.markdown_table(result["records"], cfg.budgets, [s.label for s in cfg.policies])
+    header = f"`{command}` — model {model_name}, {args.dtype}, {model.device}, minikv {rec.minikv_version()}\n\n"
+    (out / "table.md").write_text(header + table)
+    print(table)
+    print(f"table: {out / 'table.md'}", file=sys.stderr)
+    if args.plot:
+        for path in make_plots(model, tok, cfg, result, out, args.view_layer, args.view_head):
+            print(f"plot: {path}", file=sys.stderr)
+    return 0
+
+
+# ---- plots ----------------------------------------------------------------------------------------------------------
+def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer: int | None = None,
+               view_head: int = 0) -> list[Path]:
+    """Every plot that applies: quality vs ratio, depth heatmaps, survival strip, D2O / Ada-KV views."""
+    try:
+        from . import plots
+        plots._plt()
+    except ImportError as e:
+        print(f"minikv eval: no plots: {e}", file=sys.stderr)
+        return []
+    made = []
+    records = [r for r in result["records"] if not r.get("error")]
+    if not records:
+        return made
+    made.append(plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", f"{cfg.model_name}"))
+    if any(r.get("depth") is not None for r in records) and any(c.task in DEPTH_TASKS for c in result["cells"]):
+        made.append(plots.depth_heatmaps(records, out / "depth_heatmaps.png"))
+    made += _policy_views(model, tok, cfg, result["cells"], out, view_layer, view_head)
+    return made
+
+
+def _view_example(tok, cfg: EvalConfig, cell, ctx: int):
+    if cell.row is not None:
+        return longbench_example(tok, cell.row, cell.length, cfg.chat, ctx)
+    return make_example(tok, cell.task, cell.length, cell.depth, cell.sample, cfg.seed, cfg.chat, cfg.ppl_prefix)
+
+
+def _policy_views(model, tok, cfg, cells, out: Path, view_layer, view_head) -> list[Path]:
+    """Teaching views on the grid's first prompt: surviving positions per policy (first budget), D2O layer ratios
+    and Ada-KV head budgets when those policies and their view modules are present."""
+    from . import plots
+    first = cells[0]
+    ex = _view_example(tok, cfg, first, model.cfg.max_position_embeddings)
+    ids = ex.context if (cfg.question == "agnostic" or ex.metric == "ppl") else ex.ids
+    if ex.metric == "ppl":
+        ids = ex.context[:ex.prefix]
+    question = ex.question if (cfg.question == "agnostic" and ex.question and ex.metric != "ppl") else None
+    layer = model.cfg.num_hidden_layers // 2 if view_layer is None else view_layer
+    budget = cfg.budgets[0]
+    rows, made = [], []
+    for spec in cfg.policies:
+        policy = spec.build(budget)
+        rows.append((spec.label + (f" @ {budget}" if spec.takes_budget else ""),
+                     plots.surviving_positions(model, ids, policy, layer, view_head, question)))
+        if spec.name == "d2o":
+            made += _optional_view("minikv.d2o_view", "plot_d2o_report", model, ids, spec, budget,
+                                   out / f"d2o_layers_{_safe(spec.label)}.png", decode=True)
+        elif spec.name.startswith("adakv"):
+            made += _optional_view("minikv.adakv_view", "plot_head_budgets", model, ids, spec, budget,
+                                   out / f"adakv_heads_{_safe(spec.label)}.png", decode=False)
+    n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
+    marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
+    made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,
+                                     f"{ex.task}, {n} tokens: positions kept in layer {layer}, KV head {view_head} "
+                                     f"after prefill + 1 decode step (budget {budget})"))
+    return made
+
+
+def _optional_view(module: str, func: str, model, ids, spec, budget, path: Path, decode: bool) -> list[Path]:
+    """Call another module's plot on the policy's report(), when that module exists."""
+    try:
+        view = getattr(__import__(module, fromlist=[func]), func)
+    except (ImportError, AttributeError):
+        print(f"minikv eval: {module}.{func} not available; skipping that view", file=sys.stderr)
+        return []
+    from ..generate import generate
+    policy = spec.build(budget)
+    generate(model, [ids], policy, max_new_tokens=4 if decode else 1)
+    try:
+        return [Path(view(policy.report(), path))]
+    except (ValueError, KeyError) as e:
+        print(f"minikv eval: {module} view failed: {e}", file=sys.stderr)
+        return []
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)

@@ -1,0 +1,383 @@
+"""The evaluation grid: policy × budget × length × depth × sample, one record per cell, resumable.
+
+`full` and other budget-free policies (e.g. corm, sized by its own w / r options) run once per cell whatever the
+budgets. Every record names the question mode: "aware" (the question is inside the compressed prompt) or
+"agnostic" (the context is compressed, then the question is appended with `generate(..., question=...)`).
+
+Perplexity (task ppl) is teacher-forced with decode-time eviction active: the prefix is prefilled with the policy,
+then every further token is fed one at a time through the model with `hook=policy.after_step`, scoring each next
+token. Policies without an `after_step` (prefill-only: snapkv, pyramidkv, adakv-snapkv, ...) compress the prefix
+only; the rest is fed in chunks, which computes the same numbers faster. A ratio budget means, for policies that
+evict while decoding, that ratio of the whole text (converted to a count of entries); for prefill-only policies,
+that ratio of the prefix. The measured cache ratio at the end is recorded either way.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from ..budgets import parse_budget
+from ..generate import generate, prefill
+from ..policies import REGISTRY, get_policy
+from ..policies.base import Policy
+from ..tokenizer import chat_stop_ids
+from . import records as rec
+from .metrics import longbench_dataset, longbench_score, string_match_all
+from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
+
+
+# ---- what to run -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicySpec:
+    """One entry of --policies: a registry name with its options."""
+    label: str                   # as written in --policies, e.g. "snapkv:window=16"
+    name: str                    # registry name
+    options: tuple               # sorted (key, value) pairs: --option values, then the spec's own
+    takes_budget: bool           # False for full and budget-free policies (run once per cell)
+
+    def build(self, budget: str | int | None) -> Policy:
+        """A fresh policy object at `budget` (ignored when the policy is budget-free)."""
+        return get_policy(self.name, budget if self.takes_budget else None, **dict(self.options))
+
+
+def _convert(value: str):
+    from ..cli import parse_options
+    return parse_options([f"x={value}"])["x"]
+
+
+def accepts_option(name: str, key: str) -> bool:
+    """Whether the policy's constructor takes the keyword `key`."""
+    params = inspect.signature(REGISTRY[name].__init__).parameters
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def parse_policies(text: str, common: dict | None = None, probe_budget: str | None = "0.5") -> list[PolicySpec]:
+    """'full,h2o,snapkv:window=16:kernel=5' -> specs. Options after ':' apply to that policy only; `common`
+    (--option) to every listed policy that takes that keyword. Raises ValueError naming an unknown policy, an
+    option no listed policy takes, or a bad option."""
+    labels = [s.strip() for s in text.split(",") if s.strip()]
+    for label in labels:
+        if label.split(":")[0] not in REGISTRY:
+            raise ValueError(f"unknown policy {label.split(':')[0]!r}; known policies: {', '.join(sorted(REGISTRY))}")
+    for key in common or {}:
+        if not any(accepts_option(label.split(":")[0], key) for label in labels):
+            raise ValueError(f"--option {key}: none of the policies {', '.join(labels)} takes that option")
+    specs = []
+    for label in labels:
+        name, *pairs = label.split(":")
+        opts = {k: v for k, v in (common or {}).items() if accepts_option(name, k)}
+        for pair in pairs:
+            if "=" not in pair:
+                raise ValueError(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
+            k, v = pair.split("=", 1)
+            opts[k] = _convert(v)
+        specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), _takes_budget(name, opts, probe_budget)))
+    if not specs:
+        raise ValueError("--policies is empty")
+    if len({s.label for s in specs}) != len(specs):
+        raise ValueError(f"--policies lists a policy twice: {text}")
+    return specs
+
+
+def _takes_budget(name: str, opts: dict, probe: str | None) -> bool:
+    """full never takes one; another policy is budget-free when it refuses a budget but accepts none."""
+    if name == "full":
+        return False
+    try:
+        get_policy(name, probe, **opts)
+        return True
+    except ValueError as with_budget:
+        try:
+            get_policy(name, None, **opts)
+        except ValueError:
+            raise with_budget from None
+        return False
+
+
+def parse_budgets(text: str) -> list[str]:
+    """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget."""
+    out = [s.strip() for s in str(text).split(",") if s.strip()]
+    for b in out:
+        parse_budget(b)
+    if not out:
+        raise ValueError("--budgets is empty")
+    return out
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines a grid (what `minikv eval` parsed from its arguments)."""
+    task: str
+    policies: list[PolicySpec]
+    budgets: list[str]
+    lengths: list[int | None] = field(default_factory=lambda: [2000])
+    depths: list[float] = field(default_factory=lambda: [0.5])
+    samples: int | None = 1
+    seed: int = 0
+    question: str = "aware"                  # "aware" | "agnostic"
+    chat: bool | None = None                 # None: the task's default
+    ppl_prefix: int = 512
+    subtasks: tuple = RULER_SUBTASKS
+    data: str | None = None                  # longbench-local JSONL
+    model_name: str = "model"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}")
+        if self.question not in ("aware", "agnostic"):
+            raise ValueError(f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
+        if self.task == "longbench-local" and not self.data:
+            raise ValueError("longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)")
+        for d in self.depths:
+            if not 0 <= d <= 1:
+                raise ValueError(f"depths must be in [0, 1], got {d}")
+        for n in self.lengths:
+            if n is None and self.task == "longbench-local":
+                continue                          # truncate to the model's context
+            if n is None or n < 2:
+                raise ValueError(f"lengths must be at least 2 tokens, got {n}")
+        bad = [s for s in self.subtasks if s not in RULER_SUBTASKS]
+        if bad:
+            raise ValueError(f"unknown ruler-lite subtask(s) {bad}; subtasks: {', '.join(RULER_SUBTASKS)}")
+
+
+@dataclass
+class Cell:
+    """One grid point: a prompt (task, length, depth, sample) under one policy and budget."""
+    task: str                   # with the subtask: "ruler-lite/vt"
+    policy: PolicySpec
+    budget: str | None
+    length: int | None
+    depth: float | None
+    sample: int
+    question: str               # "aware" | "agnostic" | "none" (ppl)
+    row: dict | None = None     # longbench-local: the JSONL row
+    id: str = ""
+    key: dict = field(default_factory=dict)
+
+
+def build_grid(cfg: EvalConfig) -> list[Cell]:
+    """Every cell of the run, in a stable order (prompt-major, so policies compare on the same prompt in turn)."""
+    if cfg.task == "ruler-lite":
+        tasks = [f"ruler-lite/{s}" for s in cfg.subtasks]
+    else:
+        tasks = [cfg.task]
+    rows: list[dict | None] = [None]
+    if cfg.task == "longbench-local":
+        rows = read_longbench(cfg.data)
+        rows = rows[: cfg.samples] if cfg.samples else rows
+    cells = []
+    for task in tasks:
+        depths = cfg.depths if task in DEPTH_TASKS else [None]
+        qmode = "none" if task == "ppl" else cfg.question
+        n_samples = len(rows) if cfg.task == "longbench-local" else (cfg.samples or 1)
+        for length in cfg.lengths:
+            for depth in depths:
+                for sample in range(n_samples):
+                    for spec in cfg.policies:
+                        for budget in (cfg.budgets if spec.takes_budget else [None]):
+                            row = rows[sample] if cfg.task == "longbench-local" else None
+                            name = task if row is None else \
+                                f"{task}/{longbench_dataset(str(row.get('dataset', ''))) or 'unknown'}"
+                            c = Cell(name, spec, budget, length, depth, sample, qmode, row)
+                            c.key = _cell_key(c, cfg)
+                            c.id = rec.cell_id(c.key)
+                            cells.append(c)
+    return cells
+
+
+def _cell_key(c: Cell, cfg: EvalConfig) -> dict:
+    key = {"task": c.task, "policy": c.policy.label, "options": dict(c.policy.options), "budget": c.budget,
+           "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question, "seed": cfg.seed,
+           "chat": cfg.chat, "model": cfg.model_name, "dtype": cfg.dtype}
+    if c.task == "ppl":
+        key["ppl_prefix"] = cfg.ppl_prefix
+    if c.row is not None:
+        key["data"] = str(cfg.data)
+        key["row"] = c.row.get("_id") or c.sample
+    return key
+
+
+# ---- running one cell ------------------------------------------------------------------------------------------------
+def example_for(tok, cell: Cell, cfg: EvalConfig, model_ctx: int) -> Example:
+    """The prompt of a cell (the same for every policy and budget)."""
+    if cell.row is not None:
+        return longbench_example(tok, cell.row, cell.length, cfg.chat, model_ctx)
+    return make_example(tok, cell.task, cell.length, cell.depth, cell.sample, cfg.seed, cfg.chat, cfg.ppl_prefix)
+
+
+def score_text(ex: Example, text: str) -> float:
+    """The example's metric on the generated text, in [0, 1]."""
+    if ex.metric == "contains":
+        return float(any(a in text for a in ex.answers))
+    if ex.metric == "string_match_all":
+        return string_match_all(text, ex.answers)
+    return longbench_score(ex.meta.get("dataset", ""), text, ex.answers, ex.meta.get("all_classes"))
+
+
+def evicts_while_decoding(policy: Policy) -> bool:
+    """True when the policy acts after each decoded token (it overrides after_step)."""
+    return type(policy).after_step is not Policy.after_step
+
+
+def ppl_policy(cell: Cell, ex: Example) -> tuple[Policy, int | None]:
+    """The policy for a perplexity cell and the entries its budget resolves to (see the module docstring)."""
+    probe = cell.policy.build(cell.budget)
+    if cell.budget is None or not cell.policy.takes_budget:
+        return probe, None
+    b = parse_budget(cell.budget)
+    if evicts_while_decoding(probe):
+        count = max(1, math.floor(b.value * len(ex.context))) if b.is_ratio else b.value
+        return cell.policy.build(count), count
+    return probe, int(b.entries(torch.tensor([ex.prefix]))[0])
+
+
+@torch.no_grad()
+def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk: int = 256):
+    """Sum of -log p(ids[t] | ids[:t]) for t = prefix .. len-1, the prefix prefilled with the policy and the rest
+    fed one token at a time with policy.after_step (or in chunks when the policy never evicts while decoding).
+    Returns (nll sum, tokens scored, cache, prefill seconds)."""
+    dev = model.device
+    t0 = time.perf_counter()
+    logits, cache = prefill(model, [ids[:prefix]], policy)                 # (1, vocab) predicts ids[prefix]
+    t_prefill = time.perf_counter() - t0
+    target = torch.tensor(ids[prefix:], device=dev)
+    nll = -torch.log_softmax(logits.double(), -1)[0, target[0]]
+    rest = torch.tensor(ids[prefix:-1], device=dev)[None]                  # (1, n-1) inputs after the prefix
+    sdpa = model.dtype != torch.float64 and not policy.decode_needs
+    if evicts_while_decoding(policy):
+        for t in range(rest.shape[1]):
+            out = model(rest[:, t:t + 1], cache, hook=policy.after_step, need=policy.decode_needs,
+                        window=policy.window, use_sdpa=sdpa)[0, -1]        # (vocab,)
+            nll = nll - torch.log_softmax(out.double(), -1)[target[t + 1]]
+    else:
+        for s in range(0, rest.shape[1], chunk):
+            out = model(rest[:, s:s + chunk], cache, use_sdpa=model.dtype != torch.float64)[0]   # (T, vocab)
+            tgt = target[s + 1: s + 1 + out.shape[0]]
+            nll = nll - torch.log_softmax(out.double(), -1).gather(-1, tgt[:, None]).sum()
+    return float(nll), len(ids) - prefix, cache, t_prefill
+
+
+def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = None) -> dict:
+    """Run one cell and return its record (not yet written)."""
+    ex = example or example_for(tok, cell, cfg, model.cfg.max_position_embeddings)
+    dev = model.device
+    rec.reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    out: dict = {}
+    if ex.metric == "ppl":
+        policy, resolved = ppl_policy(cell, ex)
+        nll, n, cache, t_pre = teacher_forced_nll(model, ex.context, ex.prefix, policy)
+        out.update(score=math.exp(nll / n), nll_sum=nll, scored_tokens=n, prefix=ex.prefix,
+                   cache_ratio=cache.cache_ratio(), kv_bytes_live=cache.nbytes_live(),
+                   kv_bytes_allocated=cache.nbytes_allocated(), prefill_s=t_pre, new_tokens=0,
+                   budget_entries=resolved, prediction=None, policy_decodes=evicts_while_decoding(policy))
+    else:
+        policy = cell.policy.build(cell.budget)
+        agnostic = cell.question == "agnostic" and ex.question
+        prompt = ex.context if agnostic else ex.ids
+        res = generate(model, [prompt], policy, max_new_tokens=ex.max_new_tokens,
+                       stop_ids=chat_stop_ids(tok) if ex.chat else None,
+                       question=[ex.question] if agnostic else None, seed=cfg.seed)
+        text = tok.decode(res.tokens[0], skip_special_tokens=True)
+        out.update(score=score_text(ex, text), prediction=text, cache_ratio=res.cache_ratio,
+                   kv_bytes_live=res.kv_bytes_live, kv_bytes_allocated=res.kv_bytes_allocated,
+                   kv_bytes_full=res.kv_bytes_full, prefill_s=res.prefill_seconds, decode_s=res.decode_seconds,
+                   new_tokens=len(res.tokens[0]),
+                   budget_entries=(None if not cell.policy.takes_budget else
+                                   int(parse_budget(cell.budget).entries(torch.tensor([len(prompt)]))[0])))
+    wall = time.perf_counter() - t0
+    peak, peak_kind = rec.peak_memory(dev)
+    meta = {k: v for k, v in ex.meta.items() if k not in ("all_classes",)}
+    return {
+        "id": cell.id, "task": cell.task, "policy": cell.policy.label, "policy_name": cell.policy.name,
+        "options": dict(cell.policy.options), "budget": cell.budget, "length": cell.length, "depth": cell.depth,
+        "sample": cell.sample, "seed": cfg.seed, "question": cell.question, "chat": ex.chat, "metric": ex.metric,
+        "answers": ex.answers, "prompt_tokens": len(ex.ids), "context_tokens": len(ex.context),
+        "question_tokens": len(ex.question), **out, "wall_s": wall, "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind, "model": cfg.model_name, "dtype": cfg.dtype, "device": str(dev),
+        "minikv_version": rec.minikv_version(), "torch_version": torch.__version__,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": meta,
+    }
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------------------
+class _Counter:
+    """A progress counter on stderr for when tqdm is not installed."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.n, self.total, self.desc = initial, total, desc
+        self._print("")
+
+    def _print(self, note: str) -> None:
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"{self.desc}: {self.n}/{self.total} {note}", end=end, file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        self._note = s
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self._print(getattr(self, "_note", ""))
+
+    def close(self) -> None:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
+    """tqdm when installed, else a plain stderr counter (None when disabled)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        return _Counter(total, initial, desc)
+
+
+def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells: list[Cell] | None = None) -> dict:
+    """Run every cell not already in out_dir/records.jsonl; return {"cells", "ran", "skipped", "records"} where
+    records are this grid's records (old and new), in grid order."""
+    cells = build_grid(cfg) if cells is None else cells
+    done = rec.finished_ids(rec.read_records(out_dir))
+    todo = [c for c in cells if c.id not in done]
+    ctx = model.cfg.max_position_embeddings
+    bar = progress_bar(len(cells), len(cells) - len(todo), f"eval {cfg.task}", progress)
+    examples: dict[tuple, Example] = {}
+    ran = 0
+    try:
+        for c in todo:
+            if bar is not None:
+                bar.set_postfix_str(f"{c.policy.label} b={c.budget} n={c.length} d={c.depth} s={c.sample}")
+            pk = (c.task, c.length, c.depth, c.sample)
+            if pk not in examples:                    # a prompt that cannot be built stops the run (bad grid)
+                examples = {pk: example_for(tok, c, cfg, ctx)}               # keep one prompt at a time
+                ex = examples[pk]
+                if len(ex.ids) + ex.max_new_tokens > ctx:
+                    raise ValueError(f"{c.task}: prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} new tokens "
+                                     f"exceeds the model's context ({ctx} tokens)")
+            try:
+                record = run_cell(model, tok, c, cfg, examples[pk])
+            except ValueError as e:                   # a policy/budget combination that cannot run: record it
+                record = {"id": c.id, "task": c.task, "policy": c.policy.label, "budget": c.budget,
+                          "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question,
+                          "error": str(e), "score": None, "cache_ratio": None}
+                print(f"minikv eval: cell {c.id}: {e}", file=sys.stderr)
+            rec.append_record(out_dir, record)
+            ran += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    latest = {r["id"]: r for r in rec.read_records(out_dir)}
+    mine = [latest[c.id] for c in cells if c.id in latest]
+    return {"cells": cells, "ran": ran, "skipped": len(cells) - len(todo), "records": mine}
