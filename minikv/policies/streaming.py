@@ -1,6 +1,8 @@
 """StreamingLLM (Xiao et al. 2023): keep the first `n_sink` positions (attention sinks) and the most recent ones.
 
 Reference: mit-han-lab/streaming-llm `StartRecentKVCache(start_size=n_sink, recent_size=budget - n_sink)`.
+Deviation: the paper re-rotates cached keys at their cache positions; minikv keeps every key at its true position
+(design.md), so this is "sinks + window" eviction without the positional shift.
 """
 from __future__ import annotations
 
