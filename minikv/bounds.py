@@ -104,8 +104,9 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
     """Prefill one prompt with `policy`, recording per layer the last query's full probabilities, values and keep mask.
 
     The policy's after_prefill is wrapped: the hook copies the attention row of the last prompt query over the
-    uncompressed store (the policy's statistics are computed as usual; "last_rows" with at least one row is added),
-    calls the policy, and compares store positions before and after to get the kept set of each KV head.
+    uncompressed store (the policy's statistics are computed as usual; "last_rows" with at least one row is added)
+    and calls the policy. Once the whole pass has run, store positions before and after give the kept set of each KV
+    head (after the pass, not the hook: D2O when="prefill" compresses every layer from the last layer's hook).
     """
     if not ids:
         raise ValueError("bound report needs a non-empty prompt")
@@ -116,8 +117,7 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
         v = store.v[0].clone()                                             # (Hkv, S, d)
         pos_before = store.pos[0].clone()                                  # (Hkv, S)
         policy.after_prefill(layer, store, stats)
-        kept = kept_positions_mask(pos_before, store.pos[0])               # (Hkv, S)
-        records.append({"A": last.flatten(0, 1), "V": v, "mask": kept, "pos": pos_before})
+        records.append({"A": last.flatten(0, 1), "V": v, "pos": pos_before})
 
     policy.start(model.cfg, 1, [len(ids)])
     cache = model.new_cache(1, capacity=len(ids) + 1)
@@ -125,6 +125,8 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
     pos = torch.arange(len(ids), device=model.device)[None]
     model(tokens, cache, pos, hook=hook, need=frozenset(policy.prefill_needs) | {"last_rows"},
           window=max(policy.window, 1), last_only=True)
+    for r, store in zip(records, cache.layers):
+        r["mask"] = kept_positions_mask(r["pos"], store.pos[0])          # (Hkv, S)
     return records
 
 

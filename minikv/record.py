@@ -39,14 +39,20 @@ class Recorder:
     probe_seed: int = 1234
     events: list[Event] = field(default_factory=list)
     step: int = 0
+    # Events of the current forward pass with their stores: a policy may change earlier layers from a later layer's
+    # hook (D2O when="prefill" compresses every layer once the last one has its statistic), so each event's
+    # "after" is taken again once the last layer's hook has run.
+    _open: list[tuple[Event, LayerStore]] = field(default_factory=list, repr=False)
 
     def __getattr__(self, name):                 # needs, window, start, report... come from the policy
         return getattr(self.policy, name)
 
     def start(self, cfg, batch, prompt_lengths):
         self.events.clear()
+        self._open.clear()
         self.step = 0
         self.n_q_heads = cfg.num_attention_heads
+        self.n_layers = cfg.num_hidden_layers
         return self.policy.start(cfg, batch, prompt_lengths)
 
     def _probe(self, store: LayerStore) -> torch.Tensor:
@@ -57,13 +63,21 @@ class Recorder:
         return out.detach().clone()
 
     def _record(self, phase: str, hook, layer: int, store: LayerStore, stats: dict) -> None:
-        if self.layers is not None and layer not in self.layers:
-            return hook(layer, store, stats)
-        before, probe_before = snapshot(store), self._probe(store)
-        hook(layer, store, stats)
-        n = before["pos"].shape[-1]     # statistics are trimmed to the same slots as the snapshot (last dim = S)
-        inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
-        self.events.append(Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store)))
+        if self.layers is None or layer in self.layers:
+            before, probe_before = snapshot(store), self._probe(store)
+            hook(layer, store, stats)
+            n = before["pos"].shape[-1]     # statistics are trimmed to the same slots as the snapshot (last dim = S)
+            inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
+            event = Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store))
+            self.events.append(event)
+            self._open.append((event, store))
+        else:
+            hook(layer, store, stats)
+        if layer == self.n_layers - 1:                # the pass is over: take every "after" again
+            for event, s in self._open:
+                if event.layer != layer:
+                    event.after, event.probe_out_after = snapshot(s), self._probe(s)
+            self._open.clear()
 
     def after_prefill(self, layer, store, stats):
         self._record("prefill", self.policy.after_prefill, layer, store, stats)

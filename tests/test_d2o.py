@@ -14,7 +14,8 @@ from minikv.d2o_view import format_d2o_report, plot_d2o_report
 from minikv.generate import generate, prefill
 from minikv.policies import get_policy
 from minikv.policies.base import Policy, apply_keep
-from minikv.policies.d2o import (D2O, evict_and_merge, heavy_recent_sizes, layer_ratios, layer_variance_statistic,
+from minikv.policies.d2o import (D2O, evict_and_merge, heavy_recent_sizes, layer_caps, layer_ratios,
+                                 layer_variance_statistic,
                                  layer_weights, merge_decision, merge_weights_code, merge_weights_paper,
                                  nearest_kept, update_threshold)
 from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
@@ -112,6 +113,20 @@ def test_layer_ratios_sum_weights_bounds_and_protection(F_, rho):
     assert torch.equal(r[others, 0], raw.clamp(0.01, 1.0))
     assert torch.equal(layer_ratios(Fl, torch.tensor([rho], dtype=torch.float64), set(), "uniform")[:, 0],
                        torch.full((L,), rho, dtype=torch.float64).clamp(0.01, 1.0))
+
+
+@settings(deadline=None)
+@given(F_=st.lists(st.floats(0, 1), min_size=2, max_size=40), count=st.integers(1, 5000))
+def test_layer_caps_for_count_budgets(F_, count):
+    Fl = torch.tensor(F_, dtype=torch.float64)
+    L = len(F_)
+    caps = layer_caps(Fl, count, {0}, "variance", n_rows=2)
+    assert caps.shape == (L, 2) and bool((caps[0] == -1).all())
+    raw = layer_weights(Fl) * L * count                                   # sums to L * count before flooring
+    assert torch.equal(caps[1:, 0], raw[1:].floor().clamp_min(1).long())
+    assert bool((caps[1:] >= max(1, math.floor(count / math.e) - 1)).all())
+    assert bool((caps[1:] <= math.ceil(count * math.e)).all())
+    assert bool((layer_caps(Fl, count, set(), "uniform") == count).all())
 
 
 def test_heavy_recent_sizes_are_int_of_products():
@@ -354,13 +369,36 @@ def test_prefill_mode_compresses_right_after_prefill(tiny64):
         assert bool((store.length == want).all())
 
 
-@pytest.mark.parametrize("budget", [1.0, 60, 500])
+@pytest.mark.parametrize("budget", [1.0, 200, 500])       # a count c gives every layer >= floor(c / e) >= 72
 def test_full_budget_is_identical_to_full_cache(tiny64, budget):
     prompt, cont = _tokens(60, 5), _tokens(12, 6)
     got, cache = forced_run(tiny64, prompt, cont, D2O(budget))
     want, full = forced_run(tiny64, prompt, cont, get_policy("full"))
     assert torch.equal(got, want)
     assert cache.cache_ratio() == 1.0
+
+
+@pytest.mark.parametrize("when", ["first_decode", "prefill"])
+@pytest.mark.parametrize("count,n_prompt", [(40, 30), (24, 50)])
+def test_count_budget_caps_each_layer_while_decoding(tiny64, when, count, n_prompt):
+    """A count budget bounds every compressed layer at S_h + S_r entries from the step it first holds more, even
+    when the count exceeds the prompt (a ratio of the prompt could not)."""
+    prompt, cont = _tokens(n_prompt, 7), _tokens(30, 8)
+    d2o = D2O(count, when=when)
+    seen_lengths = []
+    _, cache = forced_run(tiny64, prompt, cont, d2o, lambda layer, store: seen_lengths.append(
+        (layer, int(store.length.max()), int(store.seen[0]))))
+    rep = d2o.report()
+    caps = layer_caps(d2o.F, count, d2o.protected)[:, 0]
+    for layer, length, seen in seen_lengths:
+        x = rep["layers"][layer]
+        if x["protected"]:
+            assert length == seen
+        else:
+            assert (x["S_h"][0], x["S_r"][0]) == (int(caps[layer]) // 2, int(caps[layer]) // 2)
+            assert length == min(seen, x["S_h"][0] + x["S_r"][0]), (layer, length, seen)
+    compressed = [l for l in range(L_TINY) if not rep["layers"][l]["protected"]]
+    assert any(int(cache.layers[l].length.max()) < n_prompt + len(cont) for l in compressed)
 
 
 def test_batch_rows_have_their_own_threshold(tiny64):

@@ -78,3 +78,18 @@ def test_recorder_sees_evictions_and_changes_nothing():
     assert all(len(c["kept"]) == 12 and len(c["evicted"]) == 28 for c in changes)
     steps = [e for e in rec.events if e.phase == "step1"]
     assert len(steps) == 3 and all(len(c["evicted"]) == 1 for e in steps for c in head_changes(e))
+
+
+def test_recorder_sees_compression_done_from_a_later_layer():
+    """D2O when="prefill" compresses every layer from the last layer's hook; the events show it in their "after"."""
+    from minikv.generate import prefill
+    model = tiny_model(torch.float64, num_hidden_layers=5)
+    rec = Recorder(get_policy("d2o", 0.3, when="prefill"), layers={0, 2, 3})
+    _, cache = prefill(model, [list(range(1, 41))], rec)
+    events = {e.layer: e for e in rec.events if e.phase == "prefill"}
+    assert sorted(events) == [0, 2, 3]
+    for layer, e in events.items():
+        assert torch.equal(e.after["length"], cache.layers[layer].length)
+    compressed = events[2]                                # layers 0, 1 and 4 are protected
+    assert int(compressed.after["length"].max()) < int(compressed.before["length"].max())
+    assert sum(len(c["evicted"]) for c in head_changes(compressed)) > 0

@@ -12,9 +12,12 @@ being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
     Step 5  merge_weights_code, merge_weights_paper, applied through LayerStore.merge
     Step 6  evict_and_merge, called by D2O.after_step
 
-Budget: D2O's budget is a ratio rho of the sequence length at the first compression. A count budget c is converted
-to the ratio c / prompt_length of each row; rho >= 1 (a count >= the prompt length, or ratio 1.0) means the row is
-never compressed, which is identical to the full cache.
+Budget: a ratio budget rho is the spec's: a fraction of the sequence length T at the first compression, so layer l
+keeps S_h + S_r = int(T * r_l * share) + int(T * r_l * (1 - share)) entries per head from then on; rho >= 1 means the
+row is never compressed, which is identical to the full cache. A count budget c is a number of entries: layer l may
+hold cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c), split the same way into S_h and
+S_r, and is compressed from the first step at which it holds more than that (possibly at the end of the prompt, or
+never). So a count larger than the prompt still bounds the cache while decoding, which a ratio of the prompt cannot.
 
 Choices and deviations from the authors' code (AIoT-MLSys-Lab/d2o, modeling_llama3_*_d2o.py):
 - Per KV head: eviction, scores (group-averaged over the G query heads, as H2O in minikv), similarities and merges
@@ -98,6 +101,23 @@ def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = froze
     for layer in protected:
         r[layer] = 1.0
     return r
+
+
+def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), allocation: str = "variance",
+               n_rows: int = 1) -> torch.Tensor:
+    """Step 2 for a count budget c: cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c);
+    protected layers get -1 (never compressed). (L, B) long. Before flooring, sum_l cap_l = L * c."""
+    L = F.shape[0]
+    if allocation == "variance":
+        raw = (layer_weights(F) * L * count).floor().clamp_min(1).long()   # (L,)
+    elif allocation == "uniform":
+        raw = torch.full((L,), int(count), dtype=torch.long)
+    else:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    caps = raw[:, None].expand(L, n_rows).clone()
+    for layer in protected:
+        caps[layer] = -1
+    return caps
 
 
 def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +254,7 @@ class D2O(Policy):
                  when: str = "first_decode", allocation: str = "variance", tau_override: float | None = None):
         super().__init__(budget)
         if self.budget is None:
-            raise ValueError("d2o needs a budget: a ratio like 0.2 (a count is converted to count / prompt length)")
+            raise ValueError("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
         if not 0 <= heavy_share <= 1:
             raise ValueError(f"heavy_share must be in [0, 1], got {heavy_share}")
         if not isinstance(n_sink, int) or n_sink < 0:
@@ -286,8 +306,15 @@ class D2O(Policy):
                                f"need={sorted(self.prefill_needs)} and after_prefill?")
         rows = len(self.prompt_lengths)
         self.F = torch.stack([variance_statistic(v / rows) for v in self.var_sum])    # (L,) batch mean, Step 1
-        self.ratios = layer_ratios(self.F, self.rho, self.protected, self.allocation)
-        self.full_rows = (self.ratios >= 1.0) | (self.rho >= 1.0)[None, :]
+        if self.budget.is_ratio:
+            self.ratios = layer_ratios(self.F, self.rho, self.protected, self.allocation)
+            self.full_rows = (self.ratios >= 1.0) | (self.rho >= 1.0)[None, :]
+        else:                                   # a count: fixed per-layer caps, sizes known now (module docstring)
+            caps = layer_caps(self.F, int(self.budget.value), self.protected, self.allocation, rows)   # (L, B)
+            self.ratios = caps.double() / self.prompt_lengths.double()[None, :]   # reported only
+            self.full_rows = caps < 0
+            self.S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
+            self.S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
         for p in self.protected:
             self.full_rows[p] = True
 
