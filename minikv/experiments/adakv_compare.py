@@ -244,26 +244,22 @@ def render_markdown(record: dict) -> str:
                 continue
             budgets = sorted({r["budget"] for r in sel})
             policies = list(dict.fromkeys(r["policy"] for r in sel))
-            lines += [f"### question-{mode}: correct / {len(depths)} depths (cache ratio)", "",
-                      "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-                      "|---|" + "---|" * len(budgets)]
-            for p in policies:
-                cells = []
-                for b in budgets:
-                    rs = [r for r in sel if r["policy"] == p and r["budget"] == b]
-                    ratio = sum(r["cache_ratio"] for r in rs) / len(rs)
-                    cells.append(f"{sum(r['correct'] for r in rs)}/{len(rs)} ({ratio:.3f})")
-                lines.append(f"| {p} | " + " | ".join(cells) + " |")
-            if all("matched_digits" in r for r in sel):
-                lines += ["", f"Mean leading key digits reproduced (of {len(sel[0]['answer'])}):", "",
-                          "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-                          "|---|" + "---|" * len(budgets)]
+
+            def policy_by_budget(cell) -> list[str]:
+                """A policy x budget table whose entries are cell(records of that policy and budget)."""
+                rows = ["| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                        "|---|" + "---|" * len(budgets)]
                 for p in policies:
-                    cells = []
-                    for b in budgets:
-                        rs = [r for r in sel if r["policy"] == p and r["budget"] == b]
-                        cells.append(f"{sum(r['matched_digits'] for r in rs) / len(rs):.1f}")
-                    lines.append(f"| {p} | " + " | ".join(cells) + " |")
+                    rows.append(f"| {p} | " + " | ".join(
+                        cell([r for r in sel if r["policy"] == p and r["budget"] == b]) for b in budgets) + " |")
+                return rows
+
+            lines += [f"### question-{mode}: correct / {len(depths)} depths (cache ratio)", ""]
+            lines += policy_by_budget(lambda rs: f"{sum(r['correct'] for r in rs)}/{len(rs)} "
+                                                 f"({sum(r['cache_ratio'] for r in rs) / len(rs):.3f})")
+            if all("matched_digits" in r for r in sel):
+                lines += ["", f"Mean leading key digits reproduced (of {len(sel[0]['answer'])}):", ""]
+                lines += policy_by_budget(lambda rs: f"{sum(r['matched_digits'] for r in rs) / len(rs):.1f}")
             lines += ["", "Per depth (1 = correct):", "",
                       "| policy | budget | " + " | ".join(f"{d:g}" for d in depths) + " |",
                       "|---|---|" + "---|" * len(depths)]
