@@ -47,14 +47,16 @@ def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return Budget(text)
     s = str(text).strip()
-    try:
-        return Budget(int(s))
-    except ValueError:
-        pass
-    try:
-        return Budget(float(s))
-    except ValueError:
-        raise ValueError(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)") from None
+    for kind in (int, float):
+        try:
+            value = kind(s)
+        except ValueError:
+            continue
+        try:
+            return Budget(value)
+        except ValueError as e:                  # parsed, but out of range: say which rule it broke
+            raise ValueError(f"budget {text!r}: {e}") from None
+    raise ValueError(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
 
 
 def uniform_layer_budgets(per_row: torch.Tensor, n_layers: int) -> torch.Tensor:

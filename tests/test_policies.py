@@ -42,9 +42,11 @@ def test_parse_budget(text, expect):
     assert parse_budget(text).value == expect
 
 
-@pytest.mark.parametrize("bad", ["0", "-3", "1.5", "0.0", "abc"])
-def test_bad_budgets_are_errors(bad):
-    with pytest.raises(ValueError, match="budget"):
+@pytest.mark.parametrize("bad,why", [("0", "count must be >= 1"), ("-3", "count must be >= 1"),
+                                     ("1.5", r"ratio must be in \(0, 1\]"), ("0.0", r"ratio must be in \(0, 1\]"),
+                                     ("nan", "ratio"), ("abc", "neither a count")])
+def test_bad_budgets_are_errors(bad, why):
+    with pytest.raises(ValueError, match=why):
         parse_budget(bad)
 
 
