@@ -62,13 +62,15 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
         ppl = task == "ppl"
         ax.set(xlabel="measured cache ratio (live entries / full cache)",
                ylabel="perplexity (lower is better)" if ppl else "score",
-               title=f"{task} ({qmode})", xlim=(0, 1.05))
-        if ppl:
-            ax.set_yscale("log")
-        else:
+               title=task if qmode == "none" else f"{task} (question-{qmode})", xlim=(0, 1.05))
+        if not ppl:                                   # perplexity keeps a linear axis fitted to its values
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    legend = {}                                       # one entry per policy over all panels
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)   # beside, not on, the data
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -153,6 +155,6 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
 def _save(fig, plt, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")   # keeps a legend placed beside the axes
     plt.close(fig)
     return path
