@@ -362,3 +362,19 @@ def _has_matplotlib() -> bool:
 
 def test_depth_tasks_constant():
     assert DEPTH_TASKS == {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalue"}
+
+
+def test_cpu_peak_memory_is_per_cell_on_linux():
+    """On Linux a CPU cell's peak memory covers that cell only: a 256 MiB buffer touched after the reset shows up,
+    and after a new reset (buffer freed) the peak is back below it."""
+    R.reset_peak_memory("cpu")
+    base, kind = R.peak_memory("cpu")
+    if kind != "rss_peak_since_reset":
+        pytest.skip(f"peak RSS cannot be reset here (kind {kind})")
+    big = bytearray(256 * 2**20)                        # zero-filled: every page is touched
+    after, _ = R.peak_memory("cpu")
+    assert after - base >= 200 * 2**20, (base, after)
+    del big
+    R.reset_peak_memory("cpu")
+    again, _ = R.peak_memory("cpu")
+    assert again < after - 200 * 2**20, (after, again)

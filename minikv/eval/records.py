@@ -47,18 +47,46 @@ def minikv_version() -> str:
 
 
 def reset_peak_memory(device) -> None:
-    """Start a new CUDA peak-memory window (nothing to reset for the process RSS)."""
+    """Start a new peak-memory window: CUDA's peak counter, or on Linux the process's peak RSS (VmHWM), which
+    writing "5" to /proc/self/clear_refs resets; elsewhere the process RSS peak cannot be reset."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass                                   # not Linux, or not allowed: peak_memory says it is the process peak
+
+
+def _linux_rss_peak_since_reset() -> int | None:
+    """VmHWM of /proc/self/status in bytes, or None when unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_memory(device) -> tuple[int, str]:
-    """(bytes, kind): torch.cuda.max_memory_allocated since the last reset on GPU, else the process's peak RSS
-    (resource.getrusage; it only ever grows, so on CPU it is the largest of all cells so far)."""
+    """(bytes, kind) since the last reset_peak_memory: torch.cuda.max_memory_allocated on GPU ("cuda_max_allocated");
+    on Linux the process's peak RSS (whole process: weights and Python included, "rss_peak_since_reset"); else the
+    process's lifetime peak RSS (resource.getrusage, "process_peak_rss": the largest of all cells so far)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    hwm = _linux_rss_peak_since_reset()
+    if hwm is not None and _clear_refs_works():
+        return hwm, "rss_peak_since_reset"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+def _clear_refs_works() -> bool:
+    """Whether this process may reset its peak RSS (writable /proc/self/clear_refs)."""
+    return os.access("/proc/self/clear_refs", os.W_OK)
 
 
 # ---- records.jsonl ---------------------------------------------------------------------------------------------------
@@ -135,7 +163,8 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
         ppl = task == "ppl"
         metrics = "/".join(dict.fromkeys(str(r.get("metric")) for r in recs if r.get("metric")))
         what = "perplexity, lower is better" if ppl else f"mean score ({metrics})"
-        parts.append(f"**{task}** ({qmode}; {what}; in parentheses: mean measured cache ratio)\n")
+        mode = "" if qmode == "none" else f"question-{qmode}; "          # ppl has no question
+        parts.append(f"**{task}** ({mode}{what}; in parentheses: mean measured cache ratio)\n")
         parts.append("| policy | " + " | ".join(f"budget {b}" for b in budgets_here) + " |")
         parts.append("|---|" + "---|" * len(budgets_here))
         for p in pols:
