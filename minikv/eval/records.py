@@ -46,17 +46,22 @@ def minikv_version() -> str:
     return "unknown"
 
 
+_rss_peak_was_reset = False                    # set once /proc/self/clear_refs accepted a reset
+
+
 def reset_peak_memory(device) -> None:
     """Start a new peak-memory window: CUDA's peak counter, or on Linux the process's peak RSS (VmHWM), which
     writing "5" to /proc/self/clear_refs resets; elsewhere the process RSS peak cannot be reset."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    global _rss_peak_was_reset
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        _rss_peak_was_reset = True
     except OSError:
-        pass                                   # not Linux, or not allowed: peak_memory says it is the process peak
+        _rss_peak_was_reset = False            # not Linux, or not allowed: peak_memory says it is the process peak
 
 
 def _linux_rss_peak_since_reset() -> int | None:
@@ -78,15 +83,10 @@ def peak_memory(device) -> tuple[int, str]:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     hwm = _linux_rss_peak_since_reset()
-    if hwm is not None and _clear_refs_works():
+    if hwm is not None and _rss_peak_was_reset:
         return hwm, "rss_peak_since_reset"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
-
-
-def _clear_refs_works() -> bool:
-    """Whether this process may reset its peak RSS (writable /proc/self/clear_refs)."""
-    return os.access("/proc/self/clear_refs", os.W_OK)
 
 
 # ---- records.jsonl ---------------------------------------------------------------------------------------------------
