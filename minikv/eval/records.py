@@ -82,8 +82,8 @@ def peak_memory(device) -> tuple[int, str]:
     process's lifetime peak RSS (resource.getrusage, "process_peak_rss": the largest of all cells so far)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    hwm = _linux_rss_peak_since_reset()
-    if hwm is not None and _rss_peak_was_reset:
+    hwm = _linux_rss_peak_since_reset() if _rss_peak_was_reset else None
+    if hwm is not None:
         return hwm, "rss_peak_since_reset"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
