@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from .errors import BadInput, MissingExtra
 
 
 def head_budget_matrix(report: dict, row: int = 0) -> tuple[list[int], list[list[int]]]:
     """(layers, budgets[layer][head]) for one batch row from report["head_budgets"] (total entries incl. window)."""
     per_layer = report.get("head_budgets")
     if per_layer is None:
-        raise ValueError(f"report of policy {report.get('policy')!r} has no 'head_budgets' (not an Ada-KV policy?)")
+        raise BadInput(f"report of policy {report.get('policy')!r} has no 'head_budgets' (not an Ada-KV policy?)")
     layers = sorted(per_layer, key=int)                      # JSON round trips turn layer keys into strings
     return [int(l) for l in layers], [list(per_layer[l][row]) for l in layers]
 
@@ -36,11 +37,11 @@ def plot_head_budgets(report: dict, path: str | Path, row: int = 0) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plot_head_budgets needs matplotlib; install it with `pip install matplotlib` "
+        raise MissingExtra("plot_head_budgets needs matplotlib; install it with `pip install matplotlib` "
                           "(or `pip install minikv[plot]`), or use format_head_budgets for a text table") from None
     layers, m = head_budget_matrix(report, row)
     if not layers:
-        raise ValueError("nothing to plot: no layer was compressed (the prompt fits the budget)")
+        raise BadInput("nothing to plot: no layer was compressed (the prompt fits the budget)")
     grid = [[m[j][i] for j in range(len(layers))] for i in range(len(m[0]))]      # (heads, layers)
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), max(2, 0.4 * len(grid) + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .store import LayerStore
+from .errors import BadInput
 
 # Scores are materialised for at most this many elements per query chunk (all batch rows and heads together):
 # 2^26 float32 scores = 256 MiB, a few times that with the softmax temporaries.
@@ -43,10 +44,10 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
     if Hq % Hkv:
-        raise ValueError(f"attend: {Hq} query heads is not a multiple of {Hkv} KV heads")
+        raise BadInput(f"attend: {Hq} query heads is not a multiple of {Hkv} KV heads")
     G = Hq // Hkv
     if qpos.shape != (B, T):
-        raise ValueError(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
+        raise BadInput(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
     if use_sdpa and not need:
         return _attend_sdpa(q, qpos, store, padded), {}
 

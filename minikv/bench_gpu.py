@@ -162,7 +162,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(args) -> int:
     if not torch.cuda.is_available():
-        raise RuntimeError("minikv bench gpu needs a CUDA GPU")
+        raise NoDevice("minikv bench gpu needs a CUDA GPU; none is visible to torch (torch.cuda.is_available() is False)")
     quick = getattr(args, "quick", False)
     prompt_len, new_tokens, ratio = (512, 16, 0.2) if quick else (4096, 256, 0.2)
     shapes = os.environ.get("MINIKV_BENCH_SHAPES", "llama2-7b,llama3-8b").split(",")

@@ -5,6 +5,7 @@ W_o that multiply head i). Output y = sum_i A_i V_i W_i. Eviction keeps a set pe
 weights, Â_i = I_i A_i / F_i with F_i = sum_j I_i^j A_i^j (kept mass); ŷ = sum_i Â_i V_i W_i. Then
     ||y - ŷ||_1 <= 2 sum_i C_i (1 - F_i) <= 2 h C - 2 C sum_i F_i,   C_i = max_j ||V_i[j] W_i||_1,  C = max_i C_i,
 from the identity ||A_i - Â_i||_1 = 2 (1 - F_i). A head left with nothing (F_i = 0) outputs 0 (the bound still holds).
+from .errors import BadInput
 
 GQA: masks and values may be given per KV head (Hkv rows); KV head k serves query heads k*G .. k*G + G - 1, so they
 are expanded to the h query heads before use. Policies select with the group *mean* of the weights (baselines.md).
@@ -21,7 +22,7 @@ def expand_kv_heads(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
     if hkv == n_heads:
         return x
     if n_heads % hkv:
-        raise ValueError(f"{n_heads} query heads is not a multiple of {hkv} KV heads")
+        raise BadInput(f"{n_heads} query heads is not a multiple of {hkv} KV heads")
     return x.repeat_interleave(n_heads // hkv, dim=dim)
 
 
@@ -29,7 +30,7 @@ def o_proj_blocks(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """W_i^O blocks (h, d, D) from an o_proj weight (D, h*d): y = sum_i out_i @ W_i (nn.Linear computes x @ W.T)."""
     D, hd = weight.shape
     if hd % n_heads:
-        raise ValueError(f"o_proj input width {hd} is not a multiple of {n_heads} heads")
+        raise BadInput(f"o_proj input width {hd} is not a multiple of {n_heads} heads")
     return weight.T.reshape(n_heads, hd // n_heads, D)                    # (h, d, D)
 
 
@@ -109,7 +110,7 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
     head (after the pass, not the hook: D2O when="prefill" compresses every layer from the last layer's hook).
     """
     if not ids:
-        raise ValueError("bound report needs a non-empty prompt")
+        raise BadInput("bound report needs a non-empty prompt")
     records: list[dict] = []
 
     def hook(layer, store, stats):

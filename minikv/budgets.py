@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,11 @@ class Budget:
     def __post_init__(self):
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"budget must be a count or a ratio, got {v!r}")
+            raise BadInput(f"budget must be a count or a ratio, got {v!r}")
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"budget count must be >= 1, got {v}")
+            raise BadInput(f"budget count must be >= 1, got {v}")
         if isinstance(v, float) and not (0 < v <= 1):
-            raise ValueError(f"budget ratio must be in (0, 1], got {v}")
+            raise BadInput(f"budget ratio must be in (0, 1], got {v}")
 
     @property
     def is_ratio(self) -> bool:
@@ -55,8 +56,8 @@ def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
         try:
             return Budget(value)
         except ValueError as e:                  # parsed, but out of range: say which rule it broke
-            raise ValueError(f"budget {text!r}: {e}") from None
-    raise ValueError(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
+            raise BadInput(f"budget {text!r}: {e}") from None
+    raise BadInput(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
 
 
 def uniform_layer_budgets(per_row: torch.Tensor, n_layers: int) -> torch.Tensor:

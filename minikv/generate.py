@@ -13,16 +13,17 @@ import torch
 
 from .model import Llama
 from .store import KVCache
+from .errors import BadInput
 
 
 # ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
     if not (temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise BadInput(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise BadInput(f"top_p must be in (0, 1], got {top_p}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise BadInput(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -97,11 +98,11 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
         cache.reserve(extra_capacity)
         return logits, cache
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
+        raise BadInput("every prompt must hold at least one token")
     ctx = model.cfg.max_position_embeddings
     longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * len(prompts)))
     if longest > ctx:
-        raise ValueError(f"prompt of {longest} tokens is longer than the model's context ({ctx} tokens)")
+        raise BadInput(f"prompt of {longest} tokens is longer than the model's context ({ctx} tokens)")
     B = len(prompts)
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     room = 0 if policy.decode_evicts or policy.prefill_needs else extra_capacity
@@ -113,7 +114,7 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
                    use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
     if question:
         if len(question) != B or any(len(q) == 0 for q in question):
-            raise ValueError("question must give one non-empty token list per prompt")
+            raise BadInput("question must give one non-empty token list per prompt")
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
     if not policy.decode_evicts:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .attention import attend
 from .config import LlamaConfig
 from .store import KVCache, LayerStore
+from .errors import BadInput
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------------------
@@ -173,10 +174,10 @@ class Llama(nn.Module):
         lo, hi = pos.aminmax()
         lo, hi = int(lo), int(hi)                                                 # one host sync per forward
         if hi >= self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {hi + 1} tokens exceeds the model's context "
+            raise BadInput(f"sequence of {hi + 1} tokens exceeds the model's context "
                              f"({self.cfg.max_position_embeddings} tokens)")
         if len(cache.layers) != len(self.layers) or cache.seen.shape != (B,):
-            raise ValueError(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
+            raise BadInput(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
                              f"model has {len(self.layers)} layers, tokens batch {B}")
         x = self.embed_tokens(tokens)                                            # (B, T, D)
         cos, sin = rope_cos_sin(self.inv_freq(x.dtype), pos, x.dtype)

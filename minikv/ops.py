@@ -7,6 +7,7 @@ Empty slots never win.
 from __future__ import annotations
 
 import torch
+from .errors import BadInput
 
 
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -16,7 +17,7 @@ def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor
     valid: (..., S) bool, entries that may be chosen. Returns (..., S) bool with min(k, #valid) True per row.
     """
     if scores.device.type == "cpu" and torch.isnan(scores).any():   # (on GPU this check would sync every step)
-        raise ValueError("select_topk: scores contain NaN")
+        raise BadInput("select_topk: scores contain NaN")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     # A stable descending sort keeps equal scores in slot order, which is the tie-break rule.
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices            # (..., S)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from .errors import BadInput
 
 # Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
 _ROUND = 16
@@ -98,9 +99,9 @@ class LayerStore:
         """
         B, Hkv, T, d = k.shape
         if v.shape != k.shape or pos.shape != (B, T):
-            raise ValueError(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not agree")
+            raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not agree")
         if (B, Hkv, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]):
-            raise ValueError(f"append: store is (B, Hkv, d) = {(self.k.shape[0], self.k.shape[1], self.k.shape[3])}, "
+            raise BadInput(f"append: store is (B, Hkv, d) = {(self.k.shape[0], self.k.shape[1], self.k.shape[3])}, "
                              f"new entries are {(B, Hkv, d)}")
         real = (pos >= 0)                                             # (B, T)
         n_new = real.sum(-1)                                          # (B,)
@@ -134,7 +135,7 @@ class LayerStore:
         When the longest head shrinks below half the capacity the tensors are reallocated, returning memory.
         """
         if keep_mask.shape != self.pos.shape:
-            raise ValueError(f"keep: mask shape {tuple(keep_mask.shape)} != store slots {tuple(self.pos.shape)}")
+            raise BadInput(f"keep: mask shape {tuple(keep_mask.shape)} != store slots {tuple(self.pos.shape)}")
         keep_mask = keep_mask & self.valid
         new_len = keep_mask.sum(-1)                                   # (B, Hkv)
         S_new = int(new_len.max()) if new_len.numel() else 0
@@ -248,7 +249,7 @@ def concat_layers(stores: list[LayerStore]) -> LayerStore:
             s._resize(S)
     names = set(stores[0].stats)
     if any(set(s.stats) != names for s in stores):
-        raise ValueError("concat: stores carry different statistics")
+        raise BadInput("concat: stores carry different statistics")
     cat = lambda get: torch.cat([get(s) for s in stores], dim=0)
     return LayerStore(k=cat(lambda s: s.k), v=cat(lambda s: s.v), pos=cat(lambda s: s.pos),
                       length=cat(lambda s: s.length), seen=cat(lambda s: s.seen),

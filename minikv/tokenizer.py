@@ -21,6 +21,7 @@ import unicodedata
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
+from .errors import BadInput, NotFound
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -139,7 +140,7 @@ class ByteLevelBPE:
         self.ignore_merges = bool(model.get("ignore_merges", False))
         self.unk_token = model.get("unk_token") or None
         if self.unk_token is not None and self.unk_token not in self.vocab:
-            raise ValueError(f"tokenizer.json: unk_token {self.unk_token!r} is not in the vocab")
+            raise BadInput(f"tokenizer.json: unk_token {self.unk_token!r} is not in the vocab")
         self.unk_id = self.vocab.get(self.unk_token) if self.unk_token else None
         added = spec.get("added_tokens") or []
         for tok in added:
@@ -164,9 +165,9 @@ class ByteLevelBPE:
         for rank, merge in enumerate(model.get("merges") or []):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
             if len(pair) != 2:
-                raise ValueError(f"tokenizer.json: merge #{rank} {merge!r} is not a pair of tokens")
+                raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} is not a pair of tokens")
             if pair[0] + pair[1] not in self.vocab:
-                raise ValueError(f"tokenizer.json: merge #{rank} {merge!r} makes a token missing from the vocab")
+                raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} makes a token missing from the vocab")
             self.ranks.setdefault(pair, rank)
 
         self.byte_encoder = _bytes_to_unicode()
@@ -175,7 +176,7 @@ class ByteLevelBPE:
 
         for name, token in (("bos", bos_token), ("eos", eos_token)):
             if token is not None and token not in self.vocab:
-                raise ValueError(f"{name} token {token!r} is not in the tokenizer's vocabulary")
+                raise BadInput(f"{name} token {token!r} is not in the tokenizer's vocabulary")
         self.bos_id = self.vocab.get(bos_token) if bos_token else None
         self.eos_id = self.vocab.get(eos_token) if eos_token else None
         # Hugging Face fast tokenizers add BOS through a TemplateProcessing post-processor (Llama 3); the
@@ -334,7 +335,7 @@ class SentencePieceTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from e
+            raise BadInput(f"{self.path}: not a valid SentencePiece model ({e})") from e
         self.add_bos = add_bos
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -388,7 +389,7 @@ def _read_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise BadInput(f"{path}: not valid JSON ({e})") from e
 
 
 def _token_text(value) -> str | None:
@@ -406,7 +407,7 @@ def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     json_path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
     if not json_path.exists() and not model_path.exists():
-        raise FileNotFoundError(f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
+        raise NotFound(f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     model_config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
 
@@ -440,7 +441,7 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     `<|im_start|>`, `[INST] ... [/INST]` (Llama-2-chat) for SentencePiece tokenizers."""
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+            raise BadInput(f"chat message must be a dict with 'role' and 'content', got {m!r}")
     if isinstance(tokenizer, SentencePieceTokenizer):
         return _llama2_chat(tokenizer, messages)
     if tokenizer.token_to_id("<|im_start|>") is not None:
@@ -471,7 +472,7 @@ def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str
     for k, m in enumerate(messages):
         expected = "user" if k % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ValueError(f"Llama-2 chat: message {k} has role {m['role']!r}, expected {expected!r} "
+            raise BadInput(f"Llama-2 chat: message {k} has role {m['role']!r}, expected {expected!r} "
                              "(roles must alternate user/assistant after an optional system message)")
         content = m["content"]
         if k == 0 and system is not None:
@@ -514,12 +515,12 @@ def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: 
     `chat_template` has no place in tokenizer.json; it goes to `build_tokenizer_config`.
     """
     if not (len(tokens) == len(token_types)):
-        raise ValueError(f"{len(tokens)} tokens but {len(token_types)} token types")
+        raise BadInput(f"{len(tokens)} tokens but {len(token_types)} token types")
     if len(set(tokens)) != len(tokens):
-        raise ValueError("token list has duplicates")
+        raise BadInput("token list has duplicates")
     for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
         if i is not None and not 0 <= i < len(tokens):
-            raise ValueError(f"{name}={i} is outside the vocabulary of {len(tokens)} tokens")
+            raise BadInput(f"{name}={i} is outside the vocabulary of {len(tokens)} tokens")
     special = {i for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_CONTROL}
     special |= {i for i in (bos_id, eos_id, unk_id) if i is not None}
     added_tokens = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,

@@ -74,3 +74,45 @@ def default_model(default_model_dir):
 def default_tokenizer(default_model_dir):
     from minikv.tokenizer import load_tokenizer
     return load_tokenizer(default_model_dir)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_model_dir(folder: Path, seed: int = 0, config_overrides: dict | None = None) -> Path:
+    """A tiny random Llama in the Hugging Face layout (config.json, model.safetensors, tokenizer.json with the 256
+    byte tokens and ChatML specials) that `minikv --model FOLDER` loads in well under a second."""
+    import json
+    from safetensors.torch import save_file
+    from minikv.tokenizer import build_bpe_tokenizer_json
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + [bytes_to_unicode()[b] for b in range(256)]
+    types = [3] * len(specials) + [1] * 256
+    model = tiny_model(seed=seed, vocab_size=len(tokens), bos_token_id=1, eos_token_id=2,
+                       **(config_overrides or {}))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    spec = build_bpe_tokenizer_json(tokens, [], types, bos_id=1, eos_id=2, unk_id=None)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                              "add_bos_token": False}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama folder (see write_tiny_model_dir), shared by the tests of one session; do not modify it."""
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

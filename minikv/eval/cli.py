@@ -14,6 +14,7 @@ from ..cli import add_model_args, load_model_and_tokenizer, parse_options
 from . import records as rec
 from .runner import EvalConfig, parse_budgets, parse_policies, run_grid
 from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
+from ..errors import BadInput
 
 DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
 
@@ -54,14 +55,14 @@ def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+        raise BadInput(f"--{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+        raise BadInput(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
 def config_from_args(args, model_name: str) -> EvalConfig:

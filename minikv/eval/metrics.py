@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from ..errors import BadInput
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -115,7 +116,7 @@ def classification(pred: str, ref: str, all_classes=None, **_) -> float:
     substrings of the reference.)
     """
     if not all_classes:
-        raise ValueError("classification needs all_classes (the record's list of class names)")
+        raise BadInput("classification needs all_classes (the record's list of class names)")
     matches = [c for c in all_classes if c in pred]
     matches = [c for c in matches if not (c in ref and c != ref)]
     return 1.0 / len(matches) if ref in matches else 0.0
@@ -130,7 +131,7 @@ def count_score(pred: str, ref: str, **_) -> float:
 def _retrieval(pred: str, ref: str, pattern: str) -> float:
     found = re.findall(pattern, ref)
     if not found:
-        raise ValueError(f"retrieval reference {ref!r} names no paragraph (pattern {pattern!r})")
+        raise BadInput(f"retrieval reference {ref!r} names no paragraph (pattern {pattern!r})")
     numbers = re.findall(r"\d+", pred)
     return sum(n == found[0] for n in numbers) / len(numbers) if numbers else 0.0
 
@@ -149,7 +150,7 @@ def retrieval_zh_score(pred: str, ref: str, **_) -> float:
 def string_match_all(pred: str, refs: list[str]) -> float:
     """RULER string_match_all: fraction of the references found (case-insensitive) in the prediction."""
     if not refs:
-        raise ValueError("string_match_all needs at least one reference")
+        raise BadInput("string_match_all needs at least one reference")
     low = pred.lower()
     return sum(r.lower() in low for r in refs) / len(refs)
 

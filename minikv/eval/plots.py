@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from ..errors import BadInput, MissingExtra
 
 
 def _plt():
@@ -18,7 +19,7 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
+        raise MissingExtra("plots need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
     return plt
 
 
@@ -49,7 +50,7 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
     for r in _ok(records):
         groups[(r["task"], r["question"])].append(r)
     if not groups:
-        raise ValueError("no finished records to plot")
+        raise BadInput("no finished records to plot")
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((task, qmode), recs) in zip(axes[0], groups.items()):
         for p, pts in quality_points(recs).items():
@@ -82,7 +83,7 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     plt = _plt()
     recs = [r for r in _ok(records) if r.get("depth") is not None]
     if not recs:
-        raise ValueError("no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
+        raise BadInput("no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
     panels = list(dict.fromkeys((r["task"], r["policy"], r["budget"]) for r in recs))
     lengths = sorted({r["length"] for r in recs})
     depths = sorted({r["depth"] for r in recs})
@@ -124,7 +125,7 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
     from ..generate import generate
     L, H = model.cfg.num_hidden_layers, model.cfg.num_key_value_heads
     if not 0 <= layer < L or not 0 <= head < H:
-        raise ValueError(f"layer must be in [0, {L}) and head in [0, {H}), got layer={layer}, head={head}")
+        raise BadInput(f"layer must be in [0, {L}) and head in [0, {H}), got layer={layer}, head={head}")
     res = generate(model, [ids], policy, max_new_tokens=2, stop_ids=[], keep_cache=True,
                    question=[question] if question else None)
     pos = res.cache.layers[layer].pos[0, head]                               # (S,)

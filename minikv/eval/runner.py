@@ -30,6 +30,7 @@ from ..tokenizer import chat_stop_ids
 from . import records as rec
 from .metrics import longbench_dataset, longbench_score, string_match_all
 from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
+from ..errors import BadInput
 
 
 # ---- what to run -----------------------------------------------------------------------------------------------------
@@ -64,24 +65,24 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
     labels = [s.strip() for s in text.split(",") if s.strip()]
     for label in labels:
         if label.split(":")[0] not in REGISTRY:
-            raise ValueError(f"unknown policy {label.split(':')[0]!r}; known policies: {', '.join(sorted(REGISTRY))}")
+            raise BadInput(f"unknown policy {label.split(':')[0]!r}; known policies: {', '.join(sorted(REGISTRY))}")
     for key in common or {}:
         if not any(accepts_option(label.split(":")[0], key) for label in labels):
-            raise ValueError(f"--option {key}: none of the policies {', '.join(labels)} takes that option")
+            raise BadInput(f"--option {key}: none of the policies {', '.join(labels)} takes that option")
     specs = []
     for label in labels:
         name, *pairs = label.split(":")
         opts = {k: v for k, v in (common or {}).items() if accepts_option(name, k)}
         for pair in pairs:
             if "=" not in pair:
-                raise ValueError(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
+                raise BadInput(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
             k, v = pair.split("=", 1)
             opts[k] = _convert(v)
         specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), _takes_budget(name, opts, probe_budget)))
     if not specs:
-        raise ValueError("--policies is empty")
+        raise BadInput("--policies is empty")
     if len({s.label for s in specs}) != len(specs):
-        raise ValueError(f"--policies lists a policy twice: {text}")
+        raise BadInput(f"--policies lists a policy twice: {text}")
     return specs
 
 
@@ -106,7 +107,7 @@ def parse_budgets(text: str) -> list[str]:
     for b in out:
         parse_budget(b)
     if not out:
-        raise ValueError("--budgets is empty")
+        raise BadInput("--budgets is empty")
     return out
 
 
@@ -130,22 +131,22 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
-            raise ValueError(f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}")
+            raise BadInput(f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}")
         if self.question not in ("aware", "agnostic"):
-            raise ValueError(f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
+            raise BadInput(f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
         if self.task == "longbench-local" and not self.data:
-            raise ValueError("longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)")
+            raise BadInput("longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)")
         for d in self.depths:
             if not 0 <= d <= 1:
-                raise ValueError(f"depths must be in [0, 1], got {d}")
+                raise BadInput(f"depths must be in [0, 1], got {d}")
         for n in self.lengths:
             if n is None and self.task == "longbench-local":
                 continue                          # truncate to the model's context
             if n is None or n < 2:
-                raise ValueError(f"lengths must be at least 2 tokens, got {n}")
+                raise BadInput(f"lengths must be at least 2 tokens, got {n}")
         bad = [s for s in self.subtasks if s not in RULER_SUBTASKS]
         if bad:
-            raise ValueError(f"unknown ruler-lite subtask(s) {bad}; subtasks: {', '.join(RULER_SUBTASKS)}")
+            raise BadInput(f"unknown ruler-lite subtask(s) {bad}; subtasks: {', '.join(RULER_SUBTASKS)}")
 
 
 @dataclass
@@ -362,7 +363,7 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells:
                 examples = {pk: example_for(tok, c, cfg, ctx)}               # keep one prompt at a time
                 ex = examples[pk]
                 if len(ex.ids) + ex.max_new_tokens > ctx:
-                    raise ValueError(f"{c.task}: prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} new tokens "
+                    raise BadInput(f"{c.task}: prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} new tokens "
                                      f"exceeds the model's context ({ctx} tokens)")
             try:
                 record = run_cell(model, tok, c, cfg, examples[pk])

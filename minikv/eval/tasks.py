@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tokenizer import apply_chat_template
+from ..errors import BadInput, NotFound
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 LICENSES = Path("/usr/share/common-licenses")
@@ -194,7 +195,7 @@ def resolve_chat(tok, task: str, chat: bool | None) -> bool:
     if chat is None:
         return CHAT_DEFAULT.get(task.split("/")[0], True) and has_chat_format(tok)
     if chat and not has_chat_format(tok):
-        raise ValueError("chat=True but this tokenizer has no known chat format")
+        raise BadInput("chat=True but this tokenizer has no known chat format")
     return chat
 
 
@@ -213,9 +214,9 @@ def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -
 def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
     """Sentences from `units` (cyclically, from index `start`) totalling exactly n tokens (the last one is cut)."""
     if n < 0:
-        raise ValueError(f"cannot take {n} tokens")
+        raise BadInput(f"cannot take {n} tokens")
     if not units or not any(units):
-        raise ValueError("the haystack has no sentences")
+        raise BadInput("the haystack has no sentences")
     out, total, i = [], 0, start % len(units)
     while total < n:
         s = units[i][: n - total]
@@ -235,7 +236,7 @@ def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]
     at: dict[int, list[int]] = {}
     for k, (_, depth) in enumerate(needles):
         if not 0 <= depth <= 1:
-            raise ValueError(f"depth must be in [0, 1], got {depth}")
+            raise BadInput(f"depth must be in [0, 1], got {depth}")
         target = depth * total
         b = min(range(len(bounds)), key=lambda i: (abs(bounds[i] - target), i))
         at.setdefault(b, []).append(k)
@@ -258,7 +259,7 @@ def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[
     needle_ids = [(encode(tok, text), depth) for text, depth in needles]
     n_hay = length - len(head) - len(tail) - sum(len(ids) for ids, _ in needle_ids)
     if n_hay < 1:
-        raise ValueError(f"length {length} is too short: instruction, needles and question alone take "
+        raise BadInput(f"length {length} is too short: instruction, needles and question alone take "
                          f"{length - n_hay} tokens")
     body, offsets = insert_at_depths(take_tokens(units, start, n_hay), needle_ids)
     return head + body, tail, [(len(head) + o, len(ids)) for o, (ids, _) in zip(offsets, needle_ids)]
@@ -425,7 +426,7 @@ def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10
             hi = mid - 1
     body = build(lo)
     if len(body) > avail:
-        raise ValueError(f"length {length} is too short for common-words extraction ({len(body) + len(head) + len(tail)}"
+        raise BadInput(f"length {length} is too short for common-words extraction ({len(body) + len(head) + len(tail)}"
                          f" tokens with no uncommon words)")
     return Example("ruler-lite/cwe", head + body, tail, common, "string_match_all", 120, chat,
                    {"depth": None, "freq_cw": freq_cw, "uncommon_words": lo, "haystack": "word-list", "icl": icl})
@@ -435,11 +436,11 @@ def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     """A window of `length` tokens of real text (GPL-3 first); the first `prefix` are prefilled, the rest scored."""
     doc, source = document_ids(tok)
     if length < 2:
-        raise ValueError(f"ppl needs a length of at least 2 tokens, got {length}")
+        raise BadInput(f"ppl needs a length of at least 2 tokens, got {length}")
     if length > len(doc):
-        raise ValueError(f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
+        raise BadInput(f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
     if not 1 <= prefix < length:
-        raise ValueError(f"ppl prefix must be in [1, length), got prefix={prefix}, length={length}")
+        raise BadInput(f"ppl prefix must be in [1, length), got prefix={prefix}, length={length}")
     start = (sample * length) % max(1, len(doc) - length + 1)
     return Example("ppl", doc[start:start + length], [], [], "ppl", 0, False,
                    {"start": start, "haystack": source}, prefix=prefix)
@@ -478,7 +479,7 @@ def read_longbench(path: str | Path) -> list[dict]:
     """Rows of a LongBench-format JSONL file (fields context, input, answers, all_classes, length, dataset)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file (longbench-local reads a LongBench-format JSONL file "
+        raise NotFound(f"--data {path}: no such file (longbench-local reads a LongBench-format JSONL file "
                                 f"you already have; minikv never downloads data)")
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -488,14 +489,14 @@ def read_longbench(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise BadInput(f"{path}:{n}: not valid JSON ({e})") from None
             missing = [k for k in LONGBENCH_FIELDS if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {missing} (LongBench rows have context, input, "
+                raise BadInput(f"{path}:{n}: missing field(s) {missing} (LongBench rows have context, input, "
                                  f"answers, all_classes, length, dataset)")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise BadInput(f"{path}: no rows")
     return rows
 
 
@@ -516,7 +517,7 @@ def longbench_example(tok, row: dict, max_length: int | None, chat: bool | None,
         c_head, c_tail = encode(tok, head_str, first=True), encode(tok, tail_str)
     limit = (model_ctx - max_new if max_length is None else max_length) - len(c_head) - len(c_tail)
     if limit < 2:
-        raise ValueError(f"longbench-local: length {max_length} leaves no room for the prompt")
+        raise BadInput(f"longbench-local: length {max_length} leaves no room for the prompt")
     head = encode(tok, head_text, first=not use_chat)
     body = encode(tok, row["context"])
     tail = encode(tok, tail_text)
@@ -544,11 +545,11 @@ def make_example(tok, task: str, length: int, depth: float | None = None, sample
     """
     base, _, sub = task.partition("/")
     if base not in TASK_NAMES or base == "longbench-local":
-        raise ValueError(f"unknown task {task!r}; tasks: passkey, needle, ruler-lite/<{'|'.join(RULER_SUBTASKS)}>, ppl")
+        raise BadInput(f"unknown task {task!r}; tasks: passkey, needle, ruler-lite/<{'|'.join(RULER_SUBTASKS)}>, ppl")
     if not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive number of tokens, got {length!r}")
+        raise BadInput(f"length must be a positive number of tokens, got {length!r}")
     if task in DEPTH_TASKS and depth is None:
-        raise ValueError(f"task {task} needs a depth in [0, 1]")
+        raise BadInput(f"task {task} needs a depth in [0, 1]")
     rng = rng_for(seed, task, length, depth, sample)
     if base == "ppl":
         return ppl_text(tok, length, sample, min(ppl_prefix, length - 1))
@@ -565,4 +566,4 @@ def make_example(tok, task: str, length: int, depth: float | None = None, sample
         return ruler_vt(tok, length, rng, use_chat)
     if sub == "cwe":
         return ruler_cwe(tok, length, rng, use_chat)
-    raise ValueError(f"unknown ruler-lite subtask {sub!r}; subtasks: {', '.join(RULER_SUBTASKS)}")
+    raise BadInput(f"unknown ruler-lite subtask {sub!r}; subtasks: {', '.join(RULER_SUBTASKS)}")

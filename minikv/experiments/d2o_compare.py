@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from ..errors import BadInput
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # also runnable as a file
@@ -64,7 +65,7 @@ def make_policy(name: str, ratio: float):
 def decode_perplexity(model, ids: list[int], n_prompt: int, n_score: int, policy) -> dict:
     """Teacher-forced NLL of ids[n_prompt : n_prompt + n_score] with the policy active at every decode step."""
     if len(ids) < n_prompt + n_score:
-        raise ValueError(f"text has {len(ids)} tokens, need {n_prompt + n_score}")
+        raise BadInput(f"text has {len(ids)} tokens, need {n_prompt + n_score}")
     t0 = time.perf_counter()
     logits, cache = prefill(model, [ids[:n_prompt]], policy)
     nll, ratios = [], []

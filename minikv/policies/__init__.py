@@ -9,6 +9,7 @@ from .full import FullCache
 from .h2o import H2O
 from .snapkv import PyramidKV, SnapKV
 from .streaming import Streaming
+from ..errors import BadInput
 
 REGISTRY: dict[str, type[Policy]] = {
     "full": FullCache,
@@ -36,8 +37,8 @@ def policy_names() -> list[str]:
 def get_policy(name: str, budget=None, **options) -> Policy:
     """Build the policy called `name`. Raises ValueError listing the known names for an unknown one."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
+        raise BadInput(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
     try:
         return REGISTRY[name](budget=budget, **options)
     except TypeError as e:
-        raise ValueError(f"bad options for policy {name!r}: {e}") from None
+        raise BadInput(f"bad options for policy {name!r}: {e}") from None

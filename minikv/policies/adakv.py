@@ -21,15 +21,16 @@ from ..store import LayerStore
 from .base import apply_keep
 from .h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
 from .snapkv import SnapKV, window_plus_topk_keep, window_scores
+from ..errors import BadInput
 
 VARIANTS = ("official", "exact")
 
 
 def check_allocation_options(alpha: float, variant: str) -> None:
     if not 0 <= alpha <= 1:
-        raise ValueError(f"adakv: alpha (safeguard share) must be in [0, 1], got {alpha}")
+        raise BadInput(f"adakv: alpha (safeguard share) must be in [0, 1], got {alpha}")
     if variant not in VARIANTS:
-        raise ValueError(f"adakv: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise BadInput(f"adakv: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
 def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,7 +57,7 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
     valid = (scores > float("-inf")) if valid is None else valid
     b = torch.as_tensor(prefix_budget, device=scores.device).long().expand(B)              # (B,)
     if bool((b < 0).any()):
-        raise ValueError(f"adakv: prefix budget must be >= 0, got {b.tolist()}")
+        raise BadInput(f"adakv: prefix budget must be >= 0, got {b.tolist()}")
     n_cand = valid.sum(-1)                                                                  # (B, Hkv)
     floor = safeguard_floor(b, alpha)                                                        # (B,)
     if variant == "official":

@@ -30,6 +30,7 @@ import torch
 from ..ops import first_positions_mask
 from ..store import KVCache, LayerStore
 from .base import Policy, apply_keep
+from ..errors import BadInput
 
 THRESHOLDS = ("step", "cached")
 PREFILL_MODES = ("oneshot", "exact")
@@ -93,24 +94,24 @@ class CORM(Policy):
     def __init__(self, budget=None, w: int = 256, r: int = 256, prefill_mode: str = "oneshot",
                  threshold: str = "step", n_sink: int = 0):
         if budget is not None:
-            raise ValueError(f"corm is budget-free (got budget={budget!r}): its cache size follows from w and r; "
+            raise BadInput(f"corm is budget-free (got budget={budget!r}): its cache size follows from w and r; "
                              f"compare at the measured cache ratio and sweep (w, r) instead")
         super().__init__(None)
         for name, v in (("w", w), ("r", r), ("n_sink", n_sink)):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"corm: {name} must be an integer, got {v!r}")
+                raise BadInput(f"corm: {name} must be an integer, got {v!r}")
         if w < 1:
-            raise ValueError(f"corm: w (the window of recent queries that vote) must be >= 1, got {w}")
+            raise BadInput(f"corm: w (the window of recent queries that vote) must be >= 1, got {w}")
         if r < w:
-            raise ValueError(f"corm: r (recent positions never evicted) must be >= w, got r={r} < w={w}; "
+            raise BadInput(f"corm: r (recent positions never evicted) must be >= w, got r={r} < w={w}; "
                              f"with r < w a key could be judged by queries issued before it existed")
         if n_sink < 0:
-            raise ValueError(f"corm: n_sink must be >= 0, got {n_sink}")
+            raise BadInput(f"corm: n_sink must be >= 0, got {n_sink}")
         if threshold not in THRESHOLDS:
-            raise ValueError(f"corm: threshold must be one of {THRESHOLDS} ('step' = 1/s as in the paper, "
+            raise BadInput(f"corm: threshold must be one of {THRESHOLDS} ('step' = 1/s as in the paper, "
                              f"'cached' = 1/(entries cached), an ablation), got {threshold!r}")
         if prefill_mode not in PREFILL_MODES:
-            raise ValueError(f"corm: prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+            raise BadInput(f"corm: prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
         self.w, self.r, self.n_sink = w, r, n_sink
         self.window = w                       # rows of the last prompt queries needed for oneshot ("last_rows")
         self.threshold, self.prefill_mode = threshold, prefill_mode
@@ -156,11 +157,11 @@ def corm_exact_prefill(model, prompts: list[list[int]], policy: Policy, question
     as generate.prefill: (logits of the last token (B, vocab), cache)). Left-padded rows skip their padding steps."""
     from ..generate import left_pad
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
+        raise BadInput("every prompt must hold at least one token")
     B = len(prompts)
     longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * B))
     if longest > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens is longer than the model's context "
+        raise BadInput(f"prompt of {longest} tokens is longer than the model's context "
                          f"({model.cfg.max_position_embeddings} tokens)")
     cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1)
     policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
@@ -171,7 +172,7 @@ def corm_exact_prefill(model, prompts: list[list[int]], policy: Policy, question
     if question:
         # Question-agnostic use, as generate.prefill: the question is appended after compression, without eviction.
         if len(question) != B or any(len(q) == 0 for q in question):
-            raise ValueError("question must give one non-empty token list per prompt")
+            raise BadInput("question must give one non-empty token list per prompt")
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, last_only=True)[:, -1]
     return logits, cache

@@ -46,6 +46,7 @@ import torch
 from ..store import LayerStore
 from .base import Policy, apply_keep
 from .h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
+from ..errors import BadInput
 
 MERGE_WEIGHTS = ("code", "paper")
 WHEN = ("first_decode", "prefill")
@@ -96,7 +97,7 @@ def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = froze
     elif allocation == "uniform":
         raw = rho[None, :].expand(L, -1)
     else:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     r = raw.clamp(0.01, 1.0).clone()
     for layer in protected:
         r[layer] = 1.0
@@ -113,7 +114,7 @@ def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), a
     elif allocation == "uniform":
         raw = torch.full((L,), int(count), dtype=torch.long)
     else:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     caps = raw[:, None].expand(L, n_rows).clone()
     for layer in protected:
         caps[layer] = -1
@@ -172,7 +173,7 @@ def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alp
         mx = torch.where(real, m.double(), float("-inf")).reshape(B, -1).amax(-1) if m.numel() else mean
         later = beta * mx + (1 - beta) * tau
     else:
-        raise ValueError(f"threshold rule must be one of {MERGE_WEIGHTS}, got {rule!r}")
+        raise BadInput(f"threshold rule must be one of {MERGE_WEIGHTS}, got {rule!r}")
     new = torch.where(torch.isnan(tau), mean, later)
     return torch.where(has, new, tau)
 
@@ -254,23 +255,23 @@ class D2O(Policy):
                  when: str = "first_decode", allocation: str = "variance", tau_override: float | None = None):
         super().__init__(budget)
         if self.budget is None:
-            raise ValueError("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
+            raise BadInput("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
         if not 0 <= heavy_share <= 1:
-            raise ValueError(f"heavy_share must be in [0, 1], got {heavy_share}")
+            raise BadInput(f"heavy_share must be in [0, 1], got {heavy_share}")
         if not isinstance(n_sink, int) or n_sink < 0:
-            raise ValueError(f"n_sink must be a non-negative integer, got {n_sink!r}")
+            raise BadInput(f"n_sink must be a non-negative integer, got {n_sink!r}")
         if merge_weights not in MERGE_WEIGHTS:
-            raise ValueError(f"merge_weights must be one of {MERGE_WEIGHTS}, got {merge_weights!r}")
+            raise BadInput(f"merge_weights must be one of {MERGE_WEIGHTS}, got {merge_weights!r}")
         if when not in WHEN:
-            raise ValueError(f"when must be one of {WHEN}, got {when!r}")
+            raise BadInput(f"when must be one of {WHEN}, got {when!r}")
         if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+            raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         beta = (0.5 if merge_weights == "code" else 0.7) if beta is None else beta
         for name, x in (("alpha", alpha), ("beta", beta)):
             if not math.isfinite(x):
-                raise ValueError(f"{name} must be finite, got {x}")
+                raise BadInput(f"{name} must be finite, got {x}")
         if tau_override is not None and math.isnan(tau_override):
-            raise ValueError("tau_override must be a number (+inf never merges), got NaN")
+            raise BadInput("tau_override must be a number (+inf never merges), got NaN")
         self.heavy_share, self.n_sink, self.alpha, self.beta = heavy_share, n_sink, alpha, beta
         self.protected_option = None if protected_layers is None else tuple(protected_layers)
         self.merge_weights, self.when, self.allocation, self.tau_override = merge_weights, when, allocation, tau_override
@@ -282,7 +283,7 @@ class D2O(Policy):
         prot = (0, 1, L - 1) if self.protected_option is None else self.protected_option
         bad = [p for p in prot if not -L <= p < L]
         if bad:
-            raise ValueError(f"protected_layers {bad} out of range for a model with {L} layers")
+            raise BadInput(f"protected_layers {bad} out of range for a model with {L} layers")
         self.protected = {p % L for p in prot}
         n = self.prompt_lengths.double()
         v = self.budget.value
@@ -348,7 +349,7 @@ class D2O(Policy):
     # -- hooks -----------------------------------------------------------------------------------------------
     def after_prefill(self, layer, store, stats):
         if "colsum" not in stats:
-            raise ValueError("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
+            raise BadInput("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
         accumulate_prefill_scores(store, stats["colsum"])
         var = head_variances(stats["colsum"], store.valid).cpu()         # (B, Hq)
         self.var_sum[layer] = var.sum(dim=0)
@@ -364,7 +365,7 @@ class D2O(Policy):
 
     def after_step(self, layer, store, stats):
         if "probs" not in stats:
-            raise ValueError("d2o: after_step needs the 'probs' statistic (run decode with need=decode_needs)")
+            raise BadInput("d2o: after_step needs the 'probs' statistic (run decode with need=decode_needs)")
         accumulate_step_scores(store, stats["probs"])
         if self.ratios is None:
             self._allocate()

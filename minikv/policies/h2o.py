@@ -11,6 +11,7 @@ import torch
 from ..ops import first_positions_mask, group_mean, recent_mask, select_topk
 from ..store import LayerStore
 from .base import Policy, apply_keep
+from ..errors import BadInput
 
 
 def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
@@ -53,9 +54,9 @@ class H2O(Policy):
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0):
         super().__init__(budget)
         if self.budget is None:
-            raise ValueError("h2o needs a budget (a count like 512 or a ratio like 0.2)")
+            raise BadInput("h2o needs a budget (a count like 512 or a ratio like 0.2)")
         if not 0 <= heavy_share <= 1:
-            raise ValueError(f"heavy_share must be in [0, 1], got {heavy_share}")
+            raise BadInput(f"heavy_share must be in [0, 1], got {heavy_share}")
         self.heavy_share, self.n_sink = heavy_share, n_sink
 
     def _compress(self, store: LayerStore) -> None:

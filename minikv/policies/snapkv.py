@@ -14,6 +14,7 @@ from ..budgets import pyramid_prefix_budgets
 from ..ops import group_mean, recent_mask, select_topk
 from ..store import LayerStore
 from .base import Policy, apply_keep
+from ..errors import BadInput
 
 
 def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:
@@ -47,16 +48,16 @@ class SnapKV(Policy):
     def __init__(self, budget, window: int = 32, kernel: int = 7):
         super().__init__(budget)
         if self.budget is None:
-            raise ValueError(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
+            raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
         if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"window must be >= 1 and kernel a positive odd number, got {window}, {kernel}")
+            raise BadInput(f"window must be >= 1 and kernel a positive odd number, got {window}, {kernel}")
         self.window, self.kernel = window, kernel
 
     def prefix_budgets(self, layer: int, device) -> torch.Tensor:
         """Prefix entries each row keeps in this layer (B,)."""
         budget = self.budget_entries(device)
         if bool((budget < self.window).any()):
-            raise ValueError(f"{self.name}: budget {int(budget.min())} is smaller than the observation window "
+            raise BadInput(f"{self.name}: budget {int(budget.min())} is smaller than the observation window "
                              f"({self.window}); use a budget >= window or a smaller window")
         return budget - self.window
 

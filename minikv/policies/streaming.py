@@ -11,6 +11,7 @@ import torch
 from ..ops import first_positions_mask, recent_mask
 from ..store import LayerStore
 from .base import Policy, apply_keep
+from ..errors import BadInput
 
 
 def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> torch.Tensor:
@@ -25,15 +26,15 @@ class Streaming(Policy):
     def __init__(self, budget, n_sink: int = 4):
         super().__init__(budget)
         if self.budget is None:
-            raise ValueError("streaming needs a budget (a count like 512 or a ratio like 0.2)")
+            raise BadInput("streaming needs a budget (a count like 512 or a ratio like 0.2)")
         if n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {n_sink}")
+            raise BadInput(f"n_sink must be >= 0, got {n_sink}")
         self.n_sink = n_sink
 
     def _compress(self, store: LayerStore) -> None:
         budget = self.budget_entries(store.k.device)
         if bool((budget <= self.n_sink).any()):
-            raise ValueError(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
+            raise BadInput(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
         apply_keep(store, sink_window_keep(store, budget, self.n_sink))
 
     def after_prefill(self, layer, store, stats):
