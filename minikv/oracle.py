@@ -7,7 +7,10 @@ per head, merged keys/values, updated statistics) and the attention output of a 
 One safetensors file per case plus manifest.json (shapes, dtypes, roles, tie-break rule, tolerances).
 
 check compares a candidate directory holding safetensors files of the same names (with at least the `out/` and
-`probe/` tensors) and prints per-tensor max abs / rel error and PASS/FAIL against the manifest's tolerances.
+`probe/` tensors) and prints per-tensor max abs / rel error and PASS/FAIL against the manifest's tolerances, then how
+many tensors it compared. It passes only when at least one tensor was compared and every compared tensor passed;
+a golden set or candidate that cannot be read (missing folder, no or broken manifest, corrupt safetensors) is a
+named error (`minikv.errors`), never a pass.
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInput, NotFound
 from .record import Recorder
 
 FORMAT_VERSION = 1
+CHECKED_ROLES = ("out", "probe")               # what a candidate must reproduce; in/stats are its inputs
+MAX_SEED = 2 ** 63 - 1                          # torch.manual_seed takes a signed 64-bit seed
 TIE_BREAK = ("select_topk: higher score first; equal scores -> the lower slot, i.e. the older position, first "
              "(live slots are in position order); empty slots are never chosen")
 TOLERANCES = {"float64": {"atol": 1e-10, "rtol": 1e-8}, "float32": {"atol": 1e-5, "rtol": 1.3e-6},
@@ -68,17 +74,66 @@ def case_tensors(rec: Recorder) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
+def check_export_args(seed: int, n_cases: int, real_model: bool) -> None:
+    """Refuse seeds and case counts that would fail later or write an empty golden set."""
+    if n_cases < 0:
+        raise BadInput(f"--cases must be >= 0, got {n_cases}")
+    if n_cases == 0 and not real_model:
+        raise BadInput("--cases 0 with --no-real-model would write a golden set with no cases; use --cases 1 or more")
+    if seed < 0 or seed + max(n_cases, 1) - 1 > MAX_SEED:
+        raise BadInput(f"--seed must be in 0..{MAX_SEED - max(n_cases, 1) + 1} (case i uses seed + i), got {seed}")
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create out_dir; refuse a file, or a folder already holding golden vectors (a manifest.json or .safetensors
+    files) unless `overwrite`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
+    if out_dir.is_dir() and not overwrite:
+        held = sorted(f.name for f in out_dir.iterdir() if f.name == "manifest.json" or f.suffix == ".safetensors")
+        if held:
+            raise BadInput(f"--out {out_dir} already holds golden vectors ({', '.join(held[:3])}"
+                           f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace them, or choose a new "
+                           "or empty folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                         # a parent is a file, no permission, read-only file system...
+        raise BadInput(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
+
+
+def remove_old_set(out_dir: Path) -> None:
+    """Delete the manifest.json in out_dir and the case files it lists (what --overwrite replaces)."""
+    for name in old_case_files(out_dir) + ["manifest.json"]:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise BadInput(f"--out {out_dir}: cannot remove the old {name} ({e.strerror or e})") from None
+
+
+def old_case_files(out_dir: Path) -> list[str]:
+    """The case files an existing manifest lists (plain names only); none when it cannot be read."""
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError):                # unreadable or not JSON: only the files we write get replaced
+        return []
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    return [c["file"] for c in cases or [] if isinstance(c, dict) and isinstance(c.get("file"), str)
+            and Path(c["file"]).name == c["file"]]
+
+
 def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 2, real_model: bool = True,
-           real_layer: int = 15, budget=None, options: dict | None = None) -> Path:
+           real_layer: int = 15, budget=None, options: dict | None = None, overwrite: bool = False) -> Path:
     """Write golden vectors for `policy_name` into out_dir; returns the manifest path."""
     from safetensors.torch import save_file
     from .policies import get_policy
+    check_export_args(seed, n_cases, real_model)
     torch.set_num_threads(1)                    # one thread: bit-reproducible float64 reductions
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     default_budget, default_opts = SMALL_CASE.get(policy_name, (0.5, {}))
     budget = default_budget if budget is None else budget
     opts = {**default_opts, **(options or {})}
+    get_policy(policy_name, budget, **opts)     # unknown policy or bad options: refused before any file is touched
+    prepare_out_dir(out_dir, overwrite)
     cases = []
     for i in range(n_cases):
         case_seed = seed + i
@@ -93,6 +148,8 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
         from .tokenizer import load_tokenizer
         folder = ensure_default_model()
         model = load_model(folder, dtype=torch.float64)
+        if not 0 <= real_layer < model.cfg.num_hidden_layers:
+            raise BadInput(f"real_layer {real_layer} is not a layer of {folder} (0..{model.cfg.num_hidden_layers - 1})")
         tok = load_tokenizer(folder)
         text = Path("/usr/share/common-licenses/GPL-3")
         words = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
@@ -109,19 +166,33 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
                           "length: (B, Hkv); stat.*: (B, Hkv, S); colsum: (B, Hkv, G, S); last_rows: "
                           "(B, Hkv, G, w, S); probs: (B, Hkv, G, T, S); probe: (B, Hq, 1, d)",
                 "cases": []}
+    # Only now, with every case recorded, does an old set go: a failed export leaves it whole, a finished one leaves
+    # no stale case file of it behind.
+    remove_old_set(out_dir)
     for name, desc, rec, dtype in cases:
         tensors = case_tensors(rec)
-        save_file(tensors, out_dir / f"{name}.safetensors")
+        write(out_dir / f"{name}.safetensors", lambda f: save_file(tensors, f))
         manifest["cases"].append({"file": f"{name}.safetensors", "description": desc, "dtype": dtype,
                                   "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                                                   "role": k.split("/")[2]} for k, v in sorted(tensors.items())}})
     path = out_dir / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1))
+    write(path, lambda f: Path(f).write_text(json.dumps(manifest, indent=1)))
     return path
 
 
+def write(path: Path, save) -> None:
+    """save(path), with a full disk or a read-only folder reported as a named error."""
+    from safetensors import SafetensorError     # save_file reports I/O failures as this, not as OSError
+    try:
+        save(path)
+    except (OSError, SafetensorError) as e:
+        raise BadInput(f"--out {path.parent}: cannot write {path.name} ({getattr(e, 'strerror', None) or e})") \
+            from None
+
+
 def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict | str, live: torch.Tensor | None = None):
-    """(max abs error, max rel error, passed) of a candidate tensor; only live rows of k/v when `live` is given."""
+    """(max abs error, max rel error, passed) of a candidate tensor; only live rows of k/v when `live` is given.
+    A NaN or infinity in the candidate passes only where the golden tensor holds the same value."""
     if golden.shape != cand.shape:
         return float("inf"), float("inf"), False
     if not golden.is_floating_point():
@@ -134,47 +205,181 @@ def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict | str, live: tor
         return 0.0, 0.0, True
     err = (g - c).abs()
     rel = err / g.abs().clamp_min(1e-30)
-    ok = bool(torch.all(err <= tol["atol"] + tol["rtol"] * g.abs()))
-    return err.max().item(), rel.max().item(), ok
+    same = (g == c) | (g.isnan() & c.isnan())
+    # Only finite pairs go through the tolerance: atol + rtol * |inf| would let any value "match" an infinity.
+    close = g.isfinite() & c.isfinite() & (err <= tol["atol"] + tol["rtol"] * g.abs())
+    return err.max().item(), rel.max().item(), bool(torch.all(same | close))
 
 
-def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = False, out=sys.stdout) -> bool:
-    """Compare every output tensor of the golden files with the candidate's; print a table; True if all pass."""
+def mismatch(golden: torch.Tensor, cand: torch.Tensor) -> str | None:
+    """Why a candidate tensor cannot be compared with the golden one (shape or dtype), or None."""
+    if tuple(golden.shape) != tuple(cand.shape):
+        return f"shape {list(cand.shape)} != golden {list(golden.shape)}"
+    if golden.dtype != cand.dtype:
+        return f"dtype {str(cand.dtype).removeprefix('torch.')} != golden {str(golden.dtype).removeprefix('torch.')}"
+    return None
+
+
+def require(cond: bool, where: Path, what: str) -> None:
+    """Raise BadInput naming the manifest and what it should hold, unless cond."""
+    if not cond:
+        raise BadInput(f"{where}: {what} (is this a manifest written by `minikv oracle export`?)")
+
+
+def read_manifest(golden_dir: Path) -> dict:
+    """The golden set's manifest.json, checked for every key check() reads; a named error otherwise."""
+    if not golden_dir.exists():
+        raise NotFound(f"golden folder {golden_dir} not found (make one with `minikv oracle export --out DIR`)")
+    if not golden_dir.is_dir():
+        raise BadInput(f"golden folder {golden_dir} is a file, not a folder written by `minikv oracle export`")
+    path = golden_dir / "manifest.json"
+    if not path.is_file():
+        raise NotFound(f"{golden_dir} has no manifest.json, so it is not a golden set "
+                       "(make one with `minikv oracle export --out DIR`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:                         # unreadable (permissions, I/O error)
+        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
+    require(isinstance(manifest, dict), path, f"expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in ("format_version", "tolerances", "cases") if k not in manifest]
+    require(not missing, path, f"missing key(s) {', '.join(missing)}")
+    require(manifest["format_version"] == FORMAT_VERSION, path,
+            f"format_version {manifest['format_version']!r}; this minikv reads format_version {FORMAT_VERSION}")
+    require(isinstance(manifest["cases"], list) and manifest["cases"], path,
+            "'cases' must be a non-empty list; a golden set with no cases checks nothing")
+    for i, case in enumerate(manifest["cases"]):
+        check_case_entry(case, i, manifest["tolerances"], path)
+    return manifest
+
+
+def check_case_entry(case, i: int, tolerances, path: Path) -> None:
+    """One manifest case: a plain file name, a dtype with numeric tolerances, and tensors with roles."""
+    require(isinstance(case, dict), path, f"cases[{i}] must be an object, got {type(case).__name__}")
+    missing = [k for k in ("file", "dtype", "tensors") if k not in case]
+    require(not missing, path, f"cases[{i}] is missing key(s) {', '.join(missing)}")
+    f = case["file"]
+    require(isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f, path,
+            f"cases[{i}].file {f!r} must be a file name ending in .safetensors, inside the golden folder")
+    tol = tolerances.get(case["dtype"]) if isinstance(tolerances, dict) and isinstance(case["dtype"], str) else None
+    require(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) and tol[k] >= 0
+                                          for k in ("atol", "rtol")), path,
+            f"tolerances for cases[{i}].dtype {case['dtype']!r} must be an object with numbers atol, rtol >= 0")
+    tensors = case["tensors"]
+    require(isinstance(tensors, dict), path, f"cases[{i}].tensors must be an object")
+    for name, meta in tensors.items():
+        require(isinstance(meta, dict) and isinstance(meta.get("role"), str), path,
+                f"cases[{i}].tensors[{name!r}] must be an object with a 'role'")
+    require(any(m["role"] in CHECKED_ROLES for m in tensors.values()), path,
+            f"cases[{i}] ({f}) lists no out/ or probe/ tensor, so it checks nothing")
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, unreadable or corrupt file is a named error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+    if not path.exists():
+        raise NotFound(f"{what} file {path} not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:      # truncated, not safetensors, a folder, unreadable
+        raise BadInput(f"{what} file {path} is not a readable safetensors file ({e})") from None
+
+
+def check_golden_file(gold: dict, case: dict, path: Path) -> None:
+    """The golden file holds every checked tensor the manifest lists, with the listed shape."""
+    for name, meta in case["tensors"].items():
+        if meta["role"] not in CHECKED_ROLES:
+            continue
+        if name not in gold:
+            raise BadInput(f"golden file {path} lacks tensor {name!r} that manifest.json lists; re-export the set")
+        if "shape" in meta and list(gold[name].shape) != meta["shape"]:
+            raise BadInput(f"golden file {path}: tensor {name!r} has shape {list(gold[name].shape)}, manifest.json "
+                           f"says {meta['shape']}; re-export the set")
+
+
+def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_missing: bool):
+    """Rows (tensor, abs, rel, result) and a Counter-like dict for one case; a missing candidate file is one row."""
+    gpath, cpath = golden_dir / case["file"], cand_dir / case["file"]
+    gold = load_tensors(gpath, "golden")
+    check_golden_file(gold, case, gpath)
+    names = [n for n, m in case["tensors"].items() if m["role"] in CHECKED_ROLES]
+    counts = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
+    if not cpath.exists():
+        counts["missing"] = len(names)
+        return ([] if allow_missing else [("(whole file)", None, None, f"FAIL (file missing: {len(names)} tensors)")],
+                counts)
+    cand = load_tensors(cpath, "candidate")
+    counts["ignored"] = len(set(cand) - set(case["tensors"]))
+    rows = []
+    for name in names:
+        if name not in cand:
+            counts["missing"] += 1
+            if not allow_missing:
+                rows.append((name, None, None, "FAIL (missing)"))
+            continue
+        g, c = gold[name], cand[name]
+        why = mismatch(g, c)
+        if why:
+            counts["fail"] += 1
+            rows.append((name, None, None, f"FAIL ({why})"))
+            continue
+        live = None
+        pos = gold.get(name.rsplit("/", 1)[0] + "/pos")
+        if (name.endswith("/k") or name.endswith("/v")) and pos is not None:
+            live = pos >= 0                      # empty slots hold garbage a kernel need not reproduce
+        a, r, ok = compare(g, c, tol if g.is_floating_point() else "exact", live)
+        counts["pass" if ok else "fail"] += 1
+        compared = c if live is None else c[live]
+        nan = int(compared.isnan().sum()) if c.is_floating_point() and not ok else 0
+        rows.append((name, a, r, "PASS" if ok else f"FAIL ({nan} NaN)" if nan else "FAIL"))
+    return rows, counts
+
+
+def summary(counts: dict, allow_missing: bool) -> tuple[str, bool]:
+    """The closing lines of a check and whether it passed: at least one tensor compared, none failed or missing."""
+    compared = counts["pass"] + counts["fail"]
+    line = f"{compared} tensors compared: {counts['pass']} PASS, {counts['fail']} FAIL"
+    if counts["missing"]:
+        line += (f"; {counts['missing']} not in the candidate (" +
+                 ("skipped: --allow-missing)" if allow_missing else "FAIL)"))
+    if counts["ignored"]:
+        line += f"; {counts['ignored']} candidate tensors not in the golden set ignored (misnamed?)"
+    if compared == 0:
+        return line + "\nNOTHING COMPARED: the candidate holds none of the golden out/ and probe/ tensors", False
+    ok = counts["fail"] == 0 and (allow_missing or counts["missing"] == 0)
+    return line + ("\nALL PASS" if ok else "\nSOME FAILED"), ok
+
+
+def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = False, out=None) -> bool:
+    """Compare every output tensor of the golden files with the candidate's; print a table; True if all pass
+    (and at least one tensor was compared)."""
+    out = out or sys.stdout                      # looked up now, not at import: callers may redirect sys.stdout
     golden_dir, cand_dir = Path(golden_dir), Path(cand_dir)
-    manifest = json.loads((golden_dir / "manifest.json").read_text())
-    all_ok = True
-    print(f"| case | tensor | max abs err | max rel err | result |\n|---|---|---|---|---|", file=out)
-    for case in manifest["cases"]:
-        gold = load_file(golden_dir / case["file"])
-        cpath = cand_dir / case["file"]
-        cand = load_file(cpath) if cpath.exists() else {}
-        tol = manifest["tolerances"][case["dtype"]]
-        for name, meta in case["tensors"].items():
-            if meta["role"] not in ("out", "probe"):
-                continue
-            if name not in cand:
-                if not allow_missing:
-                    all_ok = False
-                    print(f"| {case['file']} | {name} | - | - | FAIL (missing) |", file=out)
-                continue
-            live = None
-            if name.endswith("/k") or name.endswith("/v"):
-                live = gold[name.rsplit("/", 1)[0] + "/pos"] >= 0
-            g = gold[name]
-            t = manifest["tolerances"]["integer"] if not g.is_floating_point() else tol
-            a, r, ok = compare(g, cand[name], t, live)
-            all_ok &= ok
-            print(f"| {case['file']} | {name} | {a:.3g} | {r:.3g} | {'PASS' if ok else 'FAIL'} |", file=out)
-    print("ALL PASS" if all_ok else "SOME FAILED", file=out)
-    return all_ok
+    manifest = read_manifest(golden_dir)
+    if not cand_dir.exists():
+        raise NotFound(f"candidate folder {cand_dir} not found (it should hold the candidate's "
+                       f"{manifest['cases'][0]['file']} and the other case files)")
+    if not cand_dir.is_dir():
+        raise BadInput(f"candidate folder {cand_dir} is a file; give the folder that holds the .safetensors files")
+    totals = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
+    lines = ["| case | tensor | max abs err | max rel err | result |", "|---|---|---|---|---|"]
+    for case in manifest["cases"]:            # every file is read before anything is printed: an error stands alone
+        rows, counts = compare_case(golden_dir, cand_dir, case, manifest["tolerances"][case["dtype"]], allow_missing)
+        lines += [f"| {case['file']} | {name} | {'- | -' if a is None else f'{a:.3g} | {r:.3g}'} | {result} |"
+                  for name, a, r, result in rows]
+        totals = {k: totals[k] + counts[k] for k in totals}
+    text, ok = summary(totals, allow_missing)
+    print("\n".join(lines + [text]), file=out)
+    return ok
 
 
 def cmd_oracle(args) -> int:
     from .cli import parse_options
     if args.action == "export":
         path = export(args.policy, args.out, seed=args.seed, n_cases=args.cases, real_model=not args.no_real_model,
-                      budget=args.budget, options=parse_options(args.option))
+                      budget=args.budget, options=parse_options(args.option), overwrite=args.overwrite)
         print(f"wrote golden vectors: {path}")
         return 0
     return 0 if check(args.golden, args.candidate, allow_missing=args.allow_missing) else 1
@@ -190,7 +395,9 @@ def register(sub) -> None:
     e.add_argument("--budget", default=None)
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--no-real-model", action="store_true", help="skip the real-model layer case")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="a new or empty folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the golden vectors already in --out (its manifest and the case files it lists)")
     c = osub.add_parser("check", help="compare a candidate's outputs with golden files")
     c.add_argument("golden")
     c.add_argument("candidate")

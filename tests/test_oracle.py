@@ -61,8 +61,27 @@ def test_missing_candidate_tensor_fails(tmp_path):
     gold = tmp_path / "gold"
     export("streaming", gold, seed=0, n_cases=1, real_model=False)
     (tmp_path / "cand").mkdir()
-    assert not check(gold, tmp_path / "cand", out=io.StringIO())
-    assert check(gold, tmp_path / "cand", allow_missing=True, out=io.StringIO())
+    buf = io.StringIO()
+    assert not check(gold, tmp_path / "cand", out=buf)
+    rows = [line for line in buf.getvalue().splitlines() if line.startswith("| ") and "FAIL" in line]
+    assert len(rows) == 1 and "file missing" in rows[0], buf.getvalue()     # one row per missing file, not per tensor
+    # --allow-missing compares only what the candidate wrote; having written nothing is not a pass.
+    buf = io.StringIO()
+    assert not check(gold, tmp_path / "cand", allow_missing=True, out=buf)
+    assert "0 tensors compared" in buf.getvalue() and "ALL PASS" not in buf.getvalue()
+
+
+def test_allow_missing_passes_on_what_the_candidate_wrote(tmp_path):
+    gold = tmp_path / "gold"
+    export("h2o", gold, seed=0, n_cases=1, real_model=False)
+    (tmp_path / "cand").mkdir()
+    tensors = load_file(gold / "small_seed0.safetensors")
+    save_file({k: v for k, v in tensors.items() if "/probe/" in k}, tmp_path / "cand" / "small_seed0.safetensors")
+    buf = io.StringIO()
+    assert check(gold, tmp_path / "cand", allow_missing=True, out=buf), buf.getvalue()
+    n_probe = sum("/probe/" in k for k in tensors)
+    assert f"{n_probe} tensors compared: {n_probe} PASS, 0 FAIL" in buf.getvalue()
+    assert buf.getvalue().rstrip().endswith("ALL PASS")
 
 
 def test_recorder_sees_evictions_and_changes_nothing():
