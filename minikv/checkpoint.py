@@ -1,16 +1,16 @@
 """Load a Llama-family checkpoint in the Hugging Face layout (config.json + safetensors), with named errors.
 
 Only safetensors are read (never pickle). Weights may be bf16/fp16/fp32 and sharded through
-`model.safetensors.index.json`. Any missing tensor, unexpected tensor or shape mismatch is an error naming it.
+`model.safetensors.index.json`. Any missing tensor, unexpected tensor, shape mismatch, non-float dtype (int8,
+quantized) or non-finite value is an error naming the tensor and file.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .config import LlamaConfig
+from .config import LlamaConfig, read_json_object
 from .model import Llama
 from .errors import BadInput, NotFound
 
@@ -39,39 +39,69 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of the folder: the shards its index names, else model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise BadInput(f"{index} is not a valid safetensors index ({e})") from None
-        files = sorted({folder / name for name in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise NotFound(f"{index} names shard {f.name}, which is missing from {folder}")
-        return files
+        return [folder / name for name in _index_shards(index)]
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only")
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only "
+                       f"(convert them with transformers: save_pretrained(..., safe_serialization=True))")
     raise NotFound(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
 
 
+def _index_shards(index: Path) -> list[str]:
+    """Shard file names of a safetensors index, each checked to be a plain name of a file beside the index."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInput(f"{index} is not a valid safetensors index: 'weight_map' must be a non-empty object "
+                       f"of tensor name -> shard file")
+    shards = sorted(set(map(str, weight_map.values())))
+    for name in shards:
+        # A shard is a file next to the index; a path would read outside the model folder.
+        if Path(name).name != name or name in (".", ".."):
+            raise BadInput(f"{index} names shard {name!r}, which is not a plain file name")
+        if not (index.parent / name).is_file():
+            raise NotFound(f"{index} names shard {name}, which is missing from {index.parent}")
+    return shards
+
+
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint's safetensors file(s), by name."""
+    """All tensors of the checkpoint's safetensors file(s), by name; each a float tensor of finite values."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = {}
+    state, source = {}, {}
     for f in _weight_files(Path(folder)):
         try:
-            state.update(load_file(str(f)))
+            tensors = load_file(str(f))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise BadInput(f"cannot read {f}: corrupt or truncated safetensors file ({e}); "
-                             f"re-download or re-convert it") from None
+                           f"re-download or re-convert it") from None
+        for name, t in tensors.items():
+            if name in state:
+                raise BadInput(f"tensor {name!r} is in both {source[name].name} and {f.name}")
+            _check_tensor(name, t, f)
+            state[name], source[name] = t, f
     return state
+
+
+def _check_tensor(name: str, t: torch.Tensor, f: Path) -> None:
+    """Refuse integer/quantized/boolean weights (casting them would silently change the model) and NaN/inf."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise BadInput(f"{f}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; minikv reads "
+                       f"unquantized float weights (float32, float16, bfloat16, float64)")
+    # Chunked so the temporary boolean mask stays small even for a large embedding matrix.
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), 1 << 24):
+        if not torch.isfinite(flat[i:i + (1 << 24)]).all():
+            raise BadInput(f"{f}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
 
 
 def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> None:
@@ -93,6 +123,8 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: s
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
     """Build a Llama from a Hugging Face folder and load its weights (cast to `dtype`)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"model folder {folder} is a file; give the folder that holds config.json")
     if not folder.is_dir():
         raise NotFound(f"model folder {folder} does not exist; {FETCH_HINT}")
     if not (folder / "config.json").exists():
