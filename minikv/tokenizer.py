@@ -21,9 +21,17 @@ import unicodedata
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
-from .errors import BadInput, NotFound
+from .config import read_json_object
+from .errors import BadInput, MissingExtra, NotFound
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+
+class UnsupportedTokenizer(BadInput, NotImplementedError):
+    """A tokenizer feature minikv does not implement: refused input for the CLI (BadInput), and still a
+    NotImplementedError for callers that probe support (e.g. whether a chat format exists)."""
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # GPT-2 pre-tokenizer, written with the stdlib `re`
@@ -115,24 +123,24 @@ class ByteLevelBPE:
     """GPT-2-style byte-level BPE from a Hugging Face `tokenizer.json` dict (model type BPE).
 
     Supported pre-tokenizers: `ByteLevel` alone, or `Sequence[Digits, ByteLevel]`; anything else raises
-    NotImplementedError naming it.
+    UnsupportedTokenizer (a BadInput and a NotImplementedError) naming it. A malformed spec is a BadInput naming the
+    key.
     """
 
     _CACHE_LIMIT = 200_000  # words; cleared when full so memory stays bounded on huge inputs
 
     def __init__(self, spec: dict, bos_token: str | None = None, eos_token: str | None = None,
                  add_bos: bool | None = None):
-        model = spec.get("model") or {}
-        if model.get("type", "BPE") != "BPE":
-            raise NotImplementedError(f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)")
+        model = _checked_spec(spec)
         for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
             if model.get(key):
-                raise NotImplementedError(f"tokenizer.json: BPE option {key}={model[key]!r} is not supported")
+                raise UnsupportedTokenizer(f"tokenizer.json: BPE option {key}={model[key]!r} is not supported")
         if model.get("byte_fallback"):
-            raise NotImplementedError("tokenizer.json: BPE byte_fallback is not supported (not a byte-level BPE)")
+            raise UnsupportedTokenizer("tokenizer.json: BPE byte_fallback is not supported (not a byte-level BPE)")
         if spec.get("normalizer") is not None:
-            raise NotImplementedError(
+            raise UnsupportedTokenizer(
                 f"tokenizer.json normalizer {spec['normalizer'].get('type')!r} is not supported (only null)")
+
         self.digits_individual, self.use_regex = _parse_pre_tokenizer(spec.get("pre_tokenizer"))
 
         # Vocabulary: the model's vocab plus added tokens (which may have ids outside it, as in Llama 3).
@@ -146,11 +154,13 @@ class ByteLevelBPE:
         for tok in added:
             for flag in ("lstrip", "rstrip", "single_word"):
                 if tok.get(flag):
-                    raise NotImplementedError(f"tokenizer.json: added token {tok['content']!r} uses {flag}=true")
+                    raise UnsupportedTokenizer(f"tokenizer.json: added token {tok['content']!r} uses {flag}=true")
             self.vocab.setdefault(tok["content"], tok["id"])
         self.id_to_str: dict[int, str] = {i: t for t, i in self.vocab.items()}
         for tok in added:  # an added token's own id wins over a vocab entry with the same text
             self.id_to_str[tok["id"]] = tok["content"]
+        if not self.id_to_str:
+            raise BadInput("tokenizer.json: the vocabulary is empty (model.vocab and added_tokens)")
         self.vocab_size = max(self.id_to_str) + 1  # ids are dense in practice; this is the embedding rows needed
         self.added_ids = {tok["content"]: tok["id"] for tok in added}
         self.special_tokens: dict[str, int] = {t["content"]: t["id"] for t in added if t.get("special")}
@@ -282,41 +292,91 @@ class ByteLevelBPE:
         return out.decode("utf-8", errors="replace")
 
 
+def _checked_spec(spec) -> dict:
+    """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads have the right kinds."""
+    if not isinstance(spec, dict):
+        raise BadInput(f"tokenizer.json must hold a JSON object, got {type(spec).__name__}")
+    for key in ("normalizer", "pre_tokenizer", "post_processor"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise BadInput(f"tokenizer.json: {key} must be an object or null, got {spec[key]!r}")
+    model = spec.get("model")
+    if not isinstance(model, dict):
+        raise BadInput("tokenizer.json: 'model' is missing or not an object (expected {\"type\": \"BPE\", "
+                       "\"vocab\": {...}, \"merges\": [...]})")
+    if model.get("type", "BPE") != "BPE":
+        raise UnsupportedTokenizer(f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise BadInput("tokenizer.json: model.vocab is missing or not an object of token -> id")
+    for token, i in vocab.items():
+        if not _is_id(i):
+            raise BadInput(f"tokenizer.json: model.vocab[{token!r}] must be a non-negative integer id, got {i!r}")
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise BadInput(f"tokenizer.json: model.merges must be a list, got {type(merges).__name__}")
+    for rank, merge in enumerate(merges):
+        if not (isinstance(merge, str) or (isinstance(merge, list) and all(isinstance(m, str) for m in merge))):
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise BadInput(f"tokenizer.json: added_tokens must be a list, got {type(added).__name__}")
+    for k, tok in enumerate(added):
+        if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not _is_id(tok.get("id")):
+            raise BadInput(f"tokenizer.json: added_tokens[{k}] must be an object with a string 'content' and a "
+                           f"non-negative integer 'id', got {tok!r}")
+    return model
+
+
+def _is_id(value) -> bool:
+    """A token id: a non-negative int (JSON true/false are not ids)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _parse_pre_tokenizer(pre: dict | None) -> tuple[bool, bool]:
     """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
     if pre is None:
-        raise NotImplementedError("tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+        raise UnsupportedTokenizer("tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)")
+    steps = _pre_tokenizer_steps(pre)
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"]:
         digits_individual, byte_level = False, steps[0]
     elif kinds == ["Digits", "ByteLevel"]:
         if not steps[0].get("individual_digits", False):
-            raise NotImplementedError("tokenizer.json pre_tokenizer Digits(individual_digits=false) is not supported")
+            raise UnsupportedTokenizer("tokenizer.json pre_tokenizer Digits(individual_digits=false) is not supported")
         digits_individual, byte_level = True, steps[1]
     else:
         name = kinds[0] if len(kinds) == 1 else f"Sequence[{', '.join(map(str, kinds))}]"
-        raise NotImplementedError(f"tokenizer.json pre_tokenizer {name} is not supported "
+        raise UnsupportedTokenizer(f"tokenizer.json pre_tokenizer {name} is not supported "
                                   "(supported: ByteLevel, Sequence[Digits, ByteLevel])")
     if byte_level.get("add_prefix_space", False):
-        raise NotImplementedError("tokenizer.json pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
+        raise UnsupportedTokenizer("tokenizer.json pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
     return digits_individual, bool(byte_level.get("use_regex", True))
+
+
+def _pre_tokenizer_steps(pre: dict) -> list[dict]:
+    """The steps of a pre_tokenizer (a Sequence's list, or the one step), each checked to be an object."""
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(isinstance(step, dict) for step in steps):
+        raise BadInput(f"tokenizer.json: pre_tokenizer.pretokenizers must be a list of objects, got {steps!r}")
+    return steps
 
 
 def _template_bos(post: dict | None) -> str | None:
     """The special token a TemplateProcessing post-processor puts before a single sequence, if any."""
-    if not post:
+    if not isinstance(post, dict):
         return None
     if post.get("type") == "Sequence":
-        for p in post.get("processors", []):
+        for p in post.get("processors") or []:
             found = _template_bos(p)
             if found is not None:
                 return found
         return None
     if post.get("type") == "TemplateProcessing":
         single = post.get("single") or []
-        if single and "SpecialToken" in single[0]:
-            return single[0]["SpecialToken"]["id"]
+        first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
+        special = first.get("SpecialToken")
+        if isinstance(special, dict) and isinstance(special.get("id"), str):
+            return special["id"]
     return None
 
 
@@ -329,7 +389,10 @@ class SentencePieceTokenizer:
     written in the text (`<s>`, `</s>`) are encoded as those tokens, like the Hugging Face Llama tokenizer does."""
 
     def __init__(self, path: str | Path, add_bos: bool = True):
-        import sentencepiece as spm
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise MissingExtra(f"{path} is a SentencePiece model; pip install sentencepiece to read it") from None
 
         self.path = Path(path)
         try:
@@ -385,16 +448,23 @@ class SentencePieceTokenizer:
 # --------------------------------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from e
+    """A JSON object from `path`; a missing, unreadable, non-UTF-8, invalid or non-object file is named."""
+    return read_json_object(path)
 
 
-def _token_text(value) -> str | None:
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+def _token_text(value, source: str) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}; anything else is refused."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise BadInput(f"{source} must be a token string, {{\"content\": ...}} or null, got {value!r}")
+    return text
+
+
+def _config_token_id(value) -> int | None:
+    """config.json's bos/eos id (the first of a list); the model config's own checks name wrong kinds."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if _is_id(value) else None
 
 
 def load_tokenizer(folder: str | Path):
@@ -402,34 +472,47 @@ def load_tokenizer(folder: str | Path):
 
     BOS/EOS come from `tokenizer_config.json` (bos_token / eos_token), else from `config.json` (bos_token_id /
     eos_token_id). When both tokenizer files exist, `tokenizer.json` is used if it is byte-level (Llama-2 folders
-    ship a non-byte-level one next to their `tokenizer.model`).
+    ship a non-byte-level one next to their `tokenizer.model`). A malformed file is a BadInput naming it.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"model folder {folder} is a file; give the folder that holds the tokenizer files")
     json_path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
     if not json_path.exists() and not model_path.exists():
         raise NotFound(f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
-    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    tc_path = folder / "tokenizer_config.json"
+    tok_config = _read_json(tc_path) if tc_path.exists() else {}
     model_config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    add_bos = tok_config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise BadInput(f"{tc_path}: add_bos_token must be true, false or null, got {add_bos!r}")
 
     spec = _read_json(json_path) if json_path.exists() else None
     if spec is not None and (not model_path.exists() or _is_byte_level(spec)):
-        bos, eos = _token_text(tok_config.get("bos_token")), _token_text(tok_config.get("eos_token"))
-        id_to_token = {i: t for t, i in (spec.get("model") or {}).get("vocab", {}).items()}
-        id_to_token.update({t["id"]: t["content"] for t in spec.get("added_tokens") or []})
-        if bos is None:
-            bos = id_to_token.get(model_config.get("bos_token_id"))
-        if eos is None:
-            eos_ids = model_config.get("eos_token_id")
-            eos = id_to_token.get(eos_ids[0] if isinstance(eos_ids, list) and eos_ids else eos_ids)
-        add_bos = tok_config.get("add_bos_token")
-        return ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
-    return SentencePieceTokenizer(model_path, add_bos=tok_config.get("add_bos_token", True))
+        bos = _token_text(tok_config.get("bos_token"), f"{tc_path}: bos_token")
+        eos = _token_text(tok_config.get("eos_token"), f"{tc_path}: eos_token")
+        try:
+            model = _checked_spec(spec)
+            id_to_token = {i: t for t, i in model["vocab"].items()}
+            id_to_token.update({t["id"]: t["content"] for t in spec.get("added_tokens") or []})
+            if bos is None:
+                bos = id_to_token.get(_config_token_id(model_config.get("bos_token_id")))
+            if eos is None:
+                eos = id_to_token.get(_config_token_id(model_config.get("eos_token_id")))
+            return ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
+        except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
+            raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
+                from None
+    return SentencePieceTokenizer(model_path, add_bos=True if add_bos is None else add_bos)
 
 
 def _is_byte_level(spec: dict) -> bool:
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    return any(s.get("type") == "ByteLevel" for s in steps)
+    """Whether a tokenizer.json's pre-tokenizer has a ByteLevel step (a malformed one is not)."""
+    pre = spec.get("pre_tokenizer") if isinstance(spec, dict) else None
+    if not isinstance(pre, dict):
+        return False
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    return isinstance(steps, list) and any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,7 +529,7 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
         return _llama2_chat(tokenizer, messages)
     if tokenizer.token_to_id("<|im_start|>") is not None:
         return _chatml(messages, add_generation_prompt)
-    raise NotImplementedError("no chat format known for this tokenizer (expected <|im_start|> or SentencePiece)")
+    raise UnsupportedTokenizer("no chat format known for this tokenizer (expected <|im_start|> or SentencePiece)")
 
 
 def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
