@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import LlamaConfig
+from .errors import BadInput, NoDevice
 from .model import Llama
 
 SHAPES = {
@@ -160,21 +161,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def _check_inputs(args) -> tuple[list[str], list[str], Path]:
+    """The device, the transformers peer, the shapes and the --out path, all checked before the first model is built."""
+    from .bench import check_out_path, require_transformers
     if not torch.cuda.is_available():
-        raise NoDevice("minikv bench gpu needs a CUDA GPU; none is visible to torch (torch.cuda.is_available() is False)")
+        raise NoDevice("minikv bench gpu needs a CUDA GPU; none is visible to torch (torch.cuda.is_available() is "
+                       f"False, torch {torch.__version__}); run minikv bench cpu on this machine instead")
+    if os.environ.get("MINIKV_BENCH_HF", "1") == "1":
+        require_transformers("minikv bench gpu", " -- or set MINIKV_BENCH_HF=0 to skip the transformers rows")
+    shapes = os.environ.get("MINIKV_BENCH_SHAPES", "llama2-7b,llama3-8b").split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise BadInput(f"MINIKV_BENCH_SHAPES: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+    policies = os.environ.get("MINIKV_BENCH_POLICIES", ",".join(POLICIES)).split(",")
+    out = check_out_path(Path(args.out or os.environ.get("OUT", "results") + "/bench_gpu.json"))
+    return shapes, policies, out
+
+
+def main(args) -> int:
+    """Run the perf.md table on the GPU, saving the JSON after every row (a cut-off run keeps what it measured)."""
+    from .bench import write_json
+    shapes, policies, out = _check_inputs(args)
     quick = getattr(args, "quick", False)
     prompt_len, new_tokens, ratio = (512, 16, 0.2) if quick else (4096, 256, 0.2)
-    shapes = os.environ.get("MINIKV_BENCH_SHAPES", "llama2-7b,llama3-8b").split(",")
-    policies = os.environ.get("MINIKV_BENCH_POLICIES", ",".join(POLICIES)).split(",")
-    out = Path(args.out or os.environ.get("OUT", "results") + "/bench_gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "ratio": ratio}
 
     def save():
-        out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+        write_json(out, {"info": info, "rows": rows})
 
     deadline = time.perf_counter() + float(os.environ.get("MINIKV_BENCH_SECONDS", "1e9"))
     for shape in shapes:
