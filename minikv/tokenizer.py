@@ -311,6 +311,8 @@ def _checked_spec(spec) -> dict:
     for token, i in vocab.items():
         if not _is_id(i):
             raise BadInput(f"tokenizer.json: model.vocab[{token!r}] must be a non-negative integer id, got {i!r}")
+    if model.get("unk_token") is not None and not isinstance(model["unk_token"], str):
+        raise BadInput(f"tokenizer.json: model.unk_token must be a token string or null, got {model['unk_token']!r}")
     merges = model.get("merges") or []
     if not isinstance(merges, list):
         raise BadInput(f"tokenizer.json: model.merges must be a list, got {type(merges).__name__}")

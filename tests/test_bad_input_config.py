@@ -64,9 +64,11 @@ def _cli(folder: Path, capsys) -> str:
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err
+    # Notes may come before it (e.g. about the policy); the error is one line, the last.
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("minikv: error: "), err
-    return lines[0]
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    assert lines[-1].startswith("minikv: error: "), err
+    return lines[-1]
 
 
 # ---- config.json -------------------------------------------------------------------------------------------
@@ -258,6 +260,7 @@ TOKENIZER_CASES = [
     ("no-vocab", lambda s: {**s, "model": {"type": "BPE", "merges": []}}, r"tokenizer\.json: model\.vocab"),
     ("wordpiece", lambda s: {**s, "model": {**s["model"], "type": "WordPiece"}}, r"model type 'WordPiece'"),
     ("vocab-id-string", lambda s: {**s, "model": {**s["model"], "vocab": {"a": "0"}}}, r"model\.vocab\['a'\]"),
+    ("unk-list", lambda s: {**s, "model": {**s["model"], "unk_token": ["a"]}}, r"model\.unk_token"),
     ("merges-dict", lambda s: {**s, "model": {**s["model"], "merges": {"a": "b"}}}, r"model\.merges"),
     ("added-no-id", lambda s: {**s, "added_tokens": [{"content": "x"}]}, r"added_tokens\[0\]"),
     ("metaspace", lambda s: {**s, "pre_tokenizer": {"type": "Metaspace"}}, r"pre_tokenizer Metaspace"),
