@@ -6,7 +6,9 @@ hitters, merged entries). Users give it as a count (`512`) or as a ratio of the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from .errors import BadInput
@@ -20,11 +22,13 @@ class Budget:
     def __post_init__(self):
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadInput(f"budget must be a count or a ratio, got {v!r}")
+            raise BadInput(f"budget must be a count (e.g. 512) or a ratio (e.g. 0.2), got {v!r} ({type(v).__name__})")
         if isinstance(v, int) and v < 1:
             raise BadInput(f"budget count must be >= 1, got {v}")
         if isinstance(v, float) and not (0 < v <= 1):
-            raise BadInput(f"budget ratio must be in (0, 1], got {v}")
+            hint = f"; for a count of {int(v)} entries write {int(v)}" if math.isfinite(v) and v == int(v) and v > 1 \
+                else ""
+            raise BadInput(f"budget ratio must be in (0, 1], got {v!r}{hint}")
 
     @property
     def is_ratio(self) -> bool:
@@ -38,26 +42,46 @@ class Budget:
         return torch.full_like(n, self.value)
 
     def __str__(self) -> str:
-        return f"{self.value:g}" if self.is_ratio else str(self.value)
+        # repr keeps the decimal point (1.0, not 1), so a ratio never reads as a count.
+        return repr(self.value) if self.is_ratio else str(self.value)
+
+    def describe(self) -> str:
+        """How the budget was read, e.g. 'budget 0.2 = 20% of each prompt's tokens per (layer, KV head)'."""
+        if self.is_ratio:
+            return f"budget {self} = {self.value * 100:.4g}% of each prompt's tokens per (layer, KV head)"
+        return f"budget {self} = {self.value} entr{'y' if self.value == 1 else 'ies'} per (layer, KV head)"
 
 
 def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
-    """'0.2' -> ratio 0.2; '512' -> 512 entries; None stays None (the policy keeps everything)."""
+    """'0.2' -> ratio 0.2; '512' -> 512 entries; None stays None (the policy keeps everything).
+
+    Written with a decimal point or an exponent ('1.0', '1e3') the value is a ratio; digits alone are a count.
+    """
     if text is None or isinstance(text, Budget):
         return text
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return Budget(text)
-    s = str(text).strip()
+    if isinstance(text, Integral) and not isinstance(text, bool):
+        return _budget(text, int(text))
+    if isinstance(text, float):
+        return _budget(text, text)
+    if not isinstance(text, str):
+        raise BadInput(f"budget must be a count (e.g. 512), a ratio (e.g. 0.2) or a string of one, "
+                       f"got {text!r} ({type(text).__name__})")
+    s = text.strip()
     for kind in (int, float):
         try:
             value = kind(s)
         except ValueError:
             continue
-        try:
-            return Budget(value)
-        except ValueError as e:                  # parsed, but out of range: say which rule it broke
-            raise BadInput(f"budget {text!r}: {e}") from None
+        return _budget(text, value)
     raise BadInput(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
+
+
+def _budget(text, value: int | float) -> Budget:
+    """Budget(value), its error naming what the user wrote (parsed, but out of range: say which rule it broke)."""
+    try:
+        return Budget(value)
+    except BadInput as e:
+        raise BadInput(f"budget {text!r}: {e}") from None
 
 
 def uniform_layer_budgets(per_row: torch.Tensor, n_layers: int) -> torch.Tensor:

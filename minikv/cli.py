@@ -5,7 +5,9 @@ Every command that needs the default model fetches it when it is missing, and sa
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import textwrap
 import sys
 from pathlib import Path
 
@@ -15,53 +17,137 @@ from .errors import BadInput, MinikvError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+# ---- argument types: each refuses a bad value at parse time, naming it (argparse prints one line) ------------
+def count_arg(text: str) -> int:
+    """A whole number >= 0 (--max-new-tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """A seed: a whole number in 0..2**64-1 (what torch.Generator accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 0..2**64-1, got {text!r}")
+    return value
+
+
+def temperature_arg(text: str) -> float:
+    """A finite number >= 0 (0 = greedy); inf and nan are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def top_p_arg(text: str) -> float:
+    """A probability mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def prompt_arg(text: str) -> str:
+    """Prompt text, refused when empty (there would be nothing to condition on)."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"the prompt is empty ({text!r}); give at least one character")
+    return text
+
+
+def budget_arg(text: str) -> str:
+    """The budget as written, checked now (a count or a ratio) so a typo fails before the model loads."""
+    from .budgets import parse_budget
+    try:
+        parse_budget(text)
+    except BadInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda when available)")
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="full", help="cache policy (minikv policies lists them)")
-    p.add_argument("--budget", default=None, help="entries per (layer, KV head): a count (512) or a ratio (0.2)")
+    p.add_argument("--budget", default=None, type=budget_arg,
+                   help="entries per (layer, KV head): a count (512) or a ratio with a decimal point (0.2)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="policy option, e.g. --option window=16 (repeatable)")
+                   help="policy option, e.g. --option window=16 (repeatable; a,b,c gives a list)")
+
+
+def parse_value(text: str):
+    """One option value: true/false -> bool, none/null -> None, an int, a float, a,b,c or [a,b] -> a list, else text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "," in text or (text.startswith("[") and text.endswith("]")):
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        if not inner.strip():
+            return []
+        items = [item.strip() for item in inner.split(",")]
+        if any(not item for item in items):
+            raise BadInput(f"list value {text!r} has an empty item; write e.g. 0,1,29")
+        return [parse_value(item) for item in items]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> dict with ints/floats/bools/None converted."""
+    """KEY=VALUE strings -> dict (values through parse_value); a missing '=', an empty key or value, or a key given
+    twice is refused, naming it."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise BadInput(f"--option {pair!r} is not KEY=VALUE")
+            raise BadInput(f"--option {pair!r} is not KEY=VALUE (e.g. --option window=16)")
         key, value = pair.split("=", 1)
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        elif low in ("none", "null"):
-            out[key] = None
-        else:
-            for cast in (int, float):
-                try:
-                    out[key] = cast(value)
-                    break
-                except ValueError:
-                    continue
-            else:
-                out[key] = value
+        key = key.strip()
+        if not key:
+            raise BadInput(f"--option {pair!r} has an empty key; write KEY=VALUE (e.g. --option window=16)")
+        if not value.strip():
+            raise BadInput(f"--option {pair!r} has an empty value; write KEY=VALUE (an empty list is KEY=[])")
+        if key in out:
+            raise BadInput(f"--option {key!r} is given twice ({key}={out[key]!r} and {pair!r}); give it once")
+        out[key] = parse_value(value)
     return out
 
 
 def load_model_and_tokenizer(args):
     """The model and tokenizer named by --model, fetching the default model when it is missing."""
     from .checkpoint import load_model
+    from .model import resolve_device
     from .tokenizer import load_tokenizer
+    device = resolve_device(args.device)             # before any file is read: a missing GPU fails fast
     if args.model is None:
         from .convert import ensure_default_model
         folder = ensure_default_model()
     else:
         folder = Path(args.model)
-    return load_model(folder, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(folder)
+    return load_model(folder, dtype=DTYPES[args.dtype], device=device), load_tokenizer(folder)
 
 
 def make_policy(args):
@@ -79,11 +165,25 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-def cmd_policies(args) -> int:
+def policy_listing(width: int = 120) -> list[str]:
+    """Each policy: its name and one-line summary, then whether it takes a budget and its options with defaults."""
     from .policies import REGISTRY
+    from .policies.base import policy_options
+    indent = max(map(len, REGISTRY)) + 2
+    lines = []
     for name in sorted(REGISTRY):
-        doc = (sys.modules[REGISTRY[name].__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:18s} {doc[0] if doc else ''}")
+        cls = REGISTRY[name]
+        lines.append(f"{name:<{indent}}{cls.summary}")
+        opts = ", ".join(f"{k}={v}" for k, v in policy_options(cls).items()) or "none"
+        budget = "budget: required" if cls.takes_budget else "budget: none (refused)"
+        lines += textwrap.wrap(f"{budget}; options: {opts}", width=width, initial_indent=" " * indent,
+                               subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
+    return lines
+
+
+def cmd_policies(args) -> int:
+    print("\n".join(policy_listing()))
+    print("\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with a decimal point (0.2)")
     return 0
 
 
@@ -108,8 +208,9 @@ class TextStreamer:
 def cmd_generate(args) -> int:
     from .generate import generate
     from .tokenizer import chat_stop_ids, encode_chat
+    policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
+    print(policy.budget_reading(), file=sys.stderr)
     model, tok = load_model_and_tokenizer(args)
-    policy = make_policy(args)
     if args.chat:
         ids = encode_chat(tok, [{"role": "user", "content": args.prompt}])
         stop = chat_stop_ids(tok)
@@ -120,13 +221,21 @@ def cmd_generate(args) -> int:
     res = generate(model, [ids], policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, stop_ids=stop, seed=args.seed, on_tokens=streamer)
     print()
-    print(f"[{policy.name} budget={args.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
+    if res.stopped_at_context:
+        print(context_note(res, args.max_new_tokens), file=sys.stderr)
+    print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
           f"{res.summary()}", file=sys.stderr)
     if args.bound_report:
         from .bounds import bound_report
         rows = bound_report(model, ids, make_policy(args))
         print(format_rows(rows), file=sys.stderr)
     return 0
+
+
+def context_note(res, max_new_tokens: int) -> str:
+    """The line saying generation stopped at the model's context, not at max_new_tokens."""
+    return (f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
+            f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for")
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -165,12 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("policies", help="list the cache policies").set_defaults(func=cmd_policies)
 
     g = sub.add_parser("generate", help="generate text with a cache policy and print KV memory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, type=prompt_arg)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=count_arg, default=64,
+                   help="at most this many tokens (generation also stops at the model's context)")
+    g.add_argument("--temperature", type=temperature_arg, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=top_p_arg, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--seed", type=seed_arg, default=None)
     g.add_argument("--bound-report", action="store_true", help="print the Ada-KV bound vs true error per layer")
     add_model_args(g)
     add_policy_args(g)

@@ -5,8 +5,10 @@ forward pass (so layer l is compressed before layer l+1 runs) and `after_step` f
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Callable
 
 import torch
@@ -16,14 +18,118 @@ from .store import KVCache
 from .errors import BadInput
 
 
-# ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
+# Decode room reserved right after prefill when the caller does not say: enough for short answers, small enough
+# that a huge max_new_tokens costs nothing up front (the store grows geometrically past it).
+RESERVE_CHUNK = 256
+
+
+# ---- checking the caller's input (every refusal names the value) -----------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _short(x) -> str:
+    """repr(x), cut to 60 characters."""
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if not (temperature >= 0):
-        raise BadInput(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not (0 < top_p <= 1):
-        raise BadInput(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """Refuse a temperature that is not a finite number >= 0, a top_p outside (0, 1], a negative max_new_tokens."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise BadInput(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not (0 < top_p <= 1):
+        raise BadInput(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise BadInput(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+
+
+def check_count(name: str, value, lo: int = 0, optional: bool = True) -> None:
+    """Refuse a keyword argument that should be an integer >= lo (or None when optional)."""
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < lo:
+        raise BadInput(f"{name} must be an integer >= {lo}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_token_row(row, vocab_size: int, name: str) -> list[int]:
+    """One prompt: a non-empty list of token ids in [0, vocab_size), as a list of ints."""
+    if isinstance(row, torch.Tensor) and row.dim() == 1 and not row.is_floating_point():
+        row = row.tolist()
+    if _is_int(row):
+        raise BadInput(f"{name} is {row!r}, a single token id; pass one list per prompt, e.g. [[1, 2, 3]]")
+    if not isinstance(row, (list, tuple)):
+        raise BadInput(f"{name} must be a list of token ids, got {type(row).__name__} {_short(row)}")
+    if not row:
+        raise BadInput(f"{name} is empty: every prompt must hold at least one token")
+    if not all(type(t) is int for t in row):                 # the slow path only for unusual element types
+        for j, t in enumerate(row):
+            if not _is_int(t):
+                raise BadInput(f"{name}[{j}] = {_short(t)} is not a token id (an integer)")
+        row = [int(t) for t in row]
+    lo, hi = min(row), max(row)
+    if lo < 0 or hi >= vocab_size:
+        j = row.index(lo if lo < 0 else hi)
+        raise BadInput(f"{name}[{j}] = {row[j]} is outside the model's vocabulary (0..{vocab_size - 1})")
+    return list(row)
+
+
+def check_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
+    """A non-empty list of prompts, each a non-empty list of token ids in the vocabulary; anything else is refused."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and not prompts.is_floating_point():
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)):
+        raise BadInput(f"{name} must be a list of token-id lists, got the text {_short(prompts)}; "
+                       f"encode it with the tokenizer first, e.g. [tokenizer.encode(text)]")
+    if not isinstance(prompts, (list, tuple)):
+        raise BadInput(f"{name} must be a list of token-id lists (e.g. [[1, 2, 3]]), got "
+                       f"{type(prompts).__name__} {_short(prompts)}")
+    if not prompts:
+        raise BadInput(f"{name} is an empty list: give at least one token-id list")
+    return [check_token_row(row, vocab_size, f"{name}[{b}]") for b, row in enumerate(prompts)]
+
+
+def check_policy(policy) -> None:
+    """Refuse something that is not a policy object (a name, a class), pointing at get_policy."""
+    hooks = ("start", "after_prefill", "after_step")
+    if isinstance(policy, type) or not all(callable(getattr(policy, h, None)) for h in hooks):
+        raise BadInput(f"policy must be a policy object such as get_policy('h2o', 0.2), got "
+                       f"{type(policy).__name__} {_short(policy)}")
+
+
+def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Prompts and question (None, or one non-empty list per prompt) as token-id lists that fit the context."""
+    vocab = model.cfg.vocab_size
+    prompts = check_prompts(prompts, vocab)
+    if question is not None:
+        question = check_prompts(question, vocab, "question")
+        if len(question) != len(prompts):
+            raise BadInput(f"question has {len(question)} rows for {len(prompts)} prompts: give one per prompt")
+    if not _is_int(pad_id) or not 0 <= pad_id < vocab:
+        raise BadInput(f"pad_id must be a token id in 0..{vocab - 1}, got {pad_id!r}")
+    if context_room(model, prompts, question) < 0:
+        longest = model.cfg.max_position_embeddings - context_room(model, prompts, question)
+        raise BadInput(f"prompt of {longest} tokens is longer than the model's context "
+                       f"({model.cfg.max_position_embeddings} tokens)")
+    return prompts, question
+
+
+def check_stop_ids(stop_ids) -> set[int]:
+    """Stop token ids as a set of ints (a list, tuple or set; an empty one never stops early)."""
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (list, tuple, set, frozenset)) \
+            or not all(_is_int(t) for t in stop_ids):
+        raise BadInput(f"stop_ids must be a list of token ids (integers) or None, got {_short(stop_ids)}")
+    return {int(t) for t in stop_ids}
+
+
+def context_room(model: Llama, prompts: list[list[int]], question: list[list[int]] | None) -> int:
+    """New tokens that fit after the longest prompt (+ question) inside the model's context."""
+    longest = max(len(p) + (len(question[b]) if question else 0) for b, p in enumerate(prompts))
+    return model.cfg.max_position_embeddings - longest
+
+
+# ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -66,6 +172,9 @@ class GenerationResult:
     decode_seconds: float
     cache: KVCache | None = field(default=None, repr=False)
     policy_report: dict = field(default_factory=dict)
+    # True when generation stopped because the context was full, before max_new_tokens and any stop token.
+    stopped_at_context: bool = False
+    context: int = 0                               # the model's context, in tokens (for the message)
 
     def summary(self) -> str:
         mib = 1 << 20
@@ -91,18 +200,15 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     """
     from .policies import get_policy
     policy = get_policy("full") if policy is None else policy
+    check_policy(policy)
+    prompts, question = check_inputs(model, prompts, question, pad_id)
+    check_count("extra_capacity", extra_capacity, optional=False)
     if getattr(policy, "prefill_mode", None) == "exact":
         # CORM's definition: the prompt arrives token by token, with evictions after every row.
         from .policies.corm import corm_exact_prefill
         logits, cache = corm_exact_prefill(model, prompts, policy, question, pad_id)
         cache.reserve(extra_capacity)
         return logits, cache
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise BadInput("every prompt must hold at least one token")
-    ctx = model.cfg.max_position_embeddings
-    longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * len(prompts)))
-    if longest > ctx:
-        raise BadInput(f"prompt of {longest} tokens is longer than the model's context ({ctx} tokens)")
     B = len(prompts)
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     room = 0 if policy.decode_evicts or policy.prefill_needs else extra_capacity
@@ -113,8 +219,6 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs, window=policy.window,
                    use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
     if question:
-        if len(question) != B or any(len(q) == 0 for q in question):
-            raise BadInput("question must give one non-empty token list per prompt")
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
     if not policy.decode_evicts:
@@ -159,19 +263,32 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
              prefill_rows: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
 
-    The cache reserves room for `reserve_tokens` (default max_new_tokens) decode entries right after prefill.
+    Generation never runs past the model's context: at most context - (longest prompt) new tokens, and the result's
+    `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
+    for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
+    more than the context leaves, and grows geometrically beyond that as tokens really arrive.
     `prefill_rows` prefills that many prompts at a time (see prefill_in_groups) to keep the prefill peak down.
     """
     from .policies import get_policy
     policy = get_policy("full") if policy is None else policy
+    check_policy(policy)
     check_sampling(temperature, top_p, max_new_tokens)
-    stop = set(model.cfg.eos_ids if stop_ids is None else stop_ids)
+    prompts, question = check_inputs(model, prompts, question, pad_id)
+    stop = check_stop_ids(model.cfg.eos_ids if stop_ids is None else stop_ids)
+    check_count("reserve_tokens", reserve_tokens)
+    check_count("prefill_rows", prefill_rows, lo=1)
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 64):
+        raise BadInput(f"seed must be an integer in 0..2**64-1 or None, got {seed!r}")
+    if on_tokens is not None and not callable(on_tokens):
+        raise BadInput(f"on_tokens must be a callable or None, got {_short(on_tokens)}")
     gen = None
     if seed is not None:
         gen = torch.Generator(device=model.device).manual_seed(seed)
-    ctx = model.cfg.max_position_embeddings
+    n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
+    # The last sampled token is never fed back, so decoding appends at most n_steps - 1 entries.
+    fed = max(n_steps - 1, 0)
+    reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
     t0 = time.perf_counter()
-    reserve = max_new_tokens if reserve_tokens is None else reserve_tokens
     if prefill_rows and prefill_rows < len(prompts):
         logits, cache, policy = prefill_in_groups(model, prompts, policy, prefill_rows, question, pad_id, use_sdpa,
                                                   extra_capacity=reserve)
@@ -183,7 +300,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
-    for step in range(max_new_tokens):
+    for step in range(n_steps):
         nxt = sample(logits, temperature, top_p, gen)                          # (B,)
         is_stop = torch.tensor([int(t) in stop for t in nxt.tolist()], device=model.device)
         newly = ~done & ~is_stop
@@ -192,7 +309,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         if on_tokens is not None:
             on_tokens([int(nxt[b]) if newly[b] else None for b in range(B)])
         done |= is_stop
-        if bool(done.all()) or step == max_new_tokens - 1 or int(cache.seen.max()) >= ctx:
+        if bool(done.all()) or step == n_steps - 1:
             break
         # Finished rows feed a padding token at position -1: nothing is cached for them.
         pos = torch.where(done, -1, cache.seen)[:, None]
@@ -204,7 +321,9 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
         kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
         kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
-        cache=cache if keep_cache else None, policy_report=policy.report())
+        cache=cache if keep_cache else None, policy_report=policy.report(),
+        stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
+        context=model.cfg.max_position_embeddings)
 
 
 def _sync(model: Llama) -> None:

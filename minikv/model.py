@@ -15,7 +15,30 @@ import torch.nn.functional as F
 from .attention import attend
 from .config import LlamaConfig
 from .store import KVCache, LayerStore
-from .errors import BadInput
+from .errors import BadInput, NoDevice
+
+
+# ---- devices ----------------------------------------------------------------------------------------------
+def resolve_device(device) -> torch.device:
+    """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here; BadInput / NoDevice otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInput(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise NoDevice(f"device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise NoDevice(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise NoDevice(f"device {device!r}: Apple's MPS backend is not available on this machine; use --device cpu")
+        return dev
+    raise BadInput(f"device {device!r}: minikv runs on cpu, cuda[:N] or mps")
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------------------
@@ -156,9 +179,11 @@ class Llama(nn.Module):
         return self.embed_tokens.weight.device
 
     def new_cache(self, batch: int, capacity: int = 16) -> KVCache:
+        """An empty cache for `batch` rows with `capacity` slots per head; it grows as needed, up to the context."""
         c = self.cfg
-        return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity,
-                             dtype=self.dtype, device=self.device)
+        return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
+                             min(capacity, c.max_position_embeddings + 1), dtype=self.dtype, device=self.device,
+                             max_capacity=c.max_position_embeddings)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,
                 hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
@@ -171,8 +196,11 @@ class Llama(nn.Module):
         B, T = tokens.shape
         if pos is None:
             pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)
-        lo, hi = pos.aminmax()
-        lo, hi = int(lo), int(hi)                                                 # one host sync per forward
+        # One host sync per forward reads the position range and the token range together.
+        lo, hi, t_lo, t_hi = torch.stack([x.long() for x in (*pos.aminmax(), *tokens.aminmax())]).tolist()
+        if t_lo < 0 or t_hi >= self.cfg.vocab_size:
+            bad = t_lo if t_lo < 0 else t_hi
+            raise BadInput(f"token id {bad} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
         if hi >= self.cfg.max_position_embeddings:
             raise BadInput(f"sequence of {hi + 1} tokens exceeds the model's context "
                              f"({self.cfg.max_position_embeddings} tokens)")

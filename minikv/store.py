@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from numbers import Integral
+
 import torch
 from .errors import BadInput
 
@@ -36,10 +38,12 @@ class LayerStore:
     max_len_bound: int = 0        # >= the longest head's length (exact after every keep)
     n_appends: int = 0            # append calls so far (the first one, without padding, is a plain causal prompt)
     heads_aligned: bool = True    # every head holds the same positions (False after any eviction)
+    # Geometric growth stops here (the model's context: no head can hold more); 0 = unbounded.
+    max_capacity: int = 0
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
-              dtype=torch.float32, device=None) -> "LayerStore":
+              dtype=torch.float32, device=None, max_capacity: int = 0) -> "LayerStore":
         S = _round_up(capacity)
         return cls(
             k=torch.zeros(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device),
@@ -47,6 +51,7 @@ class LayerStore:
             pos=torch.full((batch, n_kv_heads, S), -1, dtype=torch.long, device=device),
             length=torch.zeros(batch, n_kv_heads, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
+            max_capacity=max_capacity,
         )
 
     # ---- shape helpers -------------------------------------------------------------------------------------
@@ -86,8 +91,14 @@ class LayerStore:
         self.stats = {name: grow(t, 0) for name, t in self.stats.items()}
 
     def reserve(self, extra: int) -> None:
-        """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth)."""
-        need = self.max_length() + extra + 1          # +1: the spare slot append uses for padding
+        """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth).
+
+        Never beyond max_capacity: room past the context could not be used."""
+        if isinstance(extra, bool) or not isinstance(extra, Integral) or extra < 0:
+            raise BadInput(f"reserve: extra entries must be an integer >= 0, got {extra!r}")
+        need = self.max_length() + int(extra) + 1     # +1: the spare slot append uses for padding
+        if self.max_capacity:
+            need = min(need, max(self.max_capacity, self.max_length() + 1))
         if need > self.capacity:
             self._resize(need)
 
@@ -108,7 +119,11 @@ class LayerStore:
         # +1 spare slot: skipped (padding) tokens are written there and left marked empty.
         need = self.max_len_bound + T + 1
         if need > self.capacity:
-            self._resize(max(need, int(self.capacity * 1.5)))
+            # Geometric growth keeps appends amortised O(1); it stops at max_capacity unless `need` is larger.
+            grown = int(self.capacity * 1.5)
+            if self.max_capacity:
+                grown = min(grown, self.max_capacity)
+            self._resize(max(need, grown))
         offset = torch.cumsum(real.long(), dim=-1) - 1                # (B, T) rank among the real tokens
         slot = self.length[:, :, None] + offset[:, None, :]           # (B, Hkv, T)
         spare = self.length + n_new[:, None]                          # (B, Hkv) first slot after the new ones
@@ -199,13 +214,19 @@ class KVCache:
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
-              dtype=torch.float32, device=None) -> "KVCache":
-        return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device) for _ in range(n_layers)])
+              dtype=torch.float32, device=None, max_capacity: int = 0) -> "KVCache":
+        return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device, max_capacity)
+                    for _ in range(n_layers)])
 
     @property
     def seen(self) -> torch.Tensor:
         """(B,) tokens each batch row has seen so far (the next token's position)."""
         return self.layers[0].seen
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated per head (the largest over layers)."""
+        return max(layer.capacity for layer in self.layers)
 
     def nbytes_live(self) -> int:
         return sum(layer.nbytes_live() for layer in self.layers)
@@ -256,4 +277,5 @@ def concat_layers(stores: list[LayerStore]) -> LayerStore:
                       stats={n: cat(lambda s: s.stats[n]) for n in names},
                       max_len_bound=max(s.max_len_bound for s in stores),
                       n_appends=max(s.n_appends for s in stores),
-                      heads_aligned=all(s.heads_aligned for s in stores))
+                      heads_aligned=all(s.heads_aligned for s in stores),
+                      max_capacity=max(s.max_capacity for s in stores))

@@ -5,10 +5,13 @@ own report (budgets, per-layer ratios, thresholds).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import torch
 
+from .errors import BadInput
 from .record import Recorder, head_changes
 
 
@@ -60,12 +63,42 @@ def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, la
     return rec, tokenizer.decode(res.tokens[0]), pieces, res
 
 
+def layers_arg(text: str) -> set[int] | None:
+    """--layers: 'all' (None) or comma-separated layer numbers >= 0; the upper bound is checked once the model is
+    loaded (check_layers)."""
+    if text.strip() == "all":
+        return None
+    out = set()
+    for item in text.split(","):
+        try:
+            layer = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer numbers (e.g. 0,2), "
+                                             f"got {text!r}") from None
+        if layer < 0:
+            raise argparse.ArgumentTypeError(f"layer {layer} in {text!r} is negative; layers are numbered from 0")
+        out.add(layer)
+    return out
+
+
+def check_layers(layers: set[int] | None, n_layers: int) -> None:
+    """Refuse layers the model does not have (otherwise the trace would silently print nothing)."""
+    bad = sorted(l for l in layers or () if l >= n_layers)
+    if bad:
+        raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, "
+                       f"0..{n_layers - 1}")
+
+
 def cmd_trace(args) -> int:
-    from .cli import load_model_and_tokenizer, make_policy
+    from .cli import context_note, load_model_and_tokenizer, make_policy
+    policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
+    print(policy.budget_reading(), file=sys.stderr)
     model, tok = load_model_and_tokenizer(args)
-    layers = None if args.layers == "all" else {int(x) for x in args.layers.split(",")}
-    rec, text, pieces, res = run_trace(model, tok, make_policy(args), args.prompt, args.max_new_tokens, layers)
-    print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {args.budget}")
+    check_layers(args.layers, model.cfg.num_hidden_layers)
+    rec, text, pieces, res = run_trace(model, tok, policy, args.prompt, args.max_new_tokens, args.layers)
+    if res.stopped_at_context:
+        print(context_note(res, args.max_new_tokens), file=sys.stderr)
+    print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
     print(res.summary())
@@ -82,11 +115,12 @@ def _jsonable(x):
 
 
 def register(sub) -> None:
-    from .cli import add_model_args, add_policy_args
+    from .cli import add_model_args, add_policy_args, count_arg, prompt_arg
     p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=4)
-    p.add_argument("--layers", default="0", help="comma-separated layers to show, or 'all' (default: 0)")
+    p.add_argument("--prompt", required=True, type=prompt_arg)
+    p.add_argument("--max-new-tokens", type=count_arg, default=4)
+    p.add_argument("--layers", default="0", type=layers_arg,
+                   help="comma-separated layers to show, or 'all' (default: 0)")
     add_model_args(p)
     add_policy_args(p)
     p.set_defaults(func=cmd_trace)

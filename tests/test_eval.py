@@ -270,8 +270,10 @@ def test_run_resume_after_interruption(tmp_path, char_tok, monkeypatch):
     with open(tmp_path / R.RECORDS, "a") as f:
         f.write('{"id": "half')
     assert len(R.read_records(tmp_path)) == total
-    R.append_record(tmp_path, {"id": "x", "task": "t"})
+    R.append_record(tmp_path, dict(recs[0], id="x"))
     assert len(R.read_records(tmp_path)) == total + 1
+    notes = R.scan_records(tmp_path)[1]
+    assert len(notes) == 1 and notes[0].startswith(f"{tmp_path / R.RECORDS}:{total + 1}: not valid JSON, e.g. cut off")
 
 
 def test_question_agnostic_and_errors_recorded(tmp_path, char_tok):

@@ -3,7 +3,7 @@
   tasks.py    passkey, needle, ruler-lite (multikey, multivalue, vt, cwe), ppl text, LongBench-format rows
   metrics.py  RULER string matching; LongBench qa-F1, ROUGE-L, classification, code edit similarity, ...
   runner.py   the policy × budget × length × depth × sample grid; teacher-forced perplexity under eviction
-  records.py  one JSON record per cell (records.jsonl, resumable by cell id), the markdown table
+  records.py  one JSON record per cell (records.jsonl, resumable by cell id), the markdown table, the folder's lock
   plots.py    quality vs measured cache ratio, length × depth heatmaps, surviving-position strips
   cli.py      `minikv eval`
 """

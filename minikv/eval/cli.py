@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from ..cli import add_model_args, load_model_and_tokenizer, parse_options
 from . import records as rec
-from .runner import EvalConfig, parse_budgets, parse_policies, run_grid
+from .runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
 from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
 from ..errors import BadInput
 
@@ -62,24 +63,69 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise BadInput(f"--{what} must be comma-separated integers, got {text!r}") from None
+        raise BadInput(f"--{what} must be comma-separated whole numbers, got {text!r}") from None
+
+
+def check_plain_args(args) -> None:
+    """Options that need neither the model nor the grid: --threads, --data's task, --view-layer/--view-head's sign."""
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cpus:
+        raise BadInput(f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), "
+                       f"or leave it out")
+    if args.data is not None and args.task != "longbench-local":
+        raise BadInput(f"--data {args.data} is only read by --task longbench-local, not --task {args.task}")
+    for flag, value in (("--view-layer", args.view_layer), ("--view-head", args.view_head)):
+        if value is not None and value < 0:
+            raise BadInput(f"{flag} {value}: give a layer / KV head index from 0 (default: the middle layer, head 0)")
 
 
 def config_from_args(args, model_name: str) -> EvalConfig:
     """The grid the arguments describe, checked before any model is loaded."""
+    check_plain_args(args)
     budgets = parse_budgets(args.budgets)
     specs = parse_policies(args.policies, parse_options(args.option), probe_budget=budgets[0])
-    if args.lengths:
+    if args.lengths is not None:
         lengths = _ints(args.lengths, "lengths")
+        if not lengths:
+            raise BadInput(f"--lengths {args.lengths!r} lists no length; give prompt lengths in tokens, "
+                           f"e.g. --lengths 1000,2000")
     else:
         lengths = [DEFAULT_LENGTH.get(args.task)]          # longbench-local: None = the model's context
+    depths = _floats(args.depths, "depths")
+    if not depths:
+        raise BadInput(f"--depths {args.depths!r} lists no depth; give fractions in [0, 1], e.g. --depths 0,0.5,1")
+    subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip())
+    if not subtasks:
+        raise BadInput(f"--subtasks {args.subtasks!r} lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
     return EvalConfig(
-        task=args.task, policies=specs, budgets=budgets, lengths=lengths, depths=_floats(args.depths, "depths"),
+        task=args.task, policies=specs, budgets=budgets, lengths=lengths, depths=depths,
         samples=args.samples if args.samples is not None else (None if args.task == "longbench-local" else 1),
         seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
         chat={"auto": None, "on": True, "off": False}[args.chat], ppl_prefix=args.ppl_prefix,
-        subtasks=tuple(s.strip() for s in args.subtasks.split(",") if s.strip()), data=args.data,
-        model_name=model_name, dtype=args.dtype)
+        subtasks=subtasks, data=args.data, model_name=model_name, dtype=args.dtype)
+
+
+def check_model_args(args, model) -> None:
+    """--view-layer and --view-head within the loaded model (checked before the grid runs, not at plot time)."""
+    for flag, value, n, what in (("--view-layer", args.view_layer, model.cfg.num_hidden_layers, "layers"),
+                                 ("--view-head", args.view_head, model.cfg.num_key_value_heads, "KV heads")):
+        if value is not None and not 0 <= value < n:
+            raise BadInput(f"{flag} {value} is out of range: the model has {n} {what} (0 to {n - 1})")
+
+
+def output_folder(args) -> Path:
+    """--out (default runs/eval/<task>) as a folder that exists and is writable."""
+    out = Path(args.out or Path("runs") / "eval" / args.task)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is an existing file; give a folder (it will hold records.jsonl and "
+                       f"table.md; re-running with the same folder resumes)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
+    if (out / rec.RECORDS).exists() and not (out / rec.RECORDS).is_file():
+        raise BadInput(f"--out {out}: {out / rec.RECORDS} is not a file; give another folder")
+    return out
 
 
 def command_line(args) -> str:
@@ -101,17 +147,52 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+def resume_command(args, out: Path) -> str:
+    """The exact command that resumes this run: as it was invoked (`python3 -m minikv` or `minikv`), with --out."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    prog = "python3 -m minikv" if spec is not None and spec.name == "minikv.__main__" else "minikv"
+    cmd = prog + command_line(args)[len("minikv"):]
+    if not args.out:
+        cmd += f" --out {shlex.quote(str(out))}"
+    device = next(a.default for a in args.eval_parser._actions if a.dest == "device")
+    if args.device != device:
+        cmd += f" --device {shlex.quote(args.device)}"
+    return cmd
+
+
+def finished_count(out: Path, cfg: EvalConfig) -> tuple[int, int]:
+    """(finished cells of this grid in out/records.jsonl, cells in the grid)."""
+    ids = {c.id for c in build_grid(cfg)}
+    return len(ids & rec.finished_ids(rec.read_records(out))), len(ids)
+
+
 def cmd_eval(args) -> int:
-    """Run the grid (resuming), print and save the table, and plot when asked."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Run the grid (resuming), print and save the table, and plot when asked. Every input is checked before the
+    model loads where it can be, and before the first cell runs otherwise. One run at a time holds the output
+    folder; Ctrl-C keeps every finished cell and prints the command that resumes (exit status 130)."""
     model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
     cfg = config_from_args(args, model_name)
     if cfg.task == "longbench-local":
         read_longbench(cfg.data)                              # a missing or malformed file fails before loading
-    model, tok = load_model_and_tokenizer(args)
-    out = Path(args.out or Path("runs") / "eval" / args.task)
+    out = output_folder(args)
     command = command_line(args)
+    with rec.OutputLock(out, command):
+        try:
+            return run_and_report(args, cfg, out, command, model_name)
+        except KeyboardInterrupt:
+            done, total = finished_count(out, cfg)
+            print(f"minikv eval: interrupted; {done} of {total} cells finished, kept in {out / rec.RECORDS}; "
+                  f"resume with: {resume_command(args, out)}", file=sys.stderr)
+            return 130
+
+
+def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: str) -> int:
+    """Load the model, run the grid, write the table and the plots (the part of `eval` that holds the lock)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model_and_tokenizer(args)
+    check_model_args(args, model)
     result = run_grid(model, tok, cfg, out, progress=not args.no_progress)
     print(f"{len(result['cells'])} cells: ran {result['ran']}, skipped {result['skipped']} already in "
           f"{out / rec.RECORDS}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """One JSON record per grid cell in DIR/records.jsonl (appended and flushed as each cell finishes, so an interrupted
-run resumes by skipping the cell ids already there), and the markdown table rendered from them.
+run resumes by skipping the cell ids already there), the markdown table rendered from them, and DIR/eval.lock, which
+keeps a second run off a folder that one is writing.
+
+records.jsonl is only ever appended to: a line that is not a usable record (cut off by a kill, edited by hand) is
+skipped with a warning naming the file and line, its cell runs again, and the line itself stays as it was.
 
 A cell id is readable (task|policy|budget|length|depth|sample|question mode) plus a short hash of everything else
 that decides the result (seed, options, model, dtype, task settings), so changing any of those runs the cell again.
@@ -16,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from ..errors import BadInput
 
 RECORDS = "records.jsonl"
 
@@ -90,32 +96,82 @@ def peak_memory(device) -> tuple[int, str]:
 
 
 # ---- records.jsonl ---------------------------------------------------------------------------------------------------
-def read_records(out_dir: str | Path) -> list[dict]:
-    """Every complete record in DIR/records.jsonl (a line cut short by an interruption is ignored)."""
+# What a record must hold for the resume logic and the table to use it: key -> accepted types. A record that is JSON
+# but breaks this (hand-edited, or written by something else) is skipped with a warning and its cell runs again.
+_NUMBER = (int, float)
+RECORD_FIELDS = {"id": (str,), "task": (str,), "policy": (str,), "question": (str,), "budget": (str, type(None))}
+RESULT_FIELDS = {"score": _NUMBER + (type(None),), "cache_ratio": _NUMBER}        # records without an error
+
+
+def record_problem(rec) -> str | None:
+    """Why a parsed JSON value cannot be used as a record (None when it can)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    fields = dict(RECORD_FIELDS, **({} if rec.get("error") else RESULT_FIELDS))
+    missing = [k for k in fields if k not in rec]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    for key, types in fields.items():
+        value = rec[key]
+        if isinstance(value, bool) or not isinstance(value, types) or (key == "id" and not value):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"{key} is {json.dumps(value, default=str)[:40]}, expected {want}"
+    if rec.get("error") is not None and not isinstance(rec["error"], str):
+        return f"error is {json.dumps(rec['error'], default=str)[:40]}, expected a string"
+    return None
+
+
+def scan_records(out_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """(usable records, one 'FILE:LINE: why skipped' note per unusable line) of DIR/records.jsonl; the file is only
+    read, never rewritten, so a skipped line stays there as it was."""
     path = Path(out_dir) / RECORDS
     if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "id" in rec:
-                out.append(rec)
-    return out
+        return [], []
+    try:
+        with open(path, "rb") as f:                   # bytes: a line of binary garbage must not stop the others
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
+    out, notes = [], []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            notes.append(f"{path}:{i + 1}: not valid JSON, e.g. cut off by an interrupted run ({e}); skipped, "
+                         f"its cell runs again")
+            continue
+        problem = record_problem(rec)
+        if problem:
+            notes.append(f"{path}:{i + 1}: not a minikv eval record ({problem}); skipped, its cell runs again")
+            continue
+        out.append(rec)
+    return out, notes
+
+
+def read_records(out_dir: str | Path, warn: bool = False) -> list[dict]:
+    """Every usable record in DIR/records.jsonl; a line cut short by an interruption, or one that is not a record,
+    is skipped (with a warning line on stderr naming the file and line when `warn`)."""
+    records, notes = scan_records(out_dir)
+    if warn:
+        for note in notes:
+            print(f"minikv eval: warning: {note}", file=sys.stderr)
+    return records
 
 
 def append_record(out_dir: str | Path, record: dict) -> None:
     """Append one record and force it to disk, so a crash right after loses nothing."""
     path = Path(out_dir) / RECORDS
     path.parent.mkdir(parents=True, exist_ok=True)
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a", encoding="utf-8") as f:
-        if needs_newline:                     # a previous run died mid-line: start a fresh line
-            f.write("\n")
-        f.write(json.dumps(record, default=str) + "\n")
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:                              # a previous run died mid-line: start a fresh line
+            f.seek(-1, os.SEEK_END)
+            needs_newline = f.read(1) != b"\n"
+        else:
+            needs_newline = False
+        f.write((("\n" if needs_newline else "") + json.dumps(record, default=str) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -185,3 +241,132 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
             n[(r["policy"], r["budget"])] += 1
         parts.append(f"\n{max(n.values())} cell(s) per entry (lengths × depths × samples).\n")
     return "\n".join(parts).rstrip() + "\n"
+
+
+# ---- one run per output folder ---------------------------------------------------------------------------------------
+LOCK = "eval.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one we may not signal still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> tuple[str | None, dict | None]:
+    """(raw text, parsed holder or None when unreadable) of a lock file; (None, None) when it has vanished."""
+    import time
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text:                                    # just created by a run that has not written it yet
+            time.sleep(0.2)
+            text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None, None
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return text, None
+    ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
+    return text, holder if ok else None
+
+
+def _is_stale(holder: dict) -> bool:
+    """A lock taken on this host by a process that no longer exists (killed, machine crash before a release)."""
+    import socket
+    return holder["host"] == socket.gethostname() and not _pid_alive(holder["pid"])
+
+
+def _take_over(path: Path, stale_text: str) -> None:
+    """Remove the stale lock whose content is `stale_text`. It is renamed aside first, so that of two runs taking
+    over at once, the second cannot remove the lock the first has just made (that one is put back)."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return                                          # another run took it over first
+    try:
+        if aside.read_text(encoding="utf-8", errors="replace") != stale_text:
+            try:
+                os.link(aside, path)                    # a live lock taken meanwhile: restore it
+            except FileExistsError:
+                pass
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+class OutputLock:
+    """`with OutputLock(folder, command):` holds folder/eval.lock (created with O_CREAT | O_EXCL, holding pid, host,
+    start time and command) so that a second run on the same folder is refused instead of computing every cell
+    twice. A lock left by a process that no longer exists on this host is taken over with a one-line note."""
+
+    def __init__(self, folder: str | Path, command: str):
+        self.path = Path(folder) / LOCK
+        self.command = command
+        self.mine: str | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Create the lock, or raise BadInput naming the run that holds it."""
+        import socket
+        from datetime import datetime
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+                         "command": self.command}) + "\n"
+        for _ in range(3):                              # a takeover can race with another run: try again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                text, holder = _read_lock(self.path)
+                if text is None:
+                    continue                            # released between our open and our read
+                if holder is None:
+                    raise BadInput(f"{self.path} exists but does not name its holder (content {text[:60]!r}); "
+                                   f"if no other `minikv eval` writes to {self.path.parent}, delete it and run "
+                                   f"again") from None
+                if not _is_stale(holder):
+                    raise BadInput(self._held_message(holder)) from None
+                print(f"minikv eval: note: taking over the stale lock {self.path} of pid {holder['pid']} "
+                      f"(since {holder.get('started', '?')}), which no longer runs", file=sys.stderr)
+                _take_over(self.path, text)
+                continue
+            except OSError as e:
+                raise BadInput(f"cannot create {self.path}: {e.strerror or e} (--out must be a folder you can "
+                               f"write to)") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(me)
+            self.mine = me
+            return
+        raise BadInput(f"could not take {self.path}: other runs keep taking it; check that no other `minikv eval` "
+                       f"writes to {self.path.parent}")
+
+    def _held_message(self, holder: dict) -> str:
+        import socket
+        where = "" if holder["host"] == socket.gethostname() else f" on host {holder['host']}"
+        return (f"{self.path.parent} is in use by another minikv eval: pid {holder['pid']}{where}, running since "
+                f"{holder.get('started', '?')} ({holder.get('command', '?')}); wait for it to finish (a re-run then "
+                f"skips the cells it finished), use another --out, or, if that process is gone, delete {self.path}")
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (never another run's)."""
+        if self.mine is None:
+            return
+        try:
+            if self.path.read_text(encoding="utf-8") == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+        self.mine = None

@@ -63,6 +63,8 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
     (--option) to every listed policy that takes that keyword. Raises ValueError naming an unknown policy, an
     option no listed policy takes, or a bad option."""
     labels = [s.strip() for s in text.split(",") if s.strip()]
+    if not labels:
+        raise BadInput(f"--policies {text!r} lists no policy; known policies: {', '.join(sorted(REGISTRY))}")
     for label in labels:
         if label.split(":")[0] not in REGISTRY:
             raise BadInput(f"unknown policy {label.split(':')[0]!r}; known policies: {', '.join(sorted(REGISTRY))}")
@@ -79,8 +81,6 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
             k, v = pair.split("=", 1)
             opts[k] = _convert(v)
         specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), _takes_budget(name, opts, probe_budget)))
-    if not specs:
-        raise BadInput("--policies is empty")
     if len({s.label for s in specs}) != len(specs):
         raise BadInput(f"--policies lists a policy twice: {text}")
     return specs
@@ -102,13 +102,69 @@ def _takes_budget(name: str, opts: dict, probe: str | None) -> bool:
 
 
 def parse_budgets(text: str) -> list[str]:
-    """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget."""
+    """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget; none twice."""
     out = [s.strip() for s in str(text).split(",") if s.strip()]
-    for b in out:
-        parse_budget(b)
     if not out:
-        raise BadInput("--budgets is empty")
+        raise BadInput(f"--budgets {text!r} lists no budget; give ratios (0.1,0.2) or counts (128,256)")
+    seen: dict = {}
+    for b in out:
+        value = parse_budget(b)
+        if value in seen:                         # '0.2,0.20' would run every cell twice
+            raise BadInput(f"--budgets {text!r} lists the budget {value} twice ({seen[value]!r} and {b!r}); "
+                           f"give each budget once")
+        seen[value] = b
     return out
+
+
+MAX_CELLS = 1_000_000                             # far beyond any useful grid; more is a typo (e.g. --samples 1e9)
+MAX_SEED = 2**64 - 1                              # the largest seed torch.Generator.manual_seed takes
+
+
+def no_duplicates(values: list, flag: str) -> None:
+    """Refuse a list that names one value twice (its cells would be computed twice)."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise BadInput(f"{flag} lists {v:g} twice; give each value once" if isinstance(v, float) else
+                           f"{flag} lists {v!r} twice; give each value once")
+
+
+def check_lengths(task: str, lengths: list, ppl_prefix: int) -> None:
+    """Prompt lengths: at least one, none twice, each >= 2 tokens; for ppl each above the prefix."""
+    if not lengths:
+        raise BadInput("--lengths lists no length; give prompt lengths in tokens, e.g. --lengths 1000,2000")
+    if task == "longbench-local" and lengths == [None]:
+        return                                    # truncate to the model's context
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise BadInput(f"--lengths {n!r}: a prompt length must be a whole number of tokens >= 2")
+    no_duplicates(lengths, "--lengths")
+    if task == "ppl":
+        for n in lengths:
+            if not 1 <= ppl_prefix < n:
+                raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and "
+                               f"below the length, or no token is left to score; give --ppl-prefix below {n} "
+                               f"(e.g. --ppl-prefix {n // 2}) or lengths above {ppl_prefix}")
+
+
+def check_depths(depths: list) -> None:
+    """Needle depths: at least one, none twice, each in [0, 1]."""
+    if not depths:
+        raise BadInput("--depths lists no depth; give fractions of the context in [0, 1], e.g. --depths 0,0.5,1")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise BadInput(f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")
+    no_duplicates(depths, "--depths")
+
+
+def check_subtasks(subtasks: tuple) -> None:
+    """ruler-lite subtasks: at least one, each known, none twice."""
+    bad = [s for s in subtasks if s not in RULER_SUBTASKS]
+    if bad:
+        raise BadInput(f"unknown ruler-lite subtask(s) {', '.join(map(repr, bad))}; subtasks: "
+                       f"{', '.join(RULER_SUBTASKS)}")
+    if not subtasks:
+        raise BadInput(f"--subtasks lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
+    no_duplicates(list(subtasks), "--subtasks")
 
 
 @dataclass
@@ -136,17 +192,30 @@ class EvalConfig:
             raise BadInput(f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
         if self.task == "longbench-local" and not self.data:
             raise BadInput("longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)")
-        for d in self.depths:
-            if not 0 <= d <= 1:
-                raise BadInput(f"depths must be in [0, 1], got {d}")
-        for n in self.lengths:
-            if n is None and self.task == "longbench-local":
-                continue                          # truncate to the model's context
-            if n is None or n < 2:
-                raise BadInput(f"lengths must be at least 2 tokens, got {n}")
-        bad = [s for s in self.subtasks if s not in RULER_SUBTASKS]
-        if bad:
-            raise BadInput(f"unknown ruler-lite subtask(s) {bad}; subtasks: {', '.join(RULER_SUBTASKS)}")
+        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
+                                         or self.samples < 1):
+            raise BadInput(f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it out: 1; "
+                           f"longbench-local: every row)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise BadInput(f"--seed {self.seed!r}: give a whole number in [0, {MAX_SEED}]")
+        if isinstance(self.ppl_prefix, bool) or not isinstance(self.ppl_prefix, int) or self.ppl_prefix < 1:
+            raise BadInput(f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")
+        check_lengths(self.task, list(self.lengths), self.ppl_prefix)
+        check_depths(list(self.depths))
+        check_subtasks(tuple(self.subtasks))
+        if not self.budgets:
+            raise BadInput("--budgets lists no budget; give ratios (0.1,0.2) or counts (128,256)")
+        n = self.max_cells()
+        if n > MAX_CELLS:
+            raise BadInput(f"this grid has {n} cells (tasks × lengths × depths × samples × policy budgets), more "
+                           f"than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")
+
+    def max_cells(self) -> int:
+        """The number of cells of the grid (longbench-local: per row of --data)."""
+        tasks = [f"ruler-lite/{s}" for s in self.subtasks] if self.task == "ruler-lite" else [self.task]
+        per_prompt = sum(len(self.budgets) if p.takes_budget else 1 for p in self.policies)
+        per_task = sum(len(self.depths) if t in DEPTH_TASKS else 1 for t in tasks)
+        return per_task * len(self.lengths) * (self.samples or 1) * per_prompt
 
 
 @dataclass
@@ -311,26 +380,44 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
 
 # ---- the grid ---------------------------------------------------------------------------------------------------------
 class _Counter:
-    """A progress counter on stderr for when tqdm is not installed."""
+    """A progress counter on stderr for when tqdm is not installed: done/total, elapsed time and an estimate of the
+    time left; rewritten in place on a terminal, one line per finished cell otherwise (logs, CI)."""
 
     def __init__(self, total: int, initial: int, desc: str):
-        self.n, self.total, self.desc = initial, total, desc
-        self._print("")
+        self.n, self.total, self.desc, self.initial = initial, total, desc, initial
+        self.start, self._note = time.perf_counter(), ""
+        self._print()
 
-    def _print(self, note: str) -> None:
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.desc}: {self.n}/{self.total} {note}", end=end, file=sys.stderr, flush=True)
+    def _print(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        ran = self.n - self.initial
+        left = f", ~{_duration(elapsed / ran * (self.total - self.n))} left" if ran else ""
+        text = f"{self.desc}: {self.n}/{self.total} [{_duration(elapsed)}{left}] {self._note}".rstrip()
+        if sys.stderr.isatty():
+            print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)     # \x1b[K: erase the longer old line
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def set_postfix_str(self, s: str) -> None:
         self._note = s
 
     def update(self, k: int = 1) -> None:
         self.n += k
-        self._print(getattr(self, "_note", ""))
+        self._print()
 
     def close(self) -> None:
         if sys.stderr.isatty():
             print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    """'7s', '3m05s', '2h14m'."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
@@ -344,13 +431,38 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
         return _Counter(total, initial, desc)
 
 
+def check_fits(tok, cfg: EvalConfig, cells: list[Cell], ctx: int) -> None:
+    """Refuse, before any cell runs, a grid whose prompts cannot be built or do not fit the model's context: every
+    length within the context, and the shortest and the longest prompt of each task buildable and fitting."""
+    for n in cfg.lengths:
+        if n is not None and n > ctx:
+            raise BadInput(f"--lengths {n} exceeds the model's context ({ctx} tokens); give lengths up to {ctx} "
+                           f"(less the answer's tokens for generated tasks)")
+    by_task: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_task.setdefault(c.task, []).append(c)
+
+    def size(c: Cell) -> int:
+        return ctx if c.length is None else c.length                       # longbench-local: the context
+    for group in by_task.values():
+        shortest, longest = min(group, key=size), max(group, key=size)
+        for c in [shortest] if size(shortest) == size(longest) else [shortest, longest]:
+            ex = example_for(tok, c, cfg, ctx)
+            if len(ex.ids) + ex.max_new_tokens > ctx:
+                raise BadInput(f"--lengths {c.length}: {c.task} prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} "
+                               f"answer tokens exceeds the model's context ({ctx} tokens); give lengths up to "
+                               f"{ctx - ex.max_new_tokens}")
+
+
 def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells: list[Cell] | None = None) -> dict:
     """Run every cell not already in out_dir/records.jsonl; return {"cells", "ran", "skipped", "records"} where
-    records are this grid's records (old and new), in grid order."""
+    records are this grid's records (old and new), in grid order. Each record is on disk as soon as its cell
+    finishes, so an exception or Ctrl-C loses only the cell running then."""
     cells = build_grid(cfg) if cells is None else cells
-    done = rec.finished_ids(rec.read_records(out_dir))
-    todo = [c for c in cells if c.id not in done]
     ctx = model.cfg.max_position_embeddings
+    check_fits(tok, cfg, cells, ctx)
+    done = rec.finished_ids(rec.read_records(out_dir, warn=True))
+    todo = [c for c in cells if c.id not in done]
     bar = progress_bar(len(cells), len(cells) - len(todo), f"eval {cfg.task}", progress)
     examples: dict[tuple, Example] = {}
     ran = 0
@@ -364,14 +476,14 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells:
                 ex = examples[pk]
                 if len(ex.ids) + ex.max_new_tokens > ctx:
                     raise BadInput(f"{c.task}: prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} new tokens "
-                                     f"exceeds the model's context ({ctx} tokens)")
+                                   f"exceeds the model's context ({ctx} tokens)")
             try:
                 record = run_cell(model, tok, c, cfg, examples[pk])
             except ValueError as e:                   # a policy/budget combination that cannot run: record it
                 record = {"id": c.id, "task": c.task, "policy": c.policy.label, "budget": c.budget,
                           "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question,
                           "error": str(e), "score": None, "cache_ratio": None}
-                print(f"minikv eval: cell {c.id}: {e}", file=sys.stderr)
+                note(bar, f"minikv eval: cell {c.id}: {e}")
             rec.append_record(out_dir, record)
             ran += 1
             if bar is not None:
@@ -382,3 +494,11 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells:
     latest = {r["id"]: r for r in rec.read_records(out_dir)}
     mine = [latest[c.id] for c in cells if c.id in latest]
     return {"cells": cells, "ran": ran, "skipped": len(cells) - len(todo), "records": mine}
+
+
+def note(bar, line: str) -> None:
+    """One line on stderr that does not garble the progress bar."""
+    if bar is not None and hasattr(bar, "write"):
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)

@@ -260,7 +260,7 @@ def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[
     n_hay = length - len(head) - len(tail) - sum(len(ids) for ids, _ in needle_ids)
     if n_hay < 1:
         raise BadInput(f"length {length} is too short: instruction, needles and question alone take "
-                         f"{length - n_hay} tokens")
+                       f"{length - n_hay} tokens; give a length of at least {length - n_hay + 1}")
     body, offsets = insert_at_depths(take_tokens(units, start, n_hay), needle_ids)
     return head + body, tail, [(len(head) + o, len(ids)) for o, (ids, _) in zip(offsets, needle_ids)]
 
@@ -478,26 +478,52 @@ LONGBENCH_FIELDS = ("context", "input", "answers")
 def read_longbench(path: str | Path) -> list[dict]:
     """Rows of a LongBench-format JSONL file (fields context, input, answers, all_classes, length, dataset)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise NotFound(f"--data {path}: no such file (longbench-local reads a LongBench-format JSONL file "
-                                f"you already have; minikv never downloads data)")
+                       f"you already have; minikv never downloads data)")
+    if not path.is_file():
+        raise BadInput(f"--data {path} is not a file; give a LongBench-format JSONL file (one JSON object a line)")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise BadInput(f"--data {path}: cannot read it ({e.strerror or e})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path}:{n}: not valid JSON ({e})") from None
-            missing = [k for k in LONGBENCH_FIELDS if k not in row]
-            if missing:
-                raise BadInput(f"{path}:{n}: missing field(s) {missing} (LongBench rows have context, input, "
-                                 f"answers, all_classes, length, dataset)")
-            rows.append(row)
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInput(f"--data {path}:{n}: not a line of JSON ({e}); longbench-local reads JSONL, one "
+                           f"object a line") from None
+        problem = longbench_row_problem(row)
+        if problem:
+            raise BadInput(f"--data {path}:{n}: {problem} (LongBench rows have context, input, answers, "
+                           f"all_classes, length, dataset)")
+        rows.append(row)
     if not rows:
-        raise BadInput(f"{path}: no rows")
+        raise BadInput(f"--data {path}: no rows (the file has no line that is not blank)")
     return rows
+
+
+def longbench_row_problem(row) -> str | None:
+    """Why a parsed JSON line is not a usable LongBench row (None when it is)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    missing = [k for k in LONGBENCH_FIELDS if k not in row]
+    if missing:
+        return f"missing field(s) {missing}"
+    for key in ("context", "input"):
+        if not isinstance(row[key], str):
+            return f"{key} is {json.dumps(row[key])[:40]}, expected a string"
+    answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
+    if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+        return f"answers is {json.dumps(row['answers'])[:40]}, expected a string or a list of strings"
+    classes = row.get("all_classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return f"all_classes is {json.dumps(classes)[:40]}, expected a list of strings or null"
+    return None
 
 
 def longbench_example(tok, row: dict, max_length: int | None, chat: bool | None, model_ctx: int = 8192) -> Example:
@@ -552,7 +578,7 @@ def make_example(tok, task: str, length: int, depth: float | None = None, sample
         raise BadInput(f"task {task} needs a depth in [0, 1]")
     rng = rng_for(seed, task, length, depth, sample)
     if base == "ppl":
-        return ppl_text(tok, length, sample, min(ppl_prefix, length - 1))
+        return ppl_text(tok, length, sample, ppl_prefix)         # a prefix >= length is refused, never cut
     use_chat = resolve_chat(tok, task, chat)
     if base == "passkey":
         return passkey(tok, length, depth, rng, use_chat)

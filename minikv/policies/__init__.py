@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .adakv import AdaH2O, AdaPyramidKV, AdaSnapKV
-from .base import Policy
+from .base import Policy, policy_options
 from .corm import CORM
 from .d2o import D2O
 from .full import FullCache
@@ -35,10 +35,13 @@ def policy_names() -> list[str]:
 
 
 def get_policy(name: str, budget=None, **options) -> Policy:
-    """Build the policy called `name`. Raises ValueError listing the known names for an unknown one."""
-    if name not in REGISTRY:
+    """Build the policy called `name`. Raises ValueError (BadInput) for an unknown name or option, or a bad value."""
+    if not isinstance(name, str) or name not in REGISTRY:
         raise BadInput(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
-    try:
-        return REGISTRY[name](budget=budget, **options)
-    except TypeError as e:
-        raise BadInput(f"bad options for policy {name!r}: {e}") from None
+    cls = REGISTRY[name]
+    known = policy_options(cls)
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise BadInput(f"policy {name!r} has no option {unknown[0]!r}; its options (with defaults): {valid}")
+    return cls(budget=budget, **options)

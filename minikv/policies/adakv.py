@@ -18,7 +18,7 @@ import torch
 from ..budgets import pyramid_prefix_budgets
 from ..ops import first_positions_mask, recent_mask, select_topk
 from ..store import LayerStore
-from .base import apply_keep
+from .base import apply_keep, choice_option, float_option, int_option
 from .h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
 from .snapkv import SnapKV, window_plus_topk_keep, window_scores
 from ..errors import BadInput
@@ -27,10 +27,9 @@ VARIANTS = ("official", "exact")
 
 
 def check_allocation_options(alpha: float, variant: str) -> None:
-    if not 0 <= alpha <= 1:
-        raise BadInput(f"adakv: alpha (safeguard share) must be in [0, 1], got {alpha}")
-    if variant not in VARIANTS:
-        raise BadInput(f"adakv: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    """Refuse an alpha outside [0, 1] (or not a number) and an unknown variant, naming them."""
+    float_option("adakv", "alpha", alpha, 0, 1, what="safeguard share")
+    choice_option("adakv", "variant", variant, VARIANTS)
 
 
 def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -76,6 +75,8 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
 class AdaSnapKV(SnapKV):
     """SnapKV window scores + Ada-KV head-wise allocation of the layer's prefix budget (prefill only)."""
     name = "adakv-snapkv"
+    summary = "Ada-KV over SnapKV: the layer's prefix budget goes to the heads with the highest window scores"
+    budget_note = ", on average over the heads of a layer"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official"):
         super().__init__(budget, window, kernel)
@@ -103,11 +104,13 @@ class AdaSnapKV(SnapKV):
 class AdaPyramidKV(AdaSnapKV):
     """PyramidKV's per-layer prefix budget (baselines.md), then the Ada-KV allocation within each layer."""
     name = "adakv-pyramidkv"
+    summary = "Ada-KV over PyramidKV: depth-shrinking layer budgets, each split unevenly across heads by score"
+    budget_note = ", on average over layers and heads"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
                  variant: str = "official"):
         super().__init__(budget, window, kernel, alpha, variant)
-        self.beta = beta
+        self.beta = int_option(self.name, "beta", beta, lo=1, what="the last layer keeps 1/beta of the average")
 
     def prefix_budgets(self, layer, device):
         b = super().prefix_budgets(layer, device)                                           # average b per row
@@ -124,6 +127,8 @@ class AdaH2O(H2O):
     (the lowest-scored non-recent one), as H2O does; budgets are not re-allocated per step.
     """
     name = "adakv-h2o"
+    summary = "Ada-KV over H2O: the heavy-hitter share is split unevenly across heads by accumulated attention"
+    budget_note = ", on average over the heads of a layer"
 
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, alpha: float = 0.2,
                  variant: str = "official"):

@@ -9,15 +9,22 @@ Per-sequence state (budgets, thresholds) is set in `start` and reset for every n
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+from numbers import Integral, Real
 
 import torch
 
 from ..budgets import Budget, parse_budget
+from ..errors import BadInput
 from ..store import LayerStore
 
 
 class Policy:
     name = "base"
+    summary = ""               # one line for `minikv policies`, distinct for each policy
+    takes_budget = True        # False: the policy refuses a budget (it keeps everything, or sizes its own cache)
+    budget_note = ""           # how the policy spreads its budget, appended to the reading (", on average ...")
     # Per-row state: attribute -> its batch dimension. Prefill in row groups runs one copy of the policy per group
     # and joins them with `concat_rows`, which concatenates exactly these attributes.
     row_state: dict[str, int] = {"prompt_lengths": 0}
@@ -57,6 +64,12 @@ class Policy:
             setattr(joined, name, None if values[0] is None else torch.cat(values, dim=dim))
         return joined
 
+    def budget_reading(self) -> str:
+        """One line saying how the budget was read (printed by `minikv generate` and `minikv trace`)."""
+        if self.budget is None:
+            return f"no budget: {self.name} sizes its cache without one"
+        return self.budget.describe() + self.budget_note
+
     def report(self) -> dict:
         """What the policy decided (per-layer budgets, thresholds, ...), for printing and records."""
         return {"policy": self.name, "budget": None if self.budget is None else str(self.budget)}
@@ -71,3 +84,52 @@ def apply_keep(store: LayerStore, keep: torch.Tensor) -> bool:
         return False
     store.keep(keep)
     return True
+
+
+# ---- option checking: every constructor validates its options through these, so messages read alike ----------
+def _range_text(lo, hi) -> str:
+    """' >= 1', ' in [0, 1]', or '' for an unbounded option."""
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    return f" <= {hi}" if hi is not None else ""
+
+
+def _label(policy: str, name: str, what: str) -> str:
+    return f"{policy}: {name}" + (f" ({what})" if what else "")
+
+
+def int_option(policy: str, name: str, value, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    """`value` as an integer option of `policy`; a bool, a float (2.5 or 2.0) or a string is refused, naming it."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise BadInput(f"{_label(policy, name, what)} must be an integer{_range_text(lo, hi)}, "
+                       f"got {value!r} ({type(value).__name__})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise BadInput(f"{_label(policy, name, what)} must be{_range_text(lo, hi)}, got {value!r}")
+    return int(value)
+
+
+def float_option(policy: str, name: str, value, lo: float | None = None, hi: float | None = None,
+                 what: str = "") -> float:
+    """`value` as a finite real option of `policy` (an int is fine, a bool or a string is not), within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise BadInput(f"{_label(policy, name, what)} must be a number{_range_text(lo, hi)}, "
+                       f"got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise BadInput(f"{_label(policy, name, what)} must be a finite number{_range_text(lo, hi)}, got {value!r}")
+    return float(value)
+
+
+def choice_option(policy: str, name: str, value, choices: tuple[str, ...], what: str = "") -> str:
+    """`value` as one of the named `choices` of `policy`."""
+    if not isinstance(value, str) or value not in choices:
+        raise BadInput(f"{_label(policy, name, what)} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def policy_options(cls: type[Policy]) -> dict[str, object]:
+    """A policy class's options and their defaults, read from its constructor (the budget is not an option)."""
+    params = inspect.signature(cls.__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p.default for n, p in params.items() if n not in ("self", "budget") and p.kind in kinds}

@@ -29,7 +29,7 @@ import torch
 
 from ..ops import first_positions_mask
 from ..store import KVCache, LayerStore
-from .base import Policy, apply_keep
+from .base import Policy, apply_keep, choice_option, int_option
 from ..errors import BadInput
 
 THRESHOLDS = ("step", "cached")
@@ -87,6 +87,8 @@ def oneshot_window_steps(store: LayerStore, n_rows: int) -> torch.Tensor:
 
 class CORM(Policy):
     name = "corm"
+    summary = "CORM (budget-free): evicts keys that all of the last w queries ignored, except the r most recent"
+    takes_budget = False
     prefill_needs = frozenset({"last_rows"})
     decode_needs = frozenset({"probs"})
     decode_evicts = False      # the cache does not keep a fixed size: it grows or shrinks with the input
@@ -97,24 +99,21 @@ class CORM(Policy):
             raise BadInput(f"corm is budget-free (got budget={budget!r}): its cache size follows from w and r; "
                              f"compare at the measured cache ratio and sweep (w, r) instead")
         super().__init__(None)
-        for name, v in (("w", w), ("r", r), ("n_sink", n_sink)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise BadInput(f"corm: {name} must be an integer, got {v!r}")
-        if w < 1:
-            raise BadInput(f"corm: w (the window of recent queries that vote) must be >= 1, got {w}")
+        w = int_option("corm", "w", w, lo=1, what="the window of recent queries that vote")
+        r = int_option("corm", "r", r, what="recent positions never evicted")
+        n_sink = int_option("corm", "n_sink", n_sink, lo=0, what="first positions never evicted")
         if r < w:
             raise BadInput(f"corm: r (recent positions never evicted) must be >= w, got r={r} < w={w}; "
                              f"with r < w a key could be judged by queries issued before it existed")
-        if n_sink < 0:
-            raise BadInput(f"corm: n_sink must be >= 0, got {n_sink}")
-        if threshold not in THRESHOLDS:
-            raise BadInput(f"corm: threshold must be one of {THRESHOLDS} ('step' = 1/s as in the paper, "
-                             f"'cached' = 1/(entries cached), an ablation), got {threshold!r}")
-        if prefill_mode not in PREFILL_MODES:
-            raise BadInput(f"corm: prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+        choice_option("corm", "threshold", threshold, THRESHOLDS,
+                      what="'step' = 1/s as in the paper, 'cached' = 1/(entries cached), an ablation")
+        choice_option("corm", "prefill_mode", prefill_mode, PREFILL_MODES)
         self.w, self.r, self.n_sink = w, r, n_sink
         self.window = w                       # rows of the last prompt queries needed for oneshot ("last_rows")
         self.threshold, self.prefill_mode = threshold, prefill_mode
+
+    def budget_reading(self) -> str:
+        return f"no budget: corm's cache size follows from w={self.w} and r={self.r}"
 
     def after_prefill(self, layer, store, stats):
         if self.prefill_mode == "exact":

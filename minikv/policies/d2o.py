@@ -44,7 +44,7 @@ import math
 import torch
 
 from ..store import LayerStore
-from .base import Policy, apply_keep
+from .base import Policy, apply_keep, choice_option, float_option, int_option
 from .h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
 from ..errors import BadInput
 
@@ -239,9 +239,24 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
 
 
 # ---- the policy ------------------------------------------------------------------------------------------------
+def protected_layer_option(value) -> tuple[int, ...] | None:
+    """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1); one int is one layer.
+
+    Indices are checked against the model's depth in `start`, when it is known.
+    """
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset)):
+        raise BadInput(f"d2o: protected_layers must be a list of layer indices (e.g. 0,1,29) or None, got {value!r}")
+    return tuple(int_option("d2o", "protected_layers", v, what="layer index") for v in items)
+
+
 class D2O(Policy):
     """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries."""
     name = "d2o"
+    summary = "D2O: variance-weighted layer budgets, H2O selection with sinks, evicted entries merged when similar"
+    budget_note = ", on average over layers (weighted by attention variance)"
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
@@ -256,24 +271,19 @@ class D2O(Policy):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
-        if not 0 <= heavy_share <= 1:
-            raise BadInput(f"heavy_share must be in [0, 1], got {heavy_share}")
-        if not isinstance(n_sink, int) or n_sink < 0:
-            raise BadInput(f"n_sink must be a non-negative integer, got {n_sink!r}")
-        if merge_weights not in MERGE_WEIGHTS:
-            raise BadInput(f"merge_weights must be one of {MERGE_WEIGHTS}, got {merge_weights!r}")
-        if when not in WHEN:
-            raise BadInput(f"when must be one of {WHEN}, got {when!r}")
-        if allocation not in ALLOCATIONS:
-            raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        heavy_share = float_option("d2o", "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
+        n_sink = int_option("d2o", "n_sink", n_sink, lo=0, what="first positions always kept")
+        choice_option("d2o", "merge_weights", merge_weights, MERGE_WEIGHTS)
+        choice_option("d2o", "when", when, WHEN, what="when the first compression happens")
+        choice_option("d2o", "allocation", allocation, ALLOCATIONS)
         beta = (0.5 if merge_weights == "code" else 0.7) if beta is None else beta
-        for name, x in (("alpha", alpha), ("beta", beta)):
-            if not math.isfinite(x):
-                raise BadInput(f"{name} must be finite, got {x}")
-        if tau_override is not None and math.isnan(tau_override):
-            raise BadInput("tau_override must be a number (+inf never merges), got NaN")
+        alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
+        beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
+        if tau_override is not None:
+            if isinstance(tau_override, bool) or not isinstance(tau_override, (int, float)) or math.isnan(tau_override):
+                raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
         self.heavy_share, self.n_sink, self.alpha, self.beta = heavy_share, n_sink, alpha, beta
-        self.protected_option = None if protected_layers is None else tuple(protected_layers)
+        self.protected_option = protected_layer_option(protected_layers)
         self.merge_weights, self.when, self.allocation, self.tau_override = merge_weights, when, allocation, tau_override
 
     # -- per-sequence state ----------------------------------------------------------------------------------

@@ -1,9 +1,19 @@
 """The full cache: keeps every entry. The reference every compressed policy is judged against."""
+from ..errors import BadInput
 from .base import Policy
 
 
 class FullCache(Policy):
     name = "full"
+    summary = "keeps every entry (the reference; takes no budget)"
+    takes_budget = False
 
     def __init__(self, budget=None):
-        super().__init__(None)   # a budget means nothing here
+        if budget is not None:
+            # A budget here would be echoed back while meaning nothing: refuse it.
+            raise BadInput(f"full keeps every entry, so budget {budget!r} would mean nothing; leave the budget out, "
+                           f"or pick a policy that takes one (e.g. h2o, snapkv, streaming)")
+        super().__init__(None)
+
+    def budget_reading(self) -> str:
+        return "no budget: the full cache keeps every entry"

@@ -10,7 +10,7 @@ import torch
 
 from ..ops import first_positions_mask, group_mean, recent_mask, select_topk
 from ..store import LayerStore
-from .base import Policy, apply_keep
+from .base import Policy, apply_keep, float_option, int_option
 from ..errors import BadInput
 
 
@@ -47,6 +47,7 @@ def split_budget(budget: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor
 
 class H2O(Policy):
     name = "h2o"
+    summary = "Heavy-Hitter Oracle: the most recent entries plus those with the most accumulated attention"
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
@@ -54,10 +55,9 @@ class H2O(Policy):
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0):
         super().__init__(budget)
         if self.budget is None:
-            raise BadInput("h2o needs a budget (a count like 512 or a ratio like 0.2)")
-        if not 0 <= heavy_share <= 1:
-            raise BadInput(f"heavy_share must be in [0, 1], got {heavy_share}")
-        self.heavy_share, self.n_sink = heavy_share, n_sink
+            raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
+        self.heavy_share = float_option(self.name, "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
+        self.n_sink = int_option(self.name, "n_sink", n_sink, lo=0, what="first positions always kept")
 
     def _compress(self, store: LayerStore) -> None:
         budget = self.budget_entries(store.k.device)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..budgets import pyramid_prefix_budgets
 from ..ops import group_mean, recent_mask, select_topk
 from ..store import LayerStore
-from .base import Policy, apply_keep
+from .base import Policy, apply_keep, int_option
 from ..errors import BadInput
 
 
@@ -43,15 +43,20 @@ def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget:
 
 class SnapKV(Policy):
     name = "snapkv"
+    summary = "SnapKV: the last `window` prompt queries vote (max-pooled) for the prompt entries to keep; prefill only"
     prefill_needs = frozenset({"last_rows"})
 
     def __init__(self, budget, window: int = 32, kernel: int = 7):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
-        if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise BadInput(f"window must be >= 1 and kernel a positive odd number, got {window}, {kernel}")
-        self.window, self.kernel = window, kernel
+        self.window = int_option(self.name, "window", window, lo=1, what="observation window of last prompt queries")
+        self.kernel = int_option(self.name, "kernel", kernel, lo=1, what="max-pooling width")
+        if self.kernel % 2 == 0:
+            raise BadInput(f"{self.name}: kernel (max-pooling width) must be odd, got {kernel!r}")
+        if not self.budget.is_ratio and self.budget.value < self.window:
+            raise BadInput(f"{self.name}: budget {self.budget} is smaller than the observation window "
+                           f"({self.window}); use a budget >= window or a smaller window")
 
     def prefix_budgets(self, layer: int, device) -> torch.Tensor:
         """Prefix entries each row keeps in this layer (B,)."""
@@ -75,10 +80,12 @@ class SnapKV(Policy):
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"
+    summary = "PyramidKV: SnapKV scores with per-layer budgets that shrink linearly with depth (min = budget/beta)"
+    budget_note = ", on average over layers (deeper layers get less)"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20):
         super().__init__(budget, window, kernel)
-        self.beta = beta
+        self.beta = int_option(self.name, "beta", beta, lo=1, what="the last layer keeps 1/beta of the average")
 
     def prefix_budgets(self, layer, device):
         b = super().prefix_budgets(layer, device)

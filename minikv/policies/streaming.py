@@ -10,7 +10,7 @@ import torch
 
 from ..ops import first_positions_mask, recent_mask
 from ..store import LayerStore
-from .base import Policy, apply_keep
+from .base import Policy, apply_keep, int_option
 from ..errors import BadInput
 
 
@@ -21,15 +21,17 @@ def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> to
 
 class Streaming(Policy):
     name = "streaming"
+    summary = "StreamingLLM: the first n_sink positions (attention sinks) plus the most recent entries"
     decode_evicts = True
 
     def __init__(self, budget, n_sink: int = 4):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput("streaming needs a budget (a count like 512 or a ratio like 0.2)")
-        if n_sink < 0:
-            raise BadInput(f"n_sink must be >= 0, got {n_sink}")
-        self.n_sink = n_sink
+        self.n_sink = int_option("streaming", "n_sink", n_sink, lo=0, what="attention sinks kept")
+        if not self.budget.is_ratio and self.budget.value <= self.n_sink:
+            raise BadInput(f"streaming: budget {self.budget} must exceed n_sink = {self.n_sink} (the sinks alone "
+                           f"would fill it)")
 
     def _compress(self, store: LayerStore) -> None:
         budget = self.budget_entries(store.k.device)
