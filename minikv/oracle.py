@@ -45,7 +45,7 @@ def _small_model(seed: int):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=10000.0)
+                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
     model = Llama(cfg).double()
     with torch.no_grad():
         for p in model.parameters():

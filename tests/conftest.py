@@ -31,7 +31,8 @@ def tiny_config(**overrides):
     """A small random Llama config (GQA by default) for fast tests."""
     from minikv.config import LlamaConfig
     base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0)
+                num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
+                tie_word_embeddings=True)
     base.update(overrides)
     return LlamaConfig(**base)
 
