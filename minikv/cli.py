@@ -209,7 +209,6 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .tokenizer import chat_stop_ids, encode_chat
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
-    print(policy.budget_reading(), file=sys.stderr)
     model, tok = load_model_and_tokenizer(args)
     if args.chat:
         ids = encode_chat(tok, [{"role": "user", "content": args.prompt}])
@@ -221,6 +220,8 @@ def cmd_generate(args) -> int:
     res = generate(model, [ids], policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, stop_ids=stop, seed=args.seed, on_tokens=streamer)
     print()
+    # After generation, so a refusal during prefill stays the only line on stderr.
+    print(policy.budget_reading(), file=sys.stderr)
     if res.stopped_at_context:
         print(context_note(res, args.max_new_tokens), file=sys.stderr)
     print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
@@ -314,13 +315,17 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2;
+    """Run one command and return its exit status (usage errors too, so in-process callers get 2, not SystemExit).
+    Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2;
     `--debug` (anywhere on the line) or MINIKV_DEBUG=1 shows its traceback instead. Other exceptions are bugs and
     keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MINIKV_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                          # argparse has printed its one line (or --help): say how it ended
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args) or 0
     except MinikvError as e:

@@ -92,10 +92,10 @@ def check_layers(layers: set[int] | None, n_layers: int) -> None:
 def cmd_trace(args) -> int:
     from .cli import context_note, load_model_and_tokenizer, make_policy
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
-    print(policy.budget_reading(), file=sys.stderr)
     model, tok = load_model_and_tokenizer(args)
     check_layers(args.layers, model.cfg.num_hidden_layers)
     rec, text, pieces, res = run_trace(model, tok, policy, args.prompt, args.max_new_tokens, args.layers)
+    print(policy.budget_reading(), file=sys.stderr)     # after the run: a refusal stays the only stderr line
     if res.stopped_at_context:
         print(context_note(res, args.max_new_tokens), file=sys.stderr)
     print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
