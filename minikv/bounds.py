@@ -109,8 +109,11 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
     and calls the policy. Once the whole pass has run, store positions before and after give the kept set of each KV
     head (after the pass, not the hook: D2O when="prefill" compresses every layer from the last layer's hook).
     """
-    if not ids:
-        raise BadInput("bound report needs a non-empty prompt")
+    from .generate import check_token_row
+    ids = check_token_row(ids, model.cfg.vocab_size, "bound report prompt")
+    if len(ids) > model.cfg.max_position_embeddings:
+        raise BadInput(f"bound report prompt of {len(ids)} tokens is longer than the model's context "
+                       f"({model.cfg.max_position_embeddings} tokens)")
     records: list[dict] = []
 
     def hook(layer, store, stats):
@@ -140,7 +143,7 @@ def bound_report(model, tokenizer_ids: list[int], policy) -> list[dict]:
     """
     rows = []
     n_heads = model.cfg.num_attention_heads
-    for layer, rec in enumerate(record_prefill(model, list(tokenizer_ids), policy)):
+    for layer, rec in enumerate(record_prefill(model, tokenizer_ids, policy)):
         W = o_proj_blocks(model.layers[layer].self_attn.o_proj.weight, n_heads)
         row = {"layer": layer, **layer_bound_row(rec["A"], rec["V"], W, rec["mask"])}
         row["kept_entries"] = rec["mask"].sum(-1).tolist()

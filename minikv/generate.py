@@ -137,7 +137,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """Next token per row from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted by the max and in float64, any finite temperature > 0 works: a tiny one sends the others to -inf
+    # (instead of inf - inf = NaN, or a float32 temperature that rounds to 0), a huge one gives a uniform choice.
+    z = logits.double()
+    probs = torch.softmax((z - z.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
@@ -211,6 +214,8 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
         return logits, cache
     B = len(prompts)
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
+    # Never more room than the context leaves (a huge request must not allocate what can never be used).
+    extra_capacity = min(extra_capacity, context_room(model, prompts, question))
     room = 0 if policy.decode_evicts or policy.prefill_needs else extra_capacity
     cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1 + room)
     policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])

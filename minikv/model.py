@@ -182,7 +182,7 @@ class Llama(nn.Module):
         """An empty cache for `batch` rows with `capacity` slots per head; it grows as needed, up to the context."""
         c = self.cfg
         return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
-                             min(capacity, c.max_position_embeddings + 1), dtype=self.dtype, device=self.device,
+                             min(capacity, c.max_position_embeddings), dtype=self.dtype, device=self.device,
                              max_capacity=c.max_position_embeddings)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,

@@ -128,7 +128,8 @@ def test_registered():
 
 # ---- policies on a tiny model -------------------------------------------------------------------------------
 def _model():
-    return tiny_model(F64, seed=2, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3)
+    return tiny_model(F64, seed=2, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                      num_hidden_layers=3)          # 96: the config refuses a hidden size Hq does not divide
 
 
 def _prompt(n=64, seed=0):
@@ -240,4 +241,4 @@ def test_views(tmp_path):
     out = plot_head_budgets(rep, tmp_path / "heads.png")
     assert out.exists() and out.stat().st_size > 0
     with pytest.raises(ValueError, match="head_budgets"):
-        format_head_budgets(get_policy("snapkv", 24).report())
+        format_head_budgets(get_policy("snapkv", 24, window=8).report())

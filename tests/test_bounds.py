@@ -340,7 +340,7 @@ def test_bound_is_tight_pinned_example():
                                        ("adakv-pyramidkv", {"window": 4}), ("h2o", {}), ("adakv-h2o", {}),
                                        ("streaming", {})])
 def test_bound_report_tiny_model(name, opts):
-    model = tiny_model(F64, seed=1, num_attention_heads=6, num_key_value_heads=3)
+    model = tiny_model(F64, seed=1, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
     ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = bound_report(model, ids, get_policy(name, 12, **opts))
     assert [r["layer"] for r in rows] == list(range(model.cfg.num_hidden_layers))
