@@ -3,6 +3,7 @@ cases, the resumable grid runner on a tiny random model, teacher-forced perplexi
 from __future__ import annotations
 
 import json
+import mmap
 import math
 import re
 from collections import Counter
@@ -373,10 +374,14 @@ def test_cpu_peak_memory_is_per_cell_on_linux():
     base, kind = R.peak_memory("cpu")
     if kind != "rss_peak_since_reset":
         pytest.skip(f"peak RSS cannot be reset here (kind {kind})")
-    big = bytearray(256 * 2**20)                        # zero-filled: every page is touched
+    # A fresh anonymous mapping with every page written: new resident memory whatever the allocator already holds
+    # (a bytearray may reuse heap pages that earlier tests left resident, and then RSS does not grow).
+    big = mmap.mmap(-1, 256 * 2**20)
+    for offset in range(0, len(big), mmap.PAGESIZE):
+        big[offset] = 1
     after, _ = R.peak_memory("cpu")
     assert after - base >= 200 * 2**20, (base, after)
-    del big
+    big.close()
     R.reset_peak_memory("cpu")
     again, _ = R.peak_memory("cpu")
     assert again < after - 200 * 2**20, (after, again)
