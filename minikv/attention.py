@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .store import LayerStore
-from .errors import BadInput
+from minikv.store import LayerStore
+from minikv.errors import BadInput
 
 # Scores are materialised for at most this many elements per query chunk (all batch rows and heads together):
 # 2^26 float32 scores = 256 MiB, a few times that with the softmax temporaries.

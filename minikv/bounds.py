@@ -5,7 +5,7 @@ W_o that multiply head i). Output y = sum_i A_i V_i W_i. Eviction keeps a set pe
 weights, Â_i = I_i A_i / F_i with F_i = sum_j I_i^j A_i^j (kept mass); ŷ = sum_i Â_i V_i W_i. Then
     ||y - ŷ||_1 <= 2 sum_i C_i (1 - F_i) <= 2 h C - 2 C sum_i F_i,   C_i = max_j ||V_i[j] W_i||_1,  C = max_i C_i,
 from the identity ||A_i - Â_i||_1 = 2 (1 - F_i). A head left with nothing (F_i = 0) outputs 0 (the bound still holds).
-from .errors import BadInput
+from minikv.errors import BadInput
 
 GQA: masks and values may be given per KV head (Hkv rows); KV head k serves query heads k*G .. k*G + G - 1, so they
 are expanded to the h query heads before use. Policies select with the group *mean* of the weights (baselines.md).
@@ -109,7 +109,7 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
     and calls the policy. Once the whole pass has run, store positions before and after give the kept set of each KV
     head (after the pass, not the hook: D2O when="prefill" compresses every layer from the last layer's hook).
     """
-    from .generate import check_token_row
+    from minikv.generate import check_token_row
     ids = check_token_row(ids, model.cfg.vocab_size, "bound report prompt")
     if len(ids) > model.cfg.max_position_embeddings:
         raise BadInput(f"bound report prompt of {len(ids)} tokens is longer than the model's context "

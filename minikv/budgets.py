@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import torch
-from .errors import BadInput
+from minikv.errors import BadInput
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .errors import BadInput, NotFound
+from minikv.errors import BadInput, NotFound
 
 # transformers.MistralConfig differs from LlamaConfig in these defaults only (among the keys minikv reads).
 MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,

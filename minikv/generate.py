@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from .model import Llama
-from .store import KVCache
-from .errors import BadInput
+from minikv.model import Llama
+from minikv.store import KVCache
+from minikv.errors import BadInput
 
 
 # Decode room reserved right after prefill when the caller does not say: enough for short answers, small enough
@@ -201,14 +201,14 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     Question-aware use puts the question inside `prompts`; question-agnostic use passes it as `question`, which is
     appended after compression without eviction. Returns (logits of the last token (B, vocab), cache).
     """
-    from .policies import get_policy
+    from minikv.policies import get_policy
     policy = get_policy("full") if policy is None else policy
     check_policy(policy)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     check_count("extra_capacity", extra_capacity, optional=False)
     if getattr(policy, "prefill_mode", None) == "exact":
         # CORM's definition: the prompt arrives token by token, with evictions after every row.
-        from .policies.corm import corm_exact_prefill
+        from minikv.policies.corm import corm_exact_prefill
         logits, cache = corm_exact_prefill(model, prompts, policy, question, pad_id)
         cache.reserve(extra_capacity)
         return logits, cache
@@ -274,7 +274,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
     more than the context leaves, and grows geometrically beyond that as tokens really arrive.
     `prefill_rows` prefills that many prompts at a time (see prefill_in_groups) to keep the prefill peak down.
     """
-    from .policies import get_policy
+    from minikv.policies import get_policy
     policy = get_policy("full") if policy is None else policy
     check_policy(policy)
     check_sampling(temperature, top_p, max_new_tokens)

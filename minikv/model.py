@@ -1,7 +1,7 @@
 """A self-contained Llama (RMSNorm -> RoPE attention over an explicit KV store -> SwiGLU MLP), in dependency order.
 
 RoPE convention (the only one used inside minikv): Hugging Face "rotate_half", which pairs dimension i with i + d/2.
-Checkpoints in the Meta/GGUF interleaved order are converted at load time (minikv/convert.py, tested).
+Checkpoints in the Meta/GGUF interleaved order are converted at load time (minikv/io/convert.py, tested).
 The KV store is passed in explicitly; modules hold weights only.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend
-from .config import LlamaConfig
-from .store import KVCache, LayerStore
-from .errors import BadInput, NoDevice
+from minikv.attention import attend
+from minikv.config import LlamaConfig
+from minikv.store import KVCache, LayerStore
+from minikv.errors import BadInput, NoDevice
 
 
 # ---- devices ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Empty slots never win.
 from __future__ import annotations
 
 import torch
-from .errors import BadInput
+from minikv.errors import BadInput
 
 
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

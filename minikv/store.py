@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 
 import torch
-from .errors import BadInput
+from minikv.errors import BadInput
 
 # Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
 _ROUND = 16

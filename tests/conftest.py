@@ -57,7 +57,7 @@ def tiny():
 def default_model_dir():
     """The converted default model in $MINIKV_HOME (default ~/.cache/minikv) or $MINIKV_WEIGHTS, the same folder
     from any working directory; fetched once if missing or unverified (CI fetches it before the tests)."""
-    from minikv.convert import default_model_dir as _dir, ensure_default_model, is_verified
+    from minikv.io.convert import default_model_dir as _dir, ensure_default_model, is_verified
     folder = _dir()
     if not is_verified(folder):
         if os.environ.get("MINIKV_NO_FETCH"):
@@ -68,13 +68,13 @@ def default_model_dir():
 
 @pytest.fixture(scope="session")
 def default_model(default_model_dir):
-    from minikv.checkpoint import load_model
+    from minikv.io.checkpoint import load_model
     return load_model(default_model_dir)
 
 
 @pytest.fixture(scope="session")
 def default_tokenizer(default_model_dir):
-    from minikv.tokenizer import load_tokenizer
+    from minikv.io.tokenizer import load_tokenizer
     return load_tokenizer(default_model_dir)
 
 
@@ -96,7 +96,7 @@ def write_tiny_model_dir(folder: Path, seed: int = 0, config_overrides: dict | N
     byte tokens and ChatML specials) that `minikv --model FOLDER` loads in well under a second."""
     import json
     from safetensors.torch import save_file
-    from minikv.tokenizer import build_bpe_tokenizer_json
+    from minikv.io.tokenizer import build_bpe_tokenizer_json
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + [bytes_to_unicode()[b] for b in range(256)]
     types = [3] * len(specials) + [1] * 256

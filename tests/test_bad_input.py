@@ -2,7 +2,7 @@
 refused with a named error that says what was wrong, never a traceback, a silent fallback or a half-written result.
 
 The convention every refusal here is held to:
-  CLI  `minikv ...` runs in-process (`minikv.cli.main`, see run_cli) and must return exit status 2 with one stderr
+  CLI  `minikv ...` runs in-process (`minikv.tools.cli.main`, see run_cli) and must return exit status 2 with one stderr
        line `minikv: error: ...` that names the offending value(s), and no "Traceback" in stdout or stderr
        (assert_refused; where notes may come before the error line, the test says so with alone=False).
   API  the functions raise minikv.errors.BadInput, NotFound or MissingExtra, which subclass ValueError,
@@ -44,17 +44,17 @@ from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, tiny_model
-from minikv import convert
+from minikv.io import convert
 from minikv.budgets import parse_budget
-from minikv.checkpoint import load_model
-from minikv.cli import main, parse_options
+from minikv.io.checkpoint import load_model
+from minikv.tools.cli import main, parse_options
 from minikv.config import LlamaConfig
 from minikv.errors import BadInput, NotFound
-from minikv.eval import records as R
+from minikv.tools.eval import records as R
 from minikv.generate import generate, prefill
-from minikv.oracle import compare
+from minikv.tools.oracle import compare
 from minikv.policies import get_policy
-from minikv.tokenizer import load_tokenizer
+from minikv.io.tokenizer import load_tokenizer
 
 try:
     import transformers
@@ -1398,7 +1398,7 @@ class TestFetchAndBench:
         assert not (tmp_path / "r").exists()  # refused before anything was made
 
     def test_bench_out_in_a_missing_folder_is_made(self, tmp_path):
-        from minikv.bench import check_out_path
+        from minikv.tools.bench import check_out_path
         out = tmp_path / "new" / "deeper" / "b.json"
         assert check_out_path(out) == out and out.parent.is_dir() and not out.exists()
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minikv import convert
+from minikv.io import convert
 from minikv.config import LlamaConfig
-from minikv.convert import permute_qk, unpermute_qk
+from minikv.io.convert import permute_qk, unpermute_qk
 
 gguf = pytest.importorskip("gguf", reason='the converter needs the optional "gguf" package (minikv[convert])')
 np = pytest.importorskip("numpy")

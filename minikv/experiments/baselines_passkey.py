@@ -21,12 +21,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ..checkpoint import load_model
-    from ..convert import ensure_default_model
-    from ..eval.tasks import make_example
-    from ..generate import generate
-    from ..policies import get_policy
-    from ..tokenizer import chat_stop_ids, load_tokenizer
+    from minikv.io.checkpoint import load_model
+    from minikv.io.convert import ensure_default_model
+    from minikv.tools.eval.tasks import make_example
+    from minikv.generate import generate
+    from minikv.policies import get_policy
+    from minikv.io.tokenizer import chat_stop_ids, load_tokenizer
 
     folder = ensure_default_model()
     model, tok = load_model(folder), load_tokenizer(folder)

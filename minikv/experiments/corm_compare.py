@@ -32,12 +32,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # also runnable as a file
 
-from minikv.checkpoint import load_model                      # noqa: E402
+from minikv.io.checkpoint import load_model                      # noqa: E402
 from minikv.generate import prefill                           # noqa: E402
 from minikv.policies import get_policy                        # noqa: E402
 from minikv.policies.corm import corm_exact_prefill           # noqa: E402
 from minikv.store import KVCache, LayerStore                  # noqa: E402
-from minikv.tokenizer import load_tokenizer                   # noqa: E402
+from minikv.io.tokenizer import load_tokenizer                   # noqa: E402
 
 MODEL_DIR = REPO / "weights" / "smollm2-135m-instruct"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")

@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-from ..errors import BadInput
+from minikv.errors import BadInput
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # also runnable as a file
 
-from minikv.checkpoint import load_model  # noqa: E402
-from minikv.d2o_view import format_d2o_report, plot_d2o_report  # noqa: E402
+from minikv.io.checkpoint import load_model  # noqa: E402
+from minikv.tools.d2o_view import format_d2o_report, plot_d2o_report  # noqa: E402
 from minikv.generate import generate, prefill  # noqa: E402
 from minikv.policies import get_policy  # noqa: E402
-from minikv.tokenizer import load_tokenizer  # noqa: E402
+from minikv.io.tokenizer import load_tokenizer  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -1,15 +1,15 @@
 """Policy registry: names -> classes. `get_policy(name, budget=..., **options)` builds one; unknown names are errors."""
 from __future__ import annotations
 
-from .adakv import AdaH2O, AdaPyramidKV, AdaSnapKV
-from .base import Policy, policy_options
-from .corm import CORM
-from .d2o import D2O
-from .full import FullCache
-from .h2o import H2O
-from .snapkv import PyramidKV, SnapKV
-from .streaming import Streaming
-from ..errors import BadInput
+from minikv.policies.adakv import AdaH2O, AdaPyramidKV, AdaSnapKV
+from minikv.policies.base import Policy, policy_options
+from minikv.policies.corm import CORM
+from minikv.policies.d2o import D2O
+from minikv.policies.full import FullCache
+from minikv.policies.h2o import H2O
+from minikv.policies.snapkv import PyramidKV, SnapKV
+from minikv.policies.streaming import Streaming
+from minikv.errors import BadInput
 
 REGISTRY: dict[str, type[Policy]] = {
     "full": FullCache,

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from ..budgets import pyramid_prefix_budgets
-from ..ops import first_positions_mask, recent_mask, select_topk
-from ..store import LayerStore
-from .base import apply_keep, choice_option, float_option, int_option
-from .h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
-from .snapkv import SnapKV, window_plus_topk_keep, window_scores
-from ..errors import BadInput
+from minikv.budgets import pyramid_prefix_budgets
+from minikv.ops import first_positions_mask, recent_mask, select_topk
+from minikv.store import LayerStore
+from minikv.policies.base import apply_keep, choice_option, float_option, int_option
+from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
+from minikv.policies.snapkv import SnapKV, window_plus_topk_keep, window_scores
+from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
 

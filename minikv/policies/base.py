@@ -15,9 +15,9 @@ from numbers import Integral, Real
 
 import torch
 
-from ..budgets import Budget, parse_budget
-from ..errors import BadInput
-from ..store import LayerStore
+from minikv.budgets import Budget, parse_budget
+from minikv.errors import BadInput
+from minikv.store import LayerStore
 
 
 class Policy:

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import first_positions_mask
-from ..store import KVCache, LayerStore
-from .base import Policy, apply_keep, choice_option, int_option
-from ..errors import BadInput
+from minikv.ops import first_positions_mask
+from minikv.store import KVCache, LayerStore
+from minikv.policies.base import Policy, apply_keep, choice_option, int_option
+from minikv.errors import BadInput
 
 THRESHOLDS = ("step", "cached")
 PREFILL_MODES = ("oneshot", "exact")
@@ -154,7 +154,7 @@ def corm_exact_prefill(model, prompts: list[list[int]], policy: Policy, question
                        pad_id: int = 0) -> tuple[torch.Tensor, KVCache]:
     """The `exact` prefill: the prompt as len(prompt) decode steps, each followed by policy.after_step (same returns
     as generate.prefill: (logits of the last token (B, vocab), cache)). Left-padded rows skip their padding steps."""
-    from ..generate import left_pad
+    from minikv.generate import left_pad
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadInput("every prompt must hold at least one token")
     B = len(prompts)

@@ -43,10 +43,10 @@ import math
 
 import torch
 
-from ..store import LayerStore
-from .base import Policy, apply_keep, choice_option, float_option, int_option
-from .h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
-from ..errors import BadInput
+from minikv.store import LayerStore
+from minikv.policies.base import Policy, apply_keep, choice_option, float_option, int_option
+from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
+from minikv.errors import BadInput
 
 MERGE_WEIGHTS = ("code", "paper")
 WHEN = ("first_decode", "prefill")

@@ -1,6 +1,6 @@
 """The full cache: keeps every entry. The reference every compressed policy is judged against."""
-from ..errors import BadInput
-from .base import Policy
+from minikv.errors import BadInput
+from minikv.policies.base import Policy
 
 
 class FullCache(Policy):

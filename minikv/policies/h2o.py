@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import first_positions_mask, group_mean, recent_mask, select_topk
-from ..store import LayerStore
-from .base import Policy, apply_keep, float_option, int_option
-from ..errors import BadInput
+from minikv.ops import first_positions_mask, group_mean, recent_mask, select_topk
+from minikv.store import LayerStore
+from minikv.policies.base import Policy, apply_keep, float_option, int_option
+from minikv.errors import BadInput
 
 
 def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..budgets import pyramid_prefix_budgets
-from ..ops import group_mean, recent_mask, select_topk
-from ..store import LayerStore
-from .base import Policy, apply_keep, int_option
-from ..errors import BadInput
+from minikv.budgets import pyramid_prefix_budgets
+from minikv.ops import group_mean, recent_mask, select_topk
+from minikv.store import LayerStore
+from minikv.policies.base import Policy, apply_keep, int_option
+from minikv.errors import BadInput
 
 
 def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:

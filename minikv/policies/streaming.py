@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import first_positions_mask, recent_mask
-from ..store import LayerStore
-from .base import Policy, apply_keep, int_option
-from ..errors import BadInput
+from minikv.ops import first_positions_mask, recent_mask
+from minikv.store import LayerStore
+from minikv.policies.base import Policy, apply_keep, int_option
+from minikv.errors import BadInput
 
 
 def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> torch.Tensor:

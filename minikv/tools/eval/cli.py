@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from ..cli import add_model_args, load_model_and_tokenizer, parse_options
-from . import records as rec
-from .runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
-from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
-from ..errors import BadInput
+from minikv.tools.cli import add_model_args, load_model_and_tokenizer, parse_options
+from minikv.tools.eval import records as rec
+from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
+from minikv.errors import BadInput
 
 DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
 
 
 def register(sub) -> None:
-    """Add the `eval` subcommand to minikv's argument parser (called by minikv.cli)."""
+    """Add the `eval` subcommand to minikv's argument parser (called by minikv.tools.cli)."""
     p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl, longbench-local",
                        description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TASK_NAMES)
@@ -212,7 +212,7 @@ def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer:
                view_head: int = 0) -> list[Path]:
     """Every plot that applies: quality vs ratio, depth heatmaps, survival strip, D2O / Ada-KV views."""
     try:
-        from . import plots
+        from minikv.tools.eval import plots
         plots._plt()
     except ImportError as e:
         print(f"minikv eval: no plots: {e}", file=sys.stderr)
@@ -237,7 +237,7 @@ def _view_example(tok, cfg: EvalConfig, cell, ctx: int):
 def _policy_views(model, tok, cfg, cells, out: Path, view_layer, view_head) -> list[Path]:
     """Teaching views on the grid's first prompt: surviving positions per policy (first budget), D2O layer ratios
     and Ada-KV head budgets when those policies and their view modules are present."""
-    from . import plots
+    from minikv.tools.eval import plots
     first = cells[0]
     ex = _view_example(tok, cfg, first, model.cfg.max_position_embeddings)
     ids = ex.context if (cfg.question == "agnostic" or ex.metric == "ppl") else ex.ids
@@ -252,10 +252,10 @@ def _policy_views(model, tok, cfg, cells, out: Path, view_layer, view_head) -> l
         rows.append((spec.label + (f" @ {budget}" if spec.takes_budget else ""),
                      plots.surviving_positions(model, ids, policy, layer, view_head, question)))
         if spec.name == "d2o":
-            made += _optional_view("minikv.d2o_view", "plot_d2o_report", model, ids, spec, budget,
+            made += _optional_view("minikv.tools.d2o_view", "plot_d2o_report", model, ids, spec, budget,
                                    out / f"d2o_layers_{_safe(spec.label)}.png", decode=True)
         elif spec.name.startswith("adakv"):
-            made += _optional_view("minikv.adakv_view", "plot_head_budgets", model, ids, spec, budget,
+            made += _optional_view("minikv.tools.adakv_view", "plot_head_budgets", model, ids, spec, budget,
                                    out / f"adakv_heads_{_safe(spec.label)}.png", decode=False)
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
@@ -272,7 +272,7 @@ def _optional_view(module: str, func: str, model, ids, spec, budget, path: Path,
     except (ImportError, AttributeError):
         print(f"minikv eval: {module}.{func} not available; skipping that view", file=sys.stderr)
         return []
-    from ..generate import generate
+    from minikv.generate import generate
     policy = spec.build(budget)
     generate(model, [ids], policy, max_new_tokens=4 if decode else 1)
     try:

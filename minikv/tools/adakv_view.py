@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from .errors import BadInput, MissingExtra
+from minikv.errors import BadInput, MissingExtra
 
 
 def head_budget_matrix(report: dict, row: int = 0) -> tuple[list[int], list[list[int]]]:

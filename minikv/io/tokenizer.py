@@ -21,8 +21,8 @@ import unicodedata
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
-from .config import read_json_object
-from .errors import BadInput, MissingExtra, NotFound
+from minikv.config import read_json_object
+from minikv.errors import BadInput, MissingExtra, NotFound
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

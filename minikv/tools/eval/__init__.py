@@ -7,10 +7,10 @@
   plots.py    quality vs measured cache ratio, length × depth heatmaps, surviving-position strips
   cli.py      `minikv eval`
 """
-from .metrics import longbench_score, qa_f1, rouge_l, string_match_all
-from .records import markdown_table, read_records
-from .runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
-from .tasks import Example, make_example
+from minikv.tools.eval.metrics import longbench_score, qa_f1, rouge_l, string_match_all
+from minikv.tools.eval.records import markdown_table, read_records
+from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.tasks import Example, make_example
 
 __all__ = ["EvalConfig", "Example", "build_grid", "longbench_score", "make_example", "markdown_table", "parse_budgets",
            "parse_policies", "qa_f1", "read_records", "rouge_l", "run_grid", "string_match_all"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from ..errors import BadInput, MissingExtra
+from minikv.errors import BadInput, MissingExtra
 
 
 def _plt():
@@ -122,7 +122,7 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
                         question: list[int] | None = None) -> list[int]:
     """Positions still cached in (layer, KV head) after prefill and the first decode step (D2O compresses there),
     with the question appended uncompressed when given: the data of the strip plot."""
-    from ..generate import generate
+    from minikv.generate import generate
     L, H = model.cfg.num_hidden_layers, model.cfg.num_key_value_heads
     if not 0 <= layer < L or not 0 <= head < H:
         raise BadInput(f"layer must be in [0, {L}) and head in [0, {H}), got layer={layer}, head={head}")
