@@ -304,7 +304,6 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
     B = len(prompts)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
     for step in range(n_steps):
         nxt = sample(logits, temperature, top_p, gen)                          # (B,)
         is_stop = torch.tensor([int(t) in stop for t in nxt.tolist()], device=model.device)
@@ -317,9 +316,8 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         if bool(done.all()) or step == n_steps - 1:
             break
         # Finished rows feed a padding token at position -1: nothing is cached for them.
-        pos = torch.where(done, -1, cache.seen)[:, None]
-        logits = model(torch.where(done, pad_id, nxt)[:, None], cache, pos, hook=policy.after_step,
-                       need=policy.decode_needs, window=policy.window, use_sdpa=sdpa)[:, -1]
+        logits = decode_step(model, cache, torch.where(done, pad_id, nxt), policy,
+                             pos=torch.where(done, -1, cache.seen), use_sdpa=use_sdpa)
     _sync(model)
     t2 = time.perf_counter()
     return GenerationResult(
@@ -329,6 +327,20 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         cache=cache if keep_cache else None, policy_report=policy.report(),
         stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
         context=model.cfg.max_position_embeddings)
+
+
+@torch.no_grad()
+def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
+                use_sdpa: bool | None = None) -> torch.Tensor:
+    """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
+
+    tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
+    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path).
+    """
+    sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
+    pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
+    return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,
+                 window=policy.window, use_sdpa=sdpa)[:, -1]
 
 
 def _sync(model: Llama) -> None:

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from minikv.attention import softmax_visible
-from minikv.generate import generate, prefill
+from minikv.generate import decode_step, generate, prefill
 from minikv.policies import get_policy
 from minikv.policies.corm import CORM, corm_exact_prefill
 from minikv.store import LayerStore
@@ -117,8 +117,7 @@ def teacher_forced(model, policy, prompt, cont, exact: bool = False):
         logits, cache = prefill(model, [prompt], policy, extra_capacity=len(cont))
     out, kept = [logits[0]], [[layer.pos.clone() for layer in cache.layers]]
     for tok in cont:
-        logits = model(torch.tensor([[tok]]), cache, hook=policy.after_step, need=policy.decode_needs,
-                       window=policy.window)[:, -1]
+        logits = decode_step(model, cache, torch.tensor([tok]), policy, use_sdpa=False)
         out.append(logits[0])
         kept.append([layer.pos.clone() for layer in cache.layers])
     return torch.stack(out), kept, cache
@@ -142,7 +141,7 @@ def test_exact_prefill_equals_token_by_token_decode():
     logits_a, cache_a = corm_exact_prefill(model, [seq], policy_a)
     logits_b, cache_b = prefill(model, [seq[:1]], policy_b)
     for tok in seq[1:]:
-        logits_b = model(torch.tensor([[tok]]), cache_b, hook=policy_b.after_step, need=policy_b.decode_needs)[:, -1]
+        logits_b = decode_step(model, cache_b, torch.tensor([tok]), policy_b, use_sdpa=False)
     assert torch.equal(logits_a, logits_b)
     for la, lb in zip(cache_a.layers, cache_b.layers):
         n = la.max_length()
@@ -182,7 +181,7 @@ def test_exact_prefill_equals_literal_model_hook():
     lit = LiteralCORM(w, r, model.cfg.num_hidden_layers, 1, model.cfg.num_key_value_heads)
     ref = model.new_cache(1)
     for tok in seq:
-        ref_logits = model(torch.tensor([[tok]]), ref, hook=lit.after_step, need=lit.decode_needs)[:, -1]
+        ref_logits = decode_step(model, ref, torch.tensor([tok]), lit, use_sdpa=False)
     for la, lb in zip(cache.layers, ref.layers):
         for h in range(la.pos.shape[1]):
             assert live_positions(la, 0, h) == live_positions(lb, 0, h)

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from conftest import tiny_model
 from minikv.budgets import Budget, parse_budget, pyramid_prefix_budgets
-from minikv.generate import generate, prefill
+from minikv.generate import decode_step, generate, prefill
 from minikv.ops import select_topk
 from minikv.policies import REGISTRY, get_policy
 
@@ -25,8 +25,7 @@ def run_teacher_forced(model, ids: list[int], policy, n_prompt: int):
     out = [logits]
     lengths = [[layer.length.clone() for layer in cache.layers]]
     for t in ids[n_prompt:]:
-        out.append(model(torch.tensor([[t]]), cache, hook=policy.after_step, need=policy.decode_needs,
-                         window=policy.window)[:, -1])
+        out.append(decode_step(model, cache, torch.tensor([t]), policy, use_sdpa=False))
         lengths.append([layer.length.clone() for layer in cache.layers])
     return torch.stack(out), cache, lengths
 

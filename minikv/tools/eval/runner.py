@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import torch
 
 from minikv.budgets import parse_budget
-from minikv.generate import generate, prefill
+from minikv.generate import decode_step, generate, prefill
 from minikv.policies import REGISTRY, get_policy
 from minikv.policies.base import Policy
 from minikv.io.tokenizer import chat_stop_ids
@@ -321,11 +321,9 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
     target = torch.tensor(ids[prefix:], device=dev)
     nll = -torch.log_softmax(logits.double(), -1)[0, target[0]]
     rest = torch.tensor(ids[prefix:-1], device=dev)[None]                  # (1, n-1) inputs after the prefix
-    sdpa = model.dtype != torch.float64 and not policy.decode_needs
     if evicts_while_decoding(policy):
         for t in range(rest.shape[1]):
-            out = model(rest[:, t:t + 1], cache, hook=policy.after_step, need=policy.decode_needs,
-                        window=policy.window, use_sdpa=sdpa)[0, -1]        # (vocab,)
+            out = decode_step(model, cache, rest[:, t], policy)[0]          # (vocab,)
             nll = nll - torch.log_softmax(out.double(), -1)[target[t + 1]]
     else:
         for s in range(0, rest.shape[1], chunk):
