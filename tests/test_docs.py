@@ -190,3 +190,30 @@ def test_reference_check_catches_missing_files():
                     "baselines.md", "corm.md", "adakv.md", "style.md", "minikv/no_such.py", "tests/test_nothing.py",
                     "minikv/gone/"], refs
     assert code_texts("tests/test_docs.py"), "comments and docstrings are read"
+
+
+# ---- README's Python example ---------------------------------------------------------------------------------------
+def readme_example() -> str:
+    text = README.read_text(encoding="utf-8")
+    m = re.search(r"<!--\s*example\s*-->\s*\n```python\n(.*?)\n```", text, flags=re.S)
+    assert m, "README.md has no ```python block right after <!-- example -->"
+    return m.group(1)
+
+
+def test_readme_example_is_short_and_imports_what_exists():
+    import importlib
+    code = readme_example()
+    assert len(code.splitlines()) <= 15, f"README.md's example is {len(code.splitlines())} lines; keep it ~10"
+    for node in ast.walk(ast.parse(code, filename="README.md example")):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            missing = [a.name for a in node.names if not hasattr(module, a.name)]
+            assert not missing, f"README.md's example imports {missing} from {node.module}, which has no such name"
+
+
+@pytest.mark.slow
+def test_readme_example_runs(default_model_dir, capsys):
+    code = compile(readme_example(), "README.md <!-- example -->", "exec")
+    exec(code, {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    assert re.search(r"measured cache ratio 0\.\d{3}", out), f"README.md's example printed {out!r}"
