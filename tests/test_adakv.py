@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minikv.tools.adakv_view import format_head_budgets, head_budget_matrix, plot_head_budgets
+from minikv.tools.eval.plots import format_head_budgets, head_budget_matrix, plot_head_budgets
 from minikv.generate import generate, prefill
 from minikv.ops import select_topk
 from minikv.policies import get_policy, policy_names

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_model
-from minikv.tools.d2o_view import format_d2o_report, plot_d2o_report
+from minikv.tools.eval.plots import format_d2o_report, plot_d2o_report
 from minikv.generate import generate, prefill
 from minikv.policies import get_policy
 from minikv.policies.base import Policy, apply_keep

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import torch
 
+from safetensors import SafetensorError         # save_file / load_file report I/O failures as this, not OSError
+from safetensors.torch import load_file, save_file
+
+from minikv.config import LlamaConfig
 from minikv.errors import BadInput, NotFound
+from minikv.generate import generate
+from minikv.io.checkpoint import load_model
+from minikv.io.convert import ensure_default_model
+from minikv.io.tokenizer import load_tokenizer
+from minikv.model import Llama
+from minikv.policies import get_policy
+from minikv.tools.common import parse_options
 from minikv.tools.record import Recorder
 
 FORMAT_VERSION = 1
@@ -40,8 +51,6 @@ SMALL_CASE = {
 
 
 def _small_model(seed: int):
-    from minikv.config import LlamaConfig
-    from minikv.model import Llama
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -55,7 +64,6 @@ def _small_model(seed: int):
 
 def record_case(model, prompt: list[int], policy, new_tokens: int, layers: set[int] | None = None) -> Recorder:
     """Run prefill + greedy decode with a recording policy (reference attention path, no SDPA)."""
-    from minikv.generate import generate
     rec = Recorder(policy, layers=layers)
     generate(model, [prompt], rec, max_new_tokens=new_tokens + 1, stop_ids=[], use_sdpa=False)
     return rec
@@ -124,8 +132,6 @@ def old_case_files(out_dir: Path) -> list[str]:
 def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 2, real_model: bool = True,
            real_layer: int = 15, budget=None, options: dict | None = None, overwrite: bool = False) -> Path:
     """Write golden vectors for `policy_name` into out_dir; returns the manifest path."""
-    from safetensors.torch import save_file
-    from minikv.policies import get_policy
     check_export_args(seed, n_cases, real_model)
     torch.set_num_threads(1)                    # one thread: bit-reproducible float64 reductions
     out_dir = Path(out_dir)
@@ -143,9 +149,6 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
         cases.append((f"small_seed{case_seed}", f"tiny random Llama (3 layers, Hq=4, Hkv=2, d=8), float64, seed "
                       f"{case_seed}, 48-token prompt, 4 greedy decode steps", rec, "float64"))
     if real_model:
-        from minikv.io.checkpoint import load_model
-        from minikv.io.convert import ensure_default_model
-        from minikv.io.tokenizer import load_tokenizer
         folder = ensure_default_model()
         model = load_model(folder, dtype=torch.float64)
         if not 0 <= real_layer < model.cfg.num_hidden_layers:
@@ -182,7 +185,6 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
 
 def write(path: Path, save) -> None:
     """save(path), with a full disk or a read-only folder reported as a named error."""
-    from safetensors import SafetensorError     # save_file reports I/O failures as this, not as OSError
     try:
         save(path)
     except (OSError, SafetensorError) as e:
@@ -277,8 +279,6 @@ def check_case_entry(case, i: int, tolerances, path: Path) -> None:
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a missing, unreadable or corrupt file is a named error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     if not path.exists():
         raise NotFound(f"{what} file {path} not found")
     try:
@@ -376,7 +376,6 @@ def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = Fa
 
 
 def cmd_oracle(args) -> int:
-    from minikv.tools.cli import parse_options
     if args.action == "export":
         path = export(args.policy, args.out, seed=args.seed, n_cases=args.cases, real_model=not args.no_real_model,
                       budget=args.budget, options=parse_options(args.option), overwrite=args.overwrite)

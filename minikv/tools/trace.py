@@ -12,6 +12,9 @@ import sys
 import torch
 
 from minikv.errors import BadInput
+from minikv.generate import generate
+from minikv.tools.common import (add_model_args, add_policy_args, count_arg, load_model_and_tokenizer, make_policy,
+                                 prompt_arg)
 from minikv.tools.record import Recorder, head_changes
 
 
@@ -54,7 +57,6 @@ def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str
 
 def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
     """Generate with a recording policy; returns (recorder, generated text, token strings)."""
-    from minikv.generate import generate
     rec = Recorder(policy, layers=layers)
     ids = tokenizer.encode(prompt)
     res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
@@ -89,15 +91,21 @@ def check_layers(layers: set[int] | None, n_layers: int) -> None:
                        f"0..{n_layers - 1}")
 
 
+def print_run_notes(policy, res, max_new_tokens: int) -> None:
+    """How the budget was read and, when generation stopped at the model's context, a line saying so (on stderr,
+    after the run, so that a refusal during prefill stays the only stderr line)."""
+    print(policy.budget_reading(), file=sys.stderr)
+    if res.stopped_at_context:
+        print(f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
+              f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
+
+
 def cmd_trace(args) -> int:
-    from minikv.tools.cli import context_note, load_model_and_tokenizer, make_policy
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
     model, tok = load_model_and_tokenizer(args)
     check_layers(args.layers, model.cfg.num_hidden_layers)
     rec, text, pieces, res = run_trace(model, tok, policy, args.prompt, args.max_new_tokens, args.layers)
-    print(policy.budget_reading(), file=sys.stderr)     # after the run: a refusal stays the only stderr line
-    if res.stopped_at_context:
-        print(context_note(res, args.max_new_tokens), file=sys.stderr)
+    print_run_notes(policy, res, args.max_new_tokens)
     print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
@@ -115,7 +123,6 @@ def _jsonable(x):
 
 
 def register(sub) -> None:
-    from minikv.tools.cli import add_model_args, add_policy_args, count_arg, prompt_arg
     p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")
     p.add_argument("--prompt", required=True, type=prompt_arg)
     p.add_argument("--max-new-tokens", type=count_arg, default=4)

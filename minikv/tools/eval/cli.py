@@ -11,17 +11,19 @@ from pathlib import Path
 
 import torch
 
-from minikv.tools.cli import add_model_args, load_model_and_tokenizer, parse_options
+from minikv.errors import BadInput, MissingExtra
+from minikv.generate import generate
+from minikv.tools.common import add_model_args, load_model_and_tokenizer, parse_options
+from minikv.tools.eval import plots
 from minikv.tools.eval import records as rec
-from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
-from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, longbench_example, make_example, read_longbench
-from minikv.errors import BadInput
+from minikv.tools.eval.runner import EvalConfig, build_grid, example_for, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, read_longbench
 
 DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
 
 
 def register(sub) -> None:
-    """Add the `eval` subcommand to minikv's argument parser (called by minikv.tools.cli)."""
+    """Add the `eval` subcommand to minikv's argument parser."""
     p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl, longbench-local",
                        description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TASK_NAMES)
@@ -210,76 +212,47 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
 # ---- plots ----------------------------------------------------------------------------------------------------------
 def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer: int | None = None,
                view_head: int = 0) -> list[Path]:
-    """Every plot that applies: quality vs ratio, depth heatmaps, survival strip, D2O / Ada-KV views."""
+    """Every plot that applies: quality vs ratio, depth heatmaps, survival strip, D2O layers / Ada-KV head budgets."""
     try:
-        from minikv.tools.eval import plots
         plots._plt()
-    except ImportError as e:
+    except MissingExtra as e:
         print(f"minikv eval: no plots: {e}", file=sys.stderr)
         return []
-    made = []
     records = [r for r in result["records"] if not r.get("error")]
     if not records:
-        return made
-    made.append(plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", f"{cfg.model_name}"))
+        return []
+    made = [plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", f"{cfg.model_name}")]
     if any(r.get("depth") is not None for r in records) and any(c.task in DEPTH_TASKS for c in result["cells"]):
         made.append(plots.depth_heatmaps(records, out / "depth_heatmaps.png"))
-    made += _policy_views(model, tok, cfg, result["cells"], out, view_layer, view_head)
-    return made
+    return made + policy_views(model, tok, cfg, result["cells"][0], out, view_layer, view_head)
 
 
-def _view_example(tok, cfg: EvalConfig, cell, ctx: int):
-    if cell.row is not None:
-        return longbench_example(tok, cell.row, cell.length, cfg.chat, ctx)
-    return make_example(tok, cell.task, cell.length, cell.depth, cell.sample, cfg.seed, cfg.chat, cfg.ppl_prefix)
-
-
-def _policy_views(model, tok, cfg, cells, out: Path, view_layer, view_head) -> list[Path]:
-    """Teaching views on the grid's first prompt: surviving positions per policy (first budget), D2O layer ratios
-    and Ada-KV head budgets when those policies and their view modules are present."""
-    from minikv.tools.eval import plots
-    first = cells[0]
-    ex = _view_example(tok, cfg, first, model.cfg.max_position_embeddings)
-    ids = ex.context if (cfg.question == "agnostic" or ex.metric == "ppl") else ex.ids
-    if ex.metric == "ppl":
-        ids = ex.context[:ex.prefix]
+def policy_views(model, tok, cfg, first, out: Path, view_layer, view_head) -> list[Path]:
+    """Teaching views on the grid's first prompt at the first budget: surviving positions per policy, and the
+    reports of D2O (per-layer ratios, evictions, tau: a PNG and a markdown table) and Ada-KV (per-head budgets)."""
+    ex = example_for(tok, first, cfg, model.cfg.max_position_embeddings)
+    ids = ex.context[:ex.prefix] if ex.metric == "ppl" else ex.context if cfg.question == "agnostic" else ex.ids
     question = ex.question if (cfg.question == "agnostic" and ex.question and ex.metric != "ppl") else None
     layer = model.cfg.num_hidden_layers // 2 if view_layer is None else view_layer
     budget = cfg.budgets[0]
     rows, made = [], []
     for spec in cfg.policies:
-        policy = spec.build(budget)
         rows.append((spec.label + (f" @ {budget}" if spec.takes_budget else ""),
-                     plots.surviving_positions(model, ids, policy, layer, view_head, question)))
-        if spec.name == "d2o":
-            made += _optional_view("minikv.tools.d2o_view", "plot_d2o_report", model, ids, spec, budget,
-                                   out / f"d2o_layers_{_safe(spec.label)}.png", decode=True)
-        elif spec.name.startswith("adakv"):
-            made += _optional_view("minikv.tools.adakv_view", "plot_head_budgets", model, ids, spec, budget,
-                                   out / f"adakv_heads_{_safe(spec.label)}.png", decode=False)
+                     plots.surviving_positions(model, ids, spec.build(budget), layer, view_head, question)))
+        if spec.name == "d2o" or spec.name.startswith("adakv"):
+            policy = spec.build(budget)
+            generate(model, [ids], policy, max_new_tokens=4 if spec.name == "d2o" else 1)
+            name = f"{'d2o_layers' if spec.name == 'd2o' else 'adakv_heads'}_{_safe(spec.label)}"
+            view, table = ((plots.plot_d2o_report, plots.format_d2o_report) if spec.name == "d2o" else
+                           (plots.plot_head_budgets, plots.format_head_budgets))
+            made.append(view(policy.report(), out / f"{name}.png"))
+            (out / f"{name}.md").write_text(table(policy.report()) + "\n")
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
     made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,
                                      f"{ex.task}, {n} tokens: positions kept in layer {layer}, KV head {view_head} "
                                      f"after prefill + 1 decode step (budget {budget})"))
     return made
-
-
-def _optional_view(module: str, func: str, model, ids, spec, budget, path: Path, decode: bool) -> list[Path]:
-    """Call another module's plot on the policy's report(), when that module exists."""
-    try:
-        view = getattr(__import__(module, fromlist=[func]), func)
-    except (ImportError, AttributeError):
-        print(f"minikv eval: {module}.{func} not available; skipping that view", file=sys.stderr)
-        return []
-    from minikv.generate import generate
-    policy = spec.build(budget)
-    generate(model, [ids], policy, max_new_tokens=4 if decode else 1)
-    try:
-        return [Path(view(policy.report(), path))]
-    except (ValueError, KeyError) as e:
-        print(f"minikv eval: {module} view failed: {e}", file=sys.stderr)
-        return []
 
 
 def _safe(label: str) -> str:

@@ -5,22 +5,20 @@
   survival_strip(rows, path)           which positions survive in one layer / KV head, per policy
   surviving_positions(model, ids, policy, layer, head)   the data of that strip: the cache's `pos` after prefill
                                        and the first decode step
+  format_d2o_report / plot_d2o_report  what D2O did, from its report(): per-layer F_l, L*w_l, ratio, S_h / S_r,
+                                       merged vs dropped, final tau (a table), and ratio / evictions / tau (a figure)
+  format_head_budgets / plot_head_budgets   Ada-KV's per-head budgets from its report(): a table and a heatmap
+Batch row 0 is shown where a report's values differ per row.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
-from minikv.errors import BadInput, MissingExtra
 
-
-def _plt():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtra("plots need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
-    return plt
+from minikv.errors import BadInput
+from minikv.generate import generate
+from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
 
 
 def _ok(records):
@@ -122,7 +120,6 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
                         question: list[int] | None = None) -> list[int]:
     """Positions still cached in (layer, KV head) after prefill and the first decode step (D2O compresses there),
     with the question appended uncompressed when given: the data of the strip plot."""
-    from minikv.generate import generate
     L, H = model.cfg.num_hidden_layers, model.cfg.num_key_value_heads
     if not 0 <= layer < L or not 0 <= head < H:
         raise BadInput(f"layer must be in [0, {L}) and head in [0, {H}), got layer={layer}, head={head}")
@@ -153,9 +150,103 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
     return _save(fig, plt, path)
 
 
-def _save(fig, plt, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")   # keeps a legend placed beside the axes
-    plt.close(fig)
-    return path
+# ---- policy reports -------------------------------------------------------------------------------------------------
+def _d2o_layers(report: dict) -> list[dict]:
+    if report.get("policy") != "d2o":
+        raise BadInput(f"not a D2O report (policy = {report.get('policy')!r})")
+    if "layers" not in report:
+        raise BadInput("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
+    return report["layers"]
+
+
+def _num(x, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _d2o_ratio(x: dict) -> float | None:
+    return 1.0 if x["full"] and x["full"][0] else (x["ratio"][0] if x["ratio"] else None)
+
+
+def format_d2o_report(report: dict) -> str:
+    """A per-layer table of D2O's decisions (row 0 of the batch), with a settings line above it."""
+    rows, merged, dropped = [], 0, 0
+    for x in _d2o_layers(report):
+        n, merged, dropped = x["merged"] + x["dropped"], merged + x["merged"], dropped + x["dropped"]
+        full = bool(x["full"] and x["full"][0])
+        rows.append({"layer": x["layer"], "F": _num(x["F"]), "L*w": _num(x["Lw"]),
+                     "ratio": "full" if full else _num(_d2o_ratio(x)),
+                     "S_h": "-" if x["S_h"][0] < 0 else x["S_h"][0], "S_r": "-" if x["S_r"][0] < 0 else x["S_r"][0],
+                     "merged": x["merged"], "dropped": x["dropped"],
+                     "merge%": _num(100 * x["merged"] / n if n else None, 1), "tau": _num(x["tau"][0])})
+    n = merged + dropped
+    rows.append({"layer": "all", "merged": merged, "dropped": dropped,
+                 "merge%": _num(100 * merged / n if n else None, 1)})
+    head = (f"D2O budget {report['budget']} (rho row 0 = {_num(report['rho'][0])}), heavy_share "
+            f"{report['heavy_share']}, n_sink {report['n_sink']}, merge {report['merge_weights']}, "
+            f"when {report['when']}, allocation {report['allocation']}, alpha {report['alpha']}, beta {report['beta']}"
+            + ("" if report.get("tau_override") is None else f", tau fixed at {report['tau_override']}"))
+    return head + "\n" + format_rows(rows, list(rows[0]))
+
+
+def plot_d2o_report(report: dict, path: str | Path) -> Path:
+    """Three panels: per-layer ratio (gray: protected), merged vs dropped per layer, tau over compression steps."""
+    layers = _d2o_layers(report)
+    plt = _plt()
+    idx = [x["layer"] for x in layers]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].bar(idx, [_d2o_ratio(x) or float("nan") for x in layers],
+              color=["tab:gray" if x["protected"] else "tab:blue" for x in layers])
+    ax[0].axhline(report["rho"][0], color="k", lw=0.8, ls="--", label=f"rho = {report['rho'][0]:.3g}")
+    ax[0].set(title="per-layer ratio (gray: protected)", xlabel="layer", ylabel="r_l")
+    merged = [x["merged"] for x in layers]
+    ax[1].bar(idx, merged, label="merged")
+    ax[1].bar(idx, [x["dropped"] for x in layers], bottom=merged, label="dropped")
+    ax[1].set(title="evicted entries", xlabel="layer", ylabel="entries (all rows, heads)")
+    hists = [h for h in report["tau_history"] if h]
+    if hists:                                # the mean over compressed layers and the min-max band, not 30 lines
+        cols = [[h[t] for h in hists] for t in range(min(map(len, hists)))]
+        ax[2].fill_between(range(len(cols)), [min(c) for c in cols], [max(c) for c in cols], alpha=0.3,
+                           label="min-max over layers")
+        ax[2].plot(range(len(cols)), [sum(c) / len(c) for c in cols], lw=0.8, label=f"mean of {len(hists)} layers")
+    ax[2].set(title="threshold tau (row 0)", xlabel="compression step", ylabel="tau")
+    for a in ax:
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def head_budget_matrix(report: dict, row: int = 0) -> tuple[list[int], list[list[int]]]:
+    """(layers, budgets[layer][head]) for one batch row from report["head_budgets"] (total entries incl. window)."""
+    per_layer = report.get("head_budgets")
+    if per_layer is None:
+        raise BadInput(f"report of policy {report.get('policy')!r} has no 'head_budgets' (not an Ada-KV policy?)")
+    layers = sorted(per_layer, key=int)                      # JSON round trips turn layer keys into strings
+    return [int(l) for l in layers], [list(per_layer[l][row]) for l in layers]
+
+
+def format_head_budgets(report: dict, row: int = 0) -> str:
+    """One line per compressed layer: the budget of each KV head (entries incl. window), min / max / sum."""
+    layers, m = head_budget_matrix(report, row)
+    if not layers:
+        return "no layer was compressed (the prompt fits the budget)"
+    return format_rows([{"layer": l, **{f"h{i}": x for i, x in enumerate(r)}, "min": min(r), "max": max(r),
+                         "sum": sum(r)} for l, r in zip(layers, m)])
+
+
+def plot_head_budgets(report: dict, path: str | Path, row: int = 0) -> Path:
+    """Heatmap of per-head budgets (heads x layers)."""
+    layers, m = head_budget_matrix(report, row)
+    if not layers:
+        raise BadInput("nothing to plot: no layer was compressed (the prompt fits the budget)")
+    plt = _plt()
+    grid = [[m[j][i] for j in range(len(layers))] for i in range(len(m[0]))]      # (heads, layers)
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), max(2, 0.4 * len(grid) + 1.2)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_yticks(range(len(grid)))
+    ax.set(xlabel="layer", ylabel="KV head")
+    ax.set_title(f"{report.get('policy', '?')} budget {report.get('budget')}: entries per head", fontsize=9)
+    fig.colorbar(im, ax=ax, label="entries (incl. window)")
+    fig.tight_layout()
+    return _save(fig, plt, path)

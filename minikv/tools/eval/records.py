@@ -15,8 +15,12 @@ import json
 import math
 import os
 import resource
+import socket
 import sys
+import time
 from collections import defaultdict
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -38,7 +42,6 @@ def cell_id(key: dict) -> str:
 def minikv_version() -> str:
     """The installed package version, else the version in the source tree's pyproject.toml."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
         return version("minikv")
     except PackageNotFoundError:
         pass
@@ -262,7 +265,6 @@ def _pid_alive(pid: int) -> bool:
 
 def _read_lock(path: Path) -> tuple[str | None, dict | None]:
     """(raw text, parsed holder or None when unreadable) of a lock file; (None, None) when it has vanished."""
-    import time
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text:                                    # just created by a run that has not written it yet
@@ -280,7 +282,6 @@ def _read_lock(path: Path) -> tuple[str | None, dict | None]:
 
 def _is_stale(holder: dict) -> bool:
     """A lock taken on this host by a process that no longer exists (killed, machine crash before a release)."""
-    import socket
     return holder["host"] == socket.gethostname() and not _pid_alive(holder["pid"])
 
 
@@ -321,8 +322,6 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Create the lock, or raise BadInput naming the run that holds it."""
-        import socket
-        from datetime import datetime
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": datetime.now().astimezone().isoformat(timespec="seconds"),
                          "command": self.command}) + "\n"
@@ -354,7 +353,6 @@ class OutputLock:
                        f"writes to {self.path.parent}")
 
     def _held_message(self, holder: dict) -> str:
-        import socket
         where = "" if holder["host"] == socket.gethostname() else f" on host {holder['host']}"
         return (f"{self.path.parent} is in use by another minikv eval: pid {holder['pid']}{where}, running since "
                 f"{holder.get('started', '?')} ({holder.get('command', '?')}); wait for it to finish (a re-run then "

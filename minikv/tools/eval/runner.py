@@ -27,6 +27,7 @@ from minikv.generate import decode_step, generate, prefill
 from minikv.policies import REGISTRY, get_policy
 from minikv.policies.base import Policy
 from minikv.io.tokenizer import chat_stop_ids
+from minikv.tools.common import note, parse_options, progress_bar
 from minikv.tools.eval import records as rec
 from minikv.tools.eval.metrics import longbench_dataset, longbench_score, string_match_all
 from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
@@ -45,11 +46,6 @@ class PolicySpec:
     def build(self, budget: str | int | None) -> Policy:
         """A fresh policy object at `budget` (ignored when the policy is budget-free)."""
         return get_policy(self.name, budget if self.takes_budget else None, **dict(self.options))
-
-
-def _convert(value: str):
-    from minikv.tools.cli import parse_options
-    return parse_options([f"x={value}"])["x"]
 
 
 def accepts_option(name: str, key: str) -> bool:
@@ -79,7 +75,7 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
             if "=" not in pair:
                 raise BadInput(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
             k, v = pair.split("=", 1)
-            opts[k] = _convert(v)
+            opts[k] = parse_options([f"x={v}"])["x"]
         specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), _takes_budget(name, opts, probe_budget)))
     if len({s.label for s in specs}) != len(specs):
         raise BadInput(f"--policies lists a policy twice: {text}")
@@ -377,58 +373,6 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
 
 
 # ---- the grid ---------------------------------------------------------------------------------------------------------
-class _Counter:
-    """A progress counter on stderr for when tqdm is not installed: done/total, elapsed time and an estimate of the
-    time left; rewritten in place on a terminal, one line per finished cell otherwise (logs, CI)."""
-
-    def __init__(self, total: int, initial: int, desc: str):
-        self.n, self.total, self.desc, self.initial = initial, total, desc, initial
-        self.start, self._note = time.perf_counter(), ""
-        self._print()
-
-    def _print(self) -> None:
-        elapsed = time.perf_counter() - self.start
-        ran = self.n - self.initial
-        left = f", ~{_duration(elapsed / ran * (self.total - self.n))} left" if ran else ""
-        text = f"{self.desc}: {self.n}/{self.total} [{_duration(elapsed)}{left}] {self._note}".rstrip()
-        if sys.stderr.isatty():
-            print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)     # \x1b[K: erase the longer old line
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def set_postfix_str(self, s: str) -> None:
-        self._note = s
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        self._print()
-
-    def close(self) -> None:
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
-
-
-def _duration(seconds: float) -> str:
-    """'7s', '3m05s', '2h14m'."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
-    """tqdm when installed, else a plain stderr counter (None when disabled)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
-    except ImportError:
-        return _Counter(total, initial, desc)
-
-
 def check_fits(tok, cfg: EvalConfig, cells: list[Cell], ctx: int) -> None:
     """Refuse, before any cell runs, a grid whose prompts cannot be built or do not fit the model's context: every
     length within the context, and the shortest and the longest prompt of each task buildable and fitting."""
@@ -492,11 +436,3 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells:
     latest = {r["id"]: r for r in rec.read_records(out_dir)}
     mine = [latest[c.id] for c in cells if c.id in latest]
     return {"cells": cells, "ran": ran, "skipped": len(cells) - len(todo), "records": mine}
-
-
-def note(bar, line: str) -> None:
-    """One line on stderr that does not garble the progress bar."""
-    if bar is not None and hasattr(bar, "write"):
-        bar.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr)

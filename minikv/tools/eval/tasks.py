@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minikv.io.tokenizer import apply_chat_template
+from minikv.tools.eval.metrics import LONGBENCH_METRIC, longbench_dataset
 from minikv.errors import BadInput, NotFound
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -530,7 +531,6 @@ def longbench_example(tok, row: dict, max_length: int | None, chat: bool | None,
     """LongBench's prompt for the row's dataset, middle-truncated (pred.py: keep the first and last halves) so that
     with the chat template (unless the dataset is few-shot / completion) it holds at most `max_length` tokens
     (default: the model's context minus the answer length). The question part is the prompt after the context."""
-    from minikv.tools.eval.metrics import LONGBENCH_METRIC, longbench_dataset
     ds = longbench_dataset(str(row.get("dataset", "")))
     template = LONGBENCH_PROMPT.get(ds, LONGBENCH_GENERIC_PROMPT)
     head_text, tail_tmpl = template.split("{context}")

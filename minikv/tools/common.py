@@ -1,0 +1,213 @@
+"""What the `minikv` subcommands share: argument types and groups, option parsing, loading the model, the one
+markdown table renderer, the one matplotlib loader and the one progress display."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minikv.budgets import parse_budget
+from minikv.errors import BadInput, MissingExtra
+from minikv.io.checkpoint import load_model
+from minikv.io.convert import ensure_default_model
+from minikv.io.tokenizer import load_tokenizer
+from minikv.model import resolve_device
+from minikv.policies import get_policy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# ---- argument types: each refuses a bad value at parse time, naming it (argparse prints one line) ------------
+def _number(cast, ok, want: str):
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    return parse
+
+
+count_arg = _number(int, lambda v: v >= 0, "a whole number >= 0")
+seed_arg = _number(int, lambda v: 0 <= v < 2 ** 64, "a whole number in 0..2**64-1")      # what torch.Generator takes
+temperature_arg = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
+top_p_arg = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def prompt_arg(text: str) -> str:
+    """Prompt text, refused when empty (there would be nothing to condition on)."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"the prompt is empty ({text!r}); give at least one character")
+    return text
+
+
+def budget_arg(text: str) -> str:
+    """The budget as written, checked now (a count or a ratio) so a typo fails before the model loads."""
+    try:
+        parse_budget(text)
+    except BadInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="full", help="cache policy (minikv policies lists them)")
+    p.add_argument("--budget", default=None, type=budget_arg,
+                   help="entries per (layer, KV head): a count (512) or a ratio with a decimal point (0.2)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option, e.g. --option window=16 (repeatable; a,b,c gives a list)")
+
+
+# ---- policy options ---------------------------------------------------------------------------------------------
+def parse_value(text: str):
+    """One option value: true/false -> bool, none/null -> None, an int, a float, a,b,c or [a,b] -> a list, else text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "," in text or (text.startswith("[") and text.endswith("]")):
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        if not inner.strip():
+            return []
+        items = [item.strip() for item in inner.split(",")]
+        if any(not item for item in items):
+            raise BadInput(f"list value {text!r} has an empty item; write e.g. 0,1,29")
+        return [parse_value(item) for item in items]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> dict (values through parse_value); a missing '=', an empty key or value, or a key given
+    twice is refused, naming it."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        problem = ("is not KEY=VALUE (e.g. --option window=16)" if not eq else
+                   "has an empty key; write KEY=VALUE (e.g. --option window=16)" if not key else
+                   "has an empty value; write KEY=VALUE (an empty list is KEY=[])" if not value.strip() else None)
+        if problem:
+            raise BadInput(f"--option {pair!r} {problem}")
+        if key in out:
+            raise BadInput(f"--option {key!r} is given twice ({key}={out[key]!r} and {pair!r}); give it once")
+        out[key] = parse_value(value)
+    return out
+
+
+def make_policy(args):
+    return get_policy(args.policy, args.budget, **parse_options(args.option))
+
+
+def load_model_and_tokenizer(args):
+    """The model and tokenizer named by --model, fetching the default model when it is missing."""
+    device = resolve_device(args.device)             # before any file is read: a missing GPU fails fast
+    folder = ensure_default_model() if args.model is None else Path(args.model)
+    return load_model(folder, dtype=DTYPES[args.dtype], device=device), load_tokenizer(folder)
+
+
+# ---- output --------------------------------------------------------------------------------------------------------
+def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4) -> str:
+    """A markdown table from dicts (columns: `keys`, default the first row's keys); floats to `digits` figures."""
+    if not rows:
+        return "(no rows)"
+    keys = keys or list(rows[0])
+    fmt = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pyplot(what: str = "plots"):
+    """matplotlib.pyplot on the Agg backend, or MissingExtra naming how to install it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtra(f"{what} need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
+    return plt
+
+
+def save_figure(fig, plt, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")   # keeps a legend placed beside the axes
+    plt.close(fig)
+    return path
+
+
+def duration(seconds: float) -> str:
+    """'7s', '3m05s', '2h14m'."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Counter:
+    """A progress counter on stderr for when tqdm is not installed: done/total, elapsed time and an estimate of the
+    time left; rewritten in place on a terminal, one line per step otherwise (logs, CI)."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.n, self.total, self.desc, self.initial = initial, total, desc, initial
+        self.start, self._note = time.perf_counter(), ""
+        self._print()
+
+    def _print(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        ran = self.n - self.initial
+        left = f", ~{duration(elapsed / ran * (self.total - self.n))} left" if ran else ""
+        text = f"{self.desc}: {self.n}/{self.total} [{duration(elapsed)}{left}] {self._note}".rstrip()
+        if sys.stderr.isatty():
+            print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)     # \x1b[K: erase the longer old line
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        self._note = s
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self._print()
+
+    def close(self) -> None:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
+    """tqdm when installed, else a plain stderr Counter (None when disabled)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        return Counter(total, initial, desc)
+
+
+def note(bar, line: str) -> None:
+    """One line on stderr that does not garble the progress bar."""
+    if bar is not None and hasattr(bar, "write"):
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
