@@ -5,15 +5,19 @@ W_o that multiply head i). Output y = sum_i A_i V_i W_i. Eviction keeps a set pe
 weights, Â_i = I_i A_i / F_i with F_i = sum_j I_i^j A_i^j (kept mass); ŷ = sum_i Â_i V_i W_i. Then
     ||y - ŷ||_1 <= 2 sum_i C_i (1 - F_i) <= 2 h C - 2 C sum_i F_i,   C_i = max_j ||V_i[j] W_i||_1,  C = max_i C_i,
 from the identity ||A_i - Â_i||_1 = 2 (1 - F_i). A head left with nothing (F_i = 0) outputs 0 (the bound still holds).
-from minikv.errors import BadInput
 
 GQA: masks and values may be given per KV head (Hkv rows); KV head k serves query heads k*G .. k*G + G - 1, so they
-are expanded to the h query heads before use. Policies select with the group *mean* of the weights (baselines.md).
+are expanded to the h query heads before use. Policies select with the group *mean* of the weights.
 Everything here works in float64 when given float64 (bound checks should be).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+
+from minikv.errors import BadInput
+from minikv.generate import check_token_row, prefill
 
 
 def expand_kv_heads(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
@@ -104,12 +108,11 @@ def kept_positions_mask(pos_before: torch.Tensor, pos_after: torch.Tensor) -> to
 def record_prefill(model, ids: list[int], policy) -> list[dict]:
     """Prefill one prompt with `policy`, recording per layer the last query's full probabilities, values and keep mask.
 
-    The policy's after_prefill is wrapped: the hook copies the attention row of the last prompt query over the
-    uncompressed store (the policy's statistics are computed as usual; "last_rows" with at least one row is added)
-    and calls the policy. Once the whole pass has run, store positions before and after give the kept set of each KV
-    head (after the pass, not the hook: D2O when="prefill" compresses every layer from the last layer's hook).
+    A copy of the policy runs through generate.prefill with its after_prefill wrapped: the wrapper copies the
+    attention row of the last prompt query over the uncompressed store ("last_rows" with at least one row is added to
+    what the policy needs) and calls the policy. Once the prompt is done (after_prompt included), the positions before
+    and after give the kept set of each KV head.
     """
-    from minikv.generate import check_token_row
     ids = check_token_row(ids, model.cfg.vocab_size, "bound report prompt")
     if len(ids) > model.cfg.max_position_embeddings:
         raise BadInput(f"bound report prompt of {len(ids)} tokens is longer than the model's context "
@@ -118,17 +121,14 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
 
     def hook(layer, store, stats):
         last = stats["last_rows"][0, :, :, -1].clone()                   # (Hkv, G, S) last query, before eviction
-        v = store.v[0].clone()                                             # (Hkv, S, d)
-        pos_before = store.pos[0].clone()                                  # (Hkv, S)
+        v, pos_before = store.v[0].clone(), store.pos[0].clone()           # (Hkv, S, d), (Hkv, S)
         policy.after_prefill(layer, store, stats)
         records.append({"A": last.flatten(0, 1), "V": v, "pos": pos_before})
 
-    policy.start(model.cfg, 1, [len(ids)])
-    cache = model.new_cache(1, capacity=len(ids) + 1)
-    tokens = torch.tensor([ids], device=model.device)
-    pos = torch.arange(len(ids), device=model.device)[None]
-    model(tokens, cache, pos, hook=hook, need=frozenset(policy.prefill_needs) | {"last_rows"},
-          window=max(policy.window, 1), last_only=True)
+    capture = copy.copy(policy)                                            # a policy is a configuration: cheap
+    capture.after_prefill, capture.prefill_pass = hook, "one_pass"
+    capture.prefill_needs, capture.window = frozenset(policy.prefill_needs) | {"last_rows"}, max(policy.window, 1)
+    _, cache = prefill(model, [ids], capture)
     for r, store in zip(records, cache.layers):
         r["mask"] = kept_positions_mask(r["pos"], store.pos[0])          # (Hkv, S)
     return records
@@ -139,7 +139,7 @@ def bound_report(model, tokenizer_ids: list[int], policy) -> list[dict]:
     """Per layer, the true L1 error of the last prompt query's attention output vs the Theorem 3.1 bounds.
 
     The attention before compression (full cache) is compared with the renormalised attention over the entries the
-    policy kept in that layer; C_i uses the layer's o_proj blocks. Returns printable rows (see format_bound_report).
+    policy kept in that layer; C_i uses the layer's o_proj blocks. Returns one row (a dict) per layer.
     """
     rows = []
     n_heads = model.cfg.num_attention_heads
@@ -150,11 +150,3 @@ def bound_report(model, tokenizer_ids: list[int], policy) -> list[dict]:
         rows.append(row)
     return rows
 
-
-def format_bound_report(rows: list[dict]) -> str:
-    """A text table of bound_report rows: layer, true L1, per-head bound, global bound, min kept mass, kept entries."""
-    lines = [f"{'layer':>5}  {'true L1':>10}  {'per-head':>10}  {'global':>10}  {'min F_i':>7}  kept/head"]
-    for r in rows:
-        lines.append(f"{r['layer']:>5}  {r['true_l1']:>10.4g}  {r['per_head_bound']:>10.4g}  "
-                     f"{r['global_bound']:>10.4g}  {r['kept_mass_min']:>7.4f}  {r['kept_entries']}")
-    return "\n".join(lines)

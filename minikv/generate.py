@@ -1,7 +1,11 @@
-"""Prefill + decode over the explicit store: sampling, stop tokens, batches with left padding, policy hooks.
+"""Prefill and decode over the explicit store: the only place that calls a policy.
 
-The generation loop is the only place that calls a policy: `after_prefill` for every layer during the prompt's
-forward pass (so layer l is compressed before layer l+1 runs) and `after_step` for every layer of every decode step.
+  prefill      the prompt through the model with `after_prefill` on every layer as it runs (layer l is compressed
+               before layer l+1 is computed, which keeps the prefill peak low), then `after_prompt` once on the whole
+               cache, then the question (if any) without eviction. A policy that declares
+               prefill_pass = "token_by_token" (CORM's exact mode) gets the prompt as decode steps instead.
+  decode_step  one token per row through the model with `after_step` on every layer.
+  generate     prefill, then sample and decode_step until max_new_tokens, a stop token or the end of the context.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Callable
 import torch
 
 from minikv.model import Llama
+from minikv.policies.full import FullCache
 from minikv.store import KVCache
 from minikv.errors import BadInput
 
@@ -28,29 +33,35 @@ def _is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
 def _short(x) -> str:
     """repr(x), cut to 60 characters."""
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    """Refuse a temperature that is not a finite number >= 0, a top_p outside (0, 1], a negative max_new_tokens."""
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise BadInput(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not (0 < top_p <= 1):
-        raise BadInput(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise BadInput(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+# Keyword argument -> (accepted?, what it must be); a refusal reads "<name> must be <what>, got <value>".
+ARGUMENTS = {
+    "temperature": (lambda x: _is_real(x) and math.isfinite(x) and x >= 0, "a finite number >= 0 (0 = greedy)"),
+    "top_p": (lambda x: _is_real(x) and 0 < x <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (lambda x: _is_int(x) and x >= 0, "a non-negative integer"),
+    "extra_capacity": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
+    "reserve_tokens": (lambda x: x is None or _is_int(x) and x >= 0, "an integer >= 0 or None"),
+    "prefill_rows": (lambda x: x is None or _is_int(x) and x >= 1, "an integer >= 1 or None"),
+    "seed": (lambda x: x is None or _is_int(x) and 0 <= x < 2 ** 64, "an integer in 0..2**64-1 or None"),
+    "on_tokens": (lambda x: x is None or callable(x), "a callable or None"),
+}
 
 
-def check_count(name: str, value, lo: int = 0, optional: bool = True) -> None:
-    """Refuse a keyword argument that should be an integer >= lo (or None when optional)."""
-    if value is None and optional:
-        return
-    if not _is_int(value) or value < lo:
-        raise BadInput(f"{name} must be an integer >= {lo}{' or None' if optional else ''}, got {value!r}")
+def check_arguments(**values) -> None:
+    """Refuse any keyword argument that ARGUMENTS does not accept, naming it and its value."""
+    for name, value in values.items():
+        accepted, what = ARGUMENTS[name]
+        if not accepted(value):
+            raise BadInput(f"{name} must be {what}, got {_short(value)}")
 
 
 def check_token_row(row, vocab_size: int, name: str) -> list[int]:
@@ -92,7 +103,7 @@ def check_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[
 
 def check_policy(policy) -> None:
     """Refuse something that is not a policy object (a name, a class), pointing at get_policy."""
-    hooks = ("start", "after_prefill", "after_step")
+    hooks = ("after_prefill", "after_prompt", "after_step")
     if isinstance(policy, type) or not all(callable(getattr(policy, h, None)) for h in hooks):
         raise BadInput(f"policy must be a policy object such as get_policy('h2o', 0.2), got "
                        f"{type(policy).__name__} {_short(policy)}")
@@ -195,39 +206,52 @@ def full_cache_bytes(model: Llama, cache: KVCache) -> int:
 
 @torch.no_grad()
 def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
-            pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0):
+            pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0, rows: int | None = None):
     """Run the prompts through the model (compressing with `policy`), then the question if given.
 
     Question-aware use puts the question inside `prompts`; question-agnostic use passes it as `question`, which is
-    appended after compression without eviction. Returns (logits of the last token (B, vocab), cache).
+    appended after compression without eviction. `rows` prompts at a time (a lower peak), joined by KVCache.concat
+    before `after_prompt`, so row groups decide what one batch decides. Returns (last logits (B, vocab), cache).
     """
-    from minikv.policies import get_policy
-    policy = get_policy("full") if policy is None else policy
+    policy = FullCache() if policy is None else policy
     check_policy(policy)
     prompts, question = check_inputs(model, prompts, question, pad_id)
-    check_count("extra_capacity", extra_capacity, optional=False)
-    if getattr(policy, "prefill_mode", None) == "exact":
-        # CORM's definition: the prompt arrives token by token, with evictions after every row.
-        from minikv.policies.corm import corm_exact_prefill
-        logits, cache = corm_exact_prefill(model, prompts, policy, question, pad_id)
-        cache.reserve(extra_capacity)
-        return logits, cache
-    B = len(prompts)
+    check_arguments(extra_capacity=extra_capacity, prefill_rows=rows)
+    sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     # Never more room than the context leaves (a huge request must not allocate what can never be used).
-    extra_capacity = min(extra_capacity, context_room(model, prompts, question))
-    room = 0 if policy.decode_evicts or policy.prefill_needs else extra_capacity
-    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1 + room)
-    policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
-    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)
-    sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
-    logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs, window=policy.window,
-                   use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
+    room = min(extra_capacity, context_room(model, prompts, question))
+    evicts = policy.decode_evicts or policy.prefill_needs or policy.prefill_pass != "one_pass"
+    rows = rows or len(prompts)
+    parts = [prompt_pass(model, prompts[g:g + rows], policy, pad_id, sdpa, 0 if evicts else room)
+             for g in range(0, len(prompts), rows)]
+    logits = torch.cat([part[0] for part in parts])
+    cache = KVCache.concat([part[1] for part in parts])         # frees each part's layers as it goes
+    del parts
+    policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
     if not policy.decode_evicts:
-        cache.reserve(extra_capacity)            # a no-op when the room was allocated up front
+        cache.reserve(room)                      # a no-op when the room was allocated up front
+    return logits, cache
+
+
+def prompt_pass(model: Llama, prompts: list[list[int]], policy, pad_id: int, sdpa: bool, room: int):
+    """A fresh cache holding the prompts (their lengths in its rows), compressed by the per-layer hooks.
+
+    One forward pass with `after_prefill`, or (prefill_pass "token_by_token") one decode_step per prompt position.
+    Returns (logits of the last token (B, vocab), cache).
+    """
+    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + room)
+    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts]))
+    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)      # (B, T) each; padding has pos -1
+    if policy.prefill_pass == "token_by_token":
+        for j in range(ids.shape[1]):                                    # left-padded rows skip their padding
+            logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
+        return logits, cache
+    logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs, window=policy.window,
+                   use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
     return logits, cache
 
 
@@ -237,30 +261,7 @@ def _sdpa_default(model: Llama) -> bool:
 
 
 @torch.no_grad()
-def prefill_in_groups(model: Llama, prompts: list[list[int]], policy, rows: int, question=None, pad_id: int = 0,
-                      use_sdpa: bool | None = None, extra_capacity: int = 0):
-    """Prefill `rows` prompts at a time, each group with its own copy of the policy, then join caches and policies.
-
-    Peak memory is then the compressed caches plus one group's uncompressed prompt, which is what lets a policy that
-    compresses only after the whole prompt (D2O, CORM) fit large batches. Batch-level statistics (D2O's layer
-    statistic is a batch mean) are computed per group. Returns (logits, cache, joined policy).
-    """
-    import copy
-    parts = []
-    for g0 in range(0, len(prompts), rows):
-        p = copy.deepcopy(policy)
-        q = None if question is None else question[g0:g0 + rows]
-        logits, cache = prefill(model, prompts[g0:g0 + rows], p, q, pad_id, use_sdpa, extra_capacity)
-        parts.append((logits, cache, p))
-    joined = type(policy).concat_rows([p for _, _, p in parts])
-    logits = torch.cat([l for l, _, _ in parts])
-    caches = [c for _, c, _ in parts]
-    del parts                                        # KVCache.concat frees each part's layers as it goes
-    return logits, KVCache.concat(caches), joined
-
-
-@torch.no_grad()
-def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens: int = 64,
+def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
@@ -272,40 +273,45 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
     `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
     for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
     more than the context leaves, and grows geometrically beyond that as tokens really arrive.
-    `prefill_rows` prefills that many prompts at a time (see prefill_in_groups) to keep the prefill peak down.
+    `prefill_rows` prefills that many prompts at a time (see prefill) to keep the prefill peak down.
     """
-    from minikv.policies import get_policy
-    policy = get_policy("full") if policy is None else policy
+    policy = FullCache() if policy is None else policy
     check_policy(policy)
-    check_sampling(temperature, top_p, max_new_tokens)
+    check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     stop = check_stop_ids(model.cfg.eos_ids if stop_ids is None else stop_ids)
-    check_count("reserve_tokens", reserve_tokens)
-    check_count("prefill_rows", prefill_rows, lo=1)
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 64):
-        raise BadInput(f"seed must be an integer in 0..2**64-1 or None, got {seed!r}")
-    if on_tokens is not None and not callable(on_tokens):
-        raise BadInput(f"on_tokens must be a callable or None, got {_short(on_tokens)}")
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=model.device).manual_seed(seed)
+    check_arguments(reserve_tokens=reserve_tokens, prefill_rows=prefill_rows, seed=seed, on_tokens=on_tokens)
     n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
-    # The last sampled token is never fed back, so decoding appends at most n_steps - 1 entries.
-    fed = max(n_steps - 1, 0)
+    fed = max(n_steps - 1, 0)          # the last sampled token is never fed back
     reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
     t0 = time.perf_counter()
-    if prefill_rows and prefill_rows < len(prompts):
-        logits, cache, policy = prefill_in_groups(model, prompts, policy, prefill_rows, question, pad_id, use_sdpa,
-                                                  extra_capacity=reserve)
-    else:
-        logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, extra_capacity=reserve)
+    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, reserve, rows=prefill_rows)
     _sync(model)
     t1 = time.perf_counter()
-    B = len(prompts)
+    gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+    sampler = lambda lg: sample(lg, temperature, top_p, gen)
+    out, done = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens, use_sdpa)
+    _sync(model)
+    t2 = time.perf_counter()
+    return GenerationResult(
+        tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
+        kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
+        kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        cache=cache if keep_cache else None, policy_report=policy.report(cache),
+        stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
+        context=model.cfg.max_position_embeddings)
+
+
+def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_steps: int, sampler, stop: set[int],
+                pad_id: int, on_tokens, use_sdpa) -> tuple[list[list[int]], torch.Tensor]:
+    """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most.
+
+    Returns (new tokens per row, stop token excluded; (B,) bool: the row hit a stop token)."""
+    B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(n_steps):
-        nxt = sample(logits, temperature, top_p, gen)                          # (B,)
+        nxt = sampler(logits)                                                  # (B,)
         is_stop = torch.tensor([int(t) in stop for t in nxt.tolist()], device=model.device)
         newly = ~done & ~is_stop
         for b in torch.nonzero(newly).flatten().tolist():
@@ -318,15 +324,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, max_new_tokens
         # Finished rows feed a padding token at position -1: nothing is cached for them.
         logits = decode_step(model, cache, torch.where(done, pad_id, nxt), policy,
                              pos=torch.where(done, -1, cache.seen), use_sdpa=use_sdpa)
-    _sync(model)
-    t2 = time.perf_counter()
-    return GenerationResult(
-        tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
-        kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
-        kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
-        cache=cache if keep_cache else None, policy_report=policy.report(),
-        stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
-        context=model.cfg.max_position_embeddings)
+    return out, done
 
 
 @torch.no_grad()

@@ -1,13 +1,16 @@
 """The explicit KV store: per layer, per (batch row, KV head), a compacted list of entries.
 
-Layout (padded per head, see specs/design.md):
+Layout (padded per head; slots past a head's length are empty):
     k, v   : (B, Hkv, S, d)   keys are stored *after* RoPE at their true position
     pos    : (B, Hkv, S)      absolute token position of each entry, -1 = empty slot
     length : (B, Hkv)         live entries of each head; live entries occupy slots [0, length) in position order
     stats  : name -> (B, Hkv, S) per-entry statistics owned by the policy (accumulated attention, last hit, ...)
+    rows   : name -> (B, ...)    per-row state of the layer: the prompt lengths (set by prefill) and what a policy
+                                 decided for the row (D2O's threshold and sizes, Ada-KV's head budgets, ...)
 
 Slot != position once anything was evicted: code that needs "how old" or "how recent" reads `pos`, never the slot.
-Statistics live beside the entries so `keep` moves them together; a policy never keeps a parallel list.
+Statistics live beside the entries so `keep` moves them together, and per-row state lives beside the rows so
+`concat` joins it with them: a policy is a configuration and never keeps a parallel list or per-sequence state.
 """
 from __future__ import annotations
 
@@ -34,16 +37,18 @@ class LayerStore:
     length: torch.Tensor                              # (B, Hkv) int64
     seen: torch.Tensor                                # (B,) tokens appended so far = the next token's position
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # each (B, Hkv, S)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)   # each (B, ...), e.g. "prompt_len" (B,)
     # Host-side bookkeeping, so the decode path never waits for the GPU to learn a length:
     max_len_bound: int = 0        # >= the longest head's length (exact after every keep)
     n_appends: int = 0            # append calls so far (the first one, without padding, is a plain causal prompt)
     heads_aligned: bool = True    # every head holds the same positions (False after any eviction)
     # Geometric growth stops here (the model's context: no head can hold more); 0 = unbounded.
     max_capacity: int = 0
+    n_layers: int = 1             # layers of the cache this store belongs to (PyramidKV's schedule reads it)
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
-              dtype=torch.float32, device=None, max_capacity: int = 0) -> "LayerStore":
+              dtype=torch.float32, device=None, max_capacity: int = 0, n_layers: int = 1) -> "LayerStore":
         S = _round_up(capacity)
         return cls(
             k=torch.zeros(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device),
@@ -51,7 +56,7 @@ class LayerStore:
             pos=torch.full((batch, n_kv_heads, S), -1, dtype=torch.long, device=device),
             length=torch.zeros(batch, n_kv_heads, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
-            max_capacity=max_capacity,
+            max_capacity=max_capacity, n_layers=n_layers,
         )
 
     # ---- shape helpers -------------------------------------------------------------------------------------
@@ -168,18 +173,6 @@ class LayerStore:
         self.max_len_bound = S_new
         self.heads_aligned = False
 
-    def keep_slots(self, slots: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        """Keep the given slots per head. slots: (B, Hkv, K) int64; counts: (B, Hkv) how many of K are real."""
-        mask = torch.zeros_like(self.pos, dtype=torch.bool)
-        if counts is not None:
-            real = torch.arange(slots.shape[-1], device=slots.device) < counts[..., None]
-            slots = torch.where(real, slots, slots[..., :1])          # padding repeats a real slot (or slot 0)
-            mask.scatter_(2, slots, True)
-            mask &= ~((counts == 0)[..., None])
-        else:
-            mask.scatter_(2, slots, True)
-        self.keep(mask)
-
     # ---- merge ---------------------------------------------------------------------------------------------
     def merge(self, dst_slot: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
               src_weight: torch.Tensor, dst_scale: torch.Tensor) -> None:
@@ -215,13 +208,23 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
               dtype=torch.float32, device=None, max_capacity: int = 0) -> "KVCache":
-        return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device, max_capacity)
+        return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device, max_capacity, n_layers)
                     for _ in range(n_layers)])
+
+    def set_rows(self, name: str, value: torch.Tensor) -> None:
+        """Give every layer the same per-row tensor (B, ...), e.g. the prompt lengths."""
+        for layer in self.layers:
+            layer.rows[name] = value
 
     @property
     def seen(self) -> torch.Tensor:
         """(B,) tokens each batch row has seen so far (the next token's position)."""
         return self.layers[0].seen
+
+    @property
+    def prompt_len(self) -> torch.Tensor:
+        """(B,) prompt length of each row (set by prefill; budgets given as a ratio are ratios of it)."""
+        return self.layers[0].rows["prompt_len"]
 
     @property
     def capacity(self) -> int:
@@ -249,11 +252,13 @@ class KVCache:
 
     @classmethod
     def concat(cls, caches: list["KVCache"]) -> "KVCache":
-        """Stack caches of different batch rows into one (used by prefill in row groups).
+        """Stack caches of different batch rows into one, per-row state included (prefill in row groups).
 
         Layer by layer, releasing each source layer once copied, so the peak is one layer above the total.
-        The source caches are left without layers.
+        The source caches are left without layers. One cache is returned as it is.
         """
+        if len(caches) == 1:
+            return caches[0]
         layers = []
         for i in range(len(caches[0].layers)):
             layers.append(concat_layers([c.layers[i] for c in caches]))
@@ -268,13 +273,14 @@ def concat_layers(stores: list[LayerStore]) -> LayerStore:
     for s in stores:
         if s.capacity < S:
             s._resize(S)
-    names = set(stores[0].stats)
-    if any(set(s.stats) != names for s in stores):
-        raise BadInput("concat: stores carry different statistics")
+    names, row_names = set(stores[0].stats), set(stores[0].rows)
+    if any(set(s.stats) != names or set(s.rows) != row_names for s in stores):
+        raise BadInput("concat: stores carry different statistics or per-row state")
     cat = lambda get: torch.cat([get(s) for s in stores], dim=0)
     return LayerStore(k=cat(lambda s: s.k), v=cat(lambda s: s.v), pos=cat(lambda s: s.pos),
                       length=cat(lambda s: s.length), seen=cat(lambda s: s.seen),
                       stats={n: cat(lambda s: s.stats[n]) for n in names},
+                      rows={n: cat(lambda s: s.rows[n]) for n in row_names}, n_layers=stores[0].n_layers,
                       max_len_bound=max(s.max_len_bound for s in stores),
                       n_appends=max(s.n_appends for s in stores),
                       heads_aligned=all(s.heads_aligned for s in stores),

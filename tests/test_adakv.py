@@ -165,7 +165,7 @@ def test_each_head_stores_its_own_budget(name, variant):
     model, ids = _model(), _prompt(80)
     policy = get_policy(name, 24, **_opts(name, variant=variant, alpha=0.0))
     _, cache = prefill(model, [ids], policy)
-    rep = policy.report()
+    rep = policy.report(cache)
     window = 8 if name != "adakv-h2o" else 12                                      # h2o: n_recent = 24 // 2
     uneven = False
     for layer, store in enumerate(cache.layers):
@@ -191,7 +191,7 @@ def test_adakv_h2o_decode_keeps_per_head_sizes():
     model, ids = _model(), _prompt(60)
     policy = get_policy("adakv-h2o", 20, alpha=0.0)
     r = generate(model, [ids], policy, max_new_tokens=8, keep_cache=True, stop_ids=[])
-    rep = policy.report()
+    rep = policy.report(r.cache)
     for layer, store in enumerate(r.cache.layers):
         assert store.length[0].tolist() == rep["head_budgets"][layer][0]            # fixed after prefill
         assert int(store.pos.max()) == 60 + len(r.tokens[0]) - 2                  # the newest token is cached
@@ -229,8 +229,8 @@ def test_batch_rows_are_independent():
 def test_views(tmp_path):
     model, ids = _model(), _prompt(80)
     policy = get_policy("adakv-snapkv", 24, window=8, alpha=0.0)
-    prefill(model, [ids], policy)
-    rep = policy.report()
+    _, cache = prefill(model, [ids], policy)
+    rep = policy.report(cache)
     layers, m = head_budget_matrix(rep)
     assert layers == [0, 1, 2] and len(m[0]) == 3
     text = format_head_budgets(rep)

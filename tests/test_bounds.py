@@ -124,8 +124,8 @@ def test_bound_chain_policy_masks(case, data):
         if "snap" in name or "pyramid" in name:
             opts = {**opts, "window": w, "kernel": data.draw(st.sampled_from([1, 3, 7]), label="kernel")}
         policy = get_policy(name, budget, **opts)
-        policy.start(tiny_config(), 1, [case.n])
         store, stats = synthetic_layer(case, w, case.seed)
+        store.rows["prompt_len"], store.n_layers = torch.tensor([case.n]), tiny_config().num_hidden_layers
         before = store.pos.clone()
         policy.after_prefill(layer, store, stats)
         mask = kept_positions_mask(before, store.pos)[0, :, :case.n]              # (Hkv, n)

@@ -3,7 +3,6 @@ prefill, the full-cache limit, argument errors."""
 from __future__ import annotations
 
 from collections import deque
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hypothesis import given, strategies as st
 from minikv.attention import softmax_visible
 from minikv.generate import decode_step, generate, prefill
 from minikv.policies import get_policy
-from minikv.policies.corm import CORM, corm_exact_prefill
+from minikv.policies.corm import CORM
 from minikv.store import LayerStore
 from tests.conftest import tiny_model
 from tests.strategies import seeded_randn
@@ -66,7 +65,6 @@ def test_last_hit_equals_literal_w_rows(data):
     seed = data.draw(st.integers(0, 2**16), label="seed")
 
     policy = CORM(w=w, r=r, n_sink=n_sink, threshold=threshold)
-    policy.start(SimpleNamespace(num_hidden_layers=1), B, [0] * B)
     store = LayerStore.empty(B, Hkv, 2, dtype=torch.float64)
     literal = [[LiteralRows(w, r, n_sink) for _ in range(Hkv)] for _ in range(B)]
     alive = [[[] for _ in range(Hkv)] for _ in range(B)]
@@ -90,7 +88,6 @@ def test_last_hit_equals_literal_w_rows(data):
 def test_heads_evict_independently():
     """Worked by hand (w=1, r=2): heads of one layer evict different sets and end with uneven lengths."""
     policy = CORM(w=1, r=2)
-    policy.start(SimpleNamespace(num_hidden_layers=1), 1, [0])
     store = LayerStore.empty(1, 2, 2, dtype=torch.float64)
     for t in range(1, 5):
         store.append(torch.zeros(1, 2, 1, 2, dtype=torch.float64), torch.zeros(1, 2, 1, 2, dtype=torch.float64),
@@ -109,10 +106,10 @@ def tokens(seed: int, n: int, vocab: int = 101) -> list[int]:
 
 
 def teacher_forced(model, policy, prompt, cont, exact: bool = False):
-    """Prefill `prompt` (oneshot via generate.prefill, or corm_exact_prefill), then feed `cont` token by token with
+    """Prefill `prompt` (generate.prefill, oneshot or exact = token by token), then feed `cont` token by token with
     after_step. Returns (logits (1 + len(cont), vocab), kept positions per step per layer)."""
     if exact:
-        logits, cache = corm_exact_prefill(model, [prompt], policy)
+        logits, cache = prefill(model, [prompt], exact_mode(policy))
     else:
         logits, cache = prefill(model, [prompt], policy, extra_capacity=len(cont))
     out, kept = [logits[0]], [[layer.pos.clone() for layer in cache.layers]]
@@ -121,6 +118,11 @@ def teacher_forced(model, policy, prompt, cont, exact: bool = False):
         out.append(logits[0])
         kept.append([layer.pos.clone() for layer in cache.layers])
     return torch.stack(out), kept, cache
+
+
+def exact_mode(policy: CORM) -> CORM:
+    """The same CORM configuration with prefill_mode="exact" (the prompt as decode steps)."""
+    return CORM(w=policy.w, r=policy.r, prefill_mode="exact", threshold=policy.threshold, n_sink=policy.n_sink)
 
 
 def same_positions(a, b):
@@ -134,11 +136,11 @@ def same_positions(a, b):
 
 
 def test_exact_prefill_equals_token_by_token_decode():
-    """corm_exact_prefill == the generation loop fed one prompt token at a time (1-token prefill + decode steps)."""
+    """The exact prefill == the generation loop fed one prompt token at a time (1-token prefill + decode steps)."""
     model = tiny_model(torch.float64, seed=1)
     seq = tokens(1, 40)
     policy_a, policy_b = CORM(w=3, r=5), CORM(w=3, r=5)
-    logits_a, cache_a = corm_exact_prefill(model, [seq], policy_a)
+    logits_a, cache_a = prefill(model, [seq], exact_mode(policy_a))
     logits_b, cache_b = prefill(model, [seq[:1]], policy_b)
     for tok in seq[1:]:
         logits_b = decode_step(model, cache_b, torch.tensor([tok]), policy_b, use_sdpa=False)
@@ -177,7 +179,7 @@ def test_exact_prefill_equals_literal_model_hook():
     model = tiny_model(torch.float64, seed=2)
     seq = tokens(2, 36)
     w, r = 2, 4
-    logits, cache = corm_exact_prefill(model, [seq], CORM(w=w, r=r))
+    logits, cache = prefill(model, [seq], CORM(w=w, r=r, prefill_mode="exact"))
     lit = LiteralCORM(w, r, model.cfg.num_hidden_layers, 1, model.cfg.num_key_value_heads)
     ref = model.new_cache(1)
     for tok in seq:
@@ -193,9 +195,9 @@ def test_exact_prefill_batch_with_padding_equals_single_rows():
     """Left-padded rows of unequal lengths give each row what it gets alone (padding steps change nothing)."""
     model = tiny_model(torch.float64, seed=3)
     prompts = [tokens(3, 30), tokens(4, 17)]
-    logits, cache = corm_exact_prefill(model, prompts, CORM(w=2, r=3))
+    logits, cache = prefill(model, prompts, CORM(w=2, r=3, prefill_mode="exact"))
     for b, p in enumerate(prompts):
-        lb, cb = corm_exact_prefill(model, [p], CORM(w=2, r=3))
+        lb, cb = prefill(model, [p], CORM(w=2, r=3, prefill_mode="exact"))
         torch.testing.assert_close(logits[b], lb[0], rtol=1e-10, atol=1e-10)
         for la, lone in zip(cache.layers, cb.layers):
             for h in range(la.pos.shape[1]):
@@ -290,8 +292,7 @@ def test_exact_mode_refuses_one_pass_prefill():
     """A one-pass forward with the exact policy's after_prefill hook is refused (generate.prefill dispatches)."""
     model = tiny_model(seed=8)
     policy = CORM(w=2, r=2, prefill_mode="exact")
-    policy.start(model.cfg, 1, [10])
-    with pytest.raises(RuntimeError, match="corm_exact_prefill"):
+    with pytest.raises(RuntimeError, match="prefill_pass"):
         model(torch.tensor([tokens(10, 8)]), model.new_cache(1), hook=policy.after_prefill,
               need=policy.prefill_needs, window=policy.window)
 
@@ -301,10 +302,9 @@ def test_generate_dispatches_exact_prefill():
     from conftest import tiny_model
     from minikv.generate import generate
     from minikv.policies import get_policy
-    from minikv.policies.corm import corm_exact_prefill
     model = tiny_model(torch.float64)
     prompt = list(range(1, 30))
     res = generate(model, [prompt], get_policy("corm", w=2, r=4, prefill_mode="exact"), max_new_tokens=3,
                    stop_ids=[], keep_cache=True)
-    logits, cache = corm_exact_prefill(model, [prompt], get_policy("corm", w=2, r=4, prefill_mode="exact"))
+    logits, cache = prefill(model, [prompt], get_policy("corm", w=2, r=4, prefill_mode="exact"))
     assert res.tokens[0][0] == int(logits.argmax(-1))

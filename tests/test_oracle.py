@@ -89,7 +89,7 @@ def test_recorder_sees_evictions_and_changes_nothing():
     model = tiny_model(torch.float64)
     prompt = list(range(1, 41))
     plain = generate(model, [prompt], get_policy("h2o", 12), max_new_tokens=4, stop_ids=[], use_sdpa=False)
-    rec = Recorder(get_policy("h2o", 12))
+    rec = Recorder(get_policy("h2o", 12), model.cfg.num_attention_heads)
     recorded = generate(model, [prompt], rec, max_new_tokens=4, stop_ids=[], use_sdpa=False)
     assert plain.tokens == recorded.tokens
     prefill0 = [e for e in rec.events if e.phase == "prefill" and e.layer == 0][0]
@@ -100,10 +100,10 @@ def test_recorder_sees_evictions_and_changes_nothing():
 
 
 def test_recorder_sees_compression_done_from_a_later_layer():
-    """D2O when="prefill" compresses every layer from the last layer's hook; the events show it in their "after"."""
+    """D2O when="prefill" compresses every layer in after_prompt; the prompt's events show it in their "after"."""
     from minikv.generate import prefill
     model = tiny_model(torch.float64, num_hidden_layers=5)
-    rec = Recorder(get_policy("d2o", 0.3, when="prefill"), layers={0, 2, 3})
+    rec = Recorder(get_policy("d2o", 0.3, when="prefill"), model.cfg.num_attention_heads, layers={0, 2, 3})
     _, cache = prefill(model, [list(range(1, 41))], rec)
     events = {e.layer: e for e in rec.events if e.phase == "prefill"}
     assert sorted(events) == [0, 2, 3]

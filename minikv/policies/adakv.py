@@ -20,7 +20,7 @@ from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import apply_keep, choice_option, float_option, int_option
 from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
-from minikv.policies.snapkv import SnapKV, window_plus_topk_keep, window_scores
+from minikv.policies.snapkv import SnapKV, compressed_layers, window_plus_topk_keep, window_scores
 from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
@@ -85,20 +85,20 @@ class AdaSnapKV(SnapKV):
 
     def after_prefill(self, layer, store, stats):
         n = store.seen                                                                      # (B,)
-        b = self.prefix_budgets(layer, store.k.device)                                      # (B,)
-        fits = n <= b + self.window
-        if bool(fits.all()):
-            return                                  # the prompt already fits: no compression
-        score = window_scores(store, stats["last_rows"], self.window, self.kernel)          # (B, Hkv, S)
-        counts = adakv_allocate(score, b, self.alpha, self.variant)                         # (B, Hkv)
-        keep = window_plus_topk_keep(store, score, counts, self.window)
-        keep |= fits[:, None, None] & store.valid                                          # rows that fit keep all
-        apply_keep(store, keep)
-        _log_heads(self.layer_log, layer, b, torch.where(fits[:, None], n[:, None] - self.window, counts),
-                   self.window)
+        b = self.prefix_budgets(layer, store)                                               # (B,)
+        fits = n <= b + self.window                                                         # (B,) nothing to evict
+        heads = (n - self.window)[:, None].expand(store.length.shape)                       # (B, Hkv) if it fits
+        if not bool(fits.all()):
+            score = window_scores(store, stats["last_rows"], self.window, self.kernel)      # (B, Hkv, S)
+            counts = adakv_allocate(score, b, self.alpha, self.variant)                     # (B, Hkv)
+            keep = window_plus_topk_keep(store, score, counts, self.window)
+            keep |= fits[:, None, None] & store.valid                                      # rows that fit keep all
+            apply_keep(store, keep)
+            heads = torch.where(fits[:, None], heads, counts)
+        _log_heads(store, b, heads, self.window, ~fits)
 
-    def report(self):
-        return _head_report(super().report(), self)
+    def report(self, cache=None):
+        return _head_report(super().report(cache), self, cache)
 
 
 class AdaPyramidKV(AdaSnapKV):
@@ -112,10 +112,10 @@ class AdaPyramidKV(AdaSnapKV):
         super().__init__(budget, window, kernel, alpha, variant)
         self.beta = int_option(self.name, "beta", beta, lo=1, what="the last layer keeps 1/beta of the average")
 
-    def prefix_budgets(self, layer, device):
-        b = super().prefix_budgets(layer, device)                                           # average b per row
-        n = self.prompt_lengths.to(device)
-        return pyramid_prefix_budgets(b, n, self.window, self.n_layers, self.beta)[layer].clamp_min(0)
+    def prefix_budgets(self, layer, store):
+        b = super().prefix_budgets(layer, store)                                            # average b per row
+        n = store.rows["prompt_len"].to(b.device)
+        return pyramid_prefix_budgets(b, n, self.window, store.n_layers, self.beta)[layer].clamp_min(0)
 
 
 class AdaH2O(H2O):
@@ -136,25 +136,20 @@ class AdaH2O(H2O):
         check_allocation_options(alpha, variant)
         self.alpha, self.variant = alpha, variant
 
-    def start(self, cfg, batch, prompt_lengths):
-        super().start(cfg, batch, prompt_lengths)
-        self.heavy: dict[int, torch.Tensor] = {}          # layer -> (B, Hkv) heavy counts, -1 = not allocated yet
-
     def _compress(self, layer: int, store: LayerStore) -> None:
-        budget = self.budget_entries(store.k.device)                                        # (B,)
+        budget = self.budget_entries(store)                                                 # (B,)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)                          # (B,), (B,)
-        B, H = store.length.shape
-        heavy = self.heavy.get(layer, torch.full((B, H), -1, dtype=torch.long, device=store.k.device))
+        # Heavy counts per head (B, Hkv), -1 until the row first overflows; kept beside the rows.
+        heavy = store.rows.setdefault("heavy", torch.full(store.length.shape, -1, device=store.k.device))
         new = (heavy[:, 0] < 0) & (store.seen > budget)                                     # rows that overflow now
         if bool(new.any()):
             recent = recent_mask(store.pos, n_recent[:, None], store.seen)                  # (B, Hkv, S)
             # Sinks rank first (they count inside the heavy share), as in heavy_recent_keep.
             score = store.stats["score"].masked_fill(first_positions_mask(store.pos, self.n_sink), float("inf"))
             counts = adakv_allocate(score, n_heavy, self.alpha, self.variant, valid=store.valid & ~recent)
-            heavy = torch.where(new[:, None], counts, heavy)
-            self.heavy[layer] = heavy
-            _log_heads(self.layer_log, layer, n_heavy, heavy.clamp_min(0), n_recent[:, None])
+            heavy = store.rows["heavy"] = torch.where(new[:, None], counts, heavy)
         active = heavy[:, 0] >= 0                                                           # (B,)
+        _log_heads(store, n_heavy, heavy.clamp_min(0), n_recent[:, None], active)
         if not bool(active.any()):
             return
         keep = heavy_recent_keep(store, store.stats["score"], heavy.clamp_min(0), n_recent, self.n_sink)
@@ -169,33 +164,23 @@ class AdaH2O(H2O):
         accumulate_step_scores(store, stats["probs"])
         self._compress(layer, store)
 
-    @classmethod
-    def concat_rows(cls, parts):
-        """Row groups: per-layer heavy counts (B, Hkv) are concatenated like the other per-row state."""
-        joined = super().concat_rows(parts)
-        B = [len(p.prompt_lengths) for p in parts]
-        joined.heavy = {l: torch.cat([p.heavy.get(l, torch.full((b, parts[0].cfg.num_key_value_heads), -1,
-                                                                   dtype=torch.long, device=parts[0].heavy[l].device))
-                                      for p, b in zip(parts, B)]) for l in parts[0].heavy}
-        return joined
-
-    def report(self):
-        return _head_report(super().report(), self)
+    def report(self, cache=None):
+        return _head_report(super().report(cache), self, cache)
 
 
 # ---- what the policies report ---------------------------------------------------------------------------------
-def _log_heads(log: dict, layer: int, b: torch.Tensor, prefix_counts: torch.Tensor, window) -> None:
-    """Record a layer's allocation: average prefix budget b (B,), per-head prefix budgets and totals (B, Hkv)."""
+def _log_heads(store: LayerStore, b: torch.Tensor, prefix_counts: torch.Tensor, window, compressed) -> None:
+    """Keep a layer's allocation beside its rows: average prefix budget b (B,), per-head prefix budgets and totals
+    (B, Hkv), and which rows were compressed (B,)."""
     total = prefix_counts + torch.as_tensor(window, device=prefix_counts.device)
-    log[layer] = {"prefix_budget": b.tolist(), "head_prefix_budgets": prefix_counts.tolist(),
-                  "head_budgets": total.tolist()}
+    store.rows.update(prefix_budget=b, head_prefix=prefix_counts, head_budget=total, compressed=compressed)
 
 
-def _head_report(base: dict, policy) -> dict:
+def _head_report(base: dict, policy, cache) -> dict:
     """The policy's report plus, per compressed layer, the per-head budgets [row][head] (total incl. window)."""
-    log = dict(sorted(policy.layer_log.items()))
+    layers = compressed_layers(cache)
     base.update(alpha=policy.alpha, variant=policy.variant,
-                prefix_budget_per_layer={l: v["prefix_budget"] for l, v in log.items()},
-                head_prefix_budgets={l: v["head_prefix_budgets"] for l, v in log.items()},
-                head_budgets={l: v["head_budgets"] for l, v in log.items()})
+                prefix_budget_per_layer={l: s.rows["prefix_budget"].tolist() for l, s in layers},
+                head_prefix_budgets={l: s.rows["head_prefix"].tolist() for l, s in layers},
+                head_budgets={l: s.rows["head_budget"].tolist() for l, s in layers})
     return base

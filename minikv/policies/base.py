@@ -2,13 +2,14 @@
 
 A policy declares which attention statistics it needs (`prefill_needs`, `decode_needs`: subsets of
 {"colsum", "last_rows", "probs"}) so the model computes nothing else, and implements
-  after_prefill(layer, store, stats)   one-shot compression of the prompt's cache
-  after_step(layer, store, stats)      decode-time compression after each generated token
-Per-sequence state (budgets, thresholds) is set in `start` and reset for every new batch of prompts.
+  after_prefill(layer, store, stats)   compression of one layer's prompt cache, right after that layer ran
+  after_prompt(cache)                  once on the whole cache after the prompt (what needs every layer: D2O)
+  after_step(layer, store, stats)      decode-time compression of one layer after each generated token
+A per-layer hook touches only its own layer. A policy is a configuration (budget, options): whatever it decides
+per sequence lives in the cache (`LayerStore.rows`), so one policy object serves any number of runs and batches.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from numbers import Integral, Real
@@ -17,7 +18,7 @@ import torch
 
 from minikv.budgets import Budget, parse_budget
 from minikv.errors import BadInput
-from minikv.store import LayerStore
+from minikv.store import KVCache, LayerStore
 
 
 class Policy:
@@ -25,44 +26,29 @@ class Policy:
     summary = ""               # one line for `minikv policies`, distinct for each policy
     takes_budget = True        # False: the policy refuses a budget (it keeps everything, or sizes its own cache)
     budget_note = ""           # how the policy spreads its budget, appended to the reading (", on average ...")
-    # Per-row state: attribute -> its batch dimension. Prefill in row groups runs one copy of the policy per group
-    # and joins them with `concat_rows`, which concatenates exactly these attributes.
-    row_state: dict[str, int] = {"prompt_lengths": 0}
     prefill_needs: frozenset = frozenset()
     decode_needs: frozenset = frozenset()
     window = 0                 # rows of the last queries needed as "last_rows"
-    decode_evicts = False      # True when the cache keeps a fixed size during decoding
+    decode_evicts = False      # True when decode steps evict (prefill then reserves no decode room)
+    prefill_pass = "one_pass"  # or "token_by_token": the prompt as decode steps (after_step, not after_prefill)
 
     def __init__(self, budget=None):
         self.budget: Budget | None = parse_budget(budget)
 
-    def start(self, cfg, batch: int, prompt_lengths: list[int]) -> None:
-        """Called once per batch of prompts, before prefill."""
-        self.cfg = cfg
-        self.n_layers = cfg.num_hidden_layers
-        self.prompt_lengths = torch.tensor(prompt_lengths, dtype=torch.long)
-        self.layer_log: dict[int, dict] = {}
-
-    def budget_entries(self, device) -> torch.Tensor | None:
+    def budget_entries(self, store: LayerStore) -> torch.Tensor | None:
         """(B,) entries per (layer, head) for each row, or None for no budget (keep everything)."""
         if self.budget is None:
             return None
-        return self.budget.entries(self.prompt_lengths).to(device)
+        return self.budget.entries(store.rows["prompt_len"].cpu()).to(store.k.device)
 
     def after_prefill(self, layer: int, store: LayerStore, stats: dict) -> None:
         pass
 
-    def after_step(self, layer: int, store: LayerStore, stats: dict) -> None:
+    def after_prompt(self, cache: KVCache) -> None:
         pass
 
-    @classmethod
-    def concat_rows(cls, parts: list["Policy"]) -> "Policy":
-        """One policy for the rows of several started copies (in order), concatenating every `row_state` tensor."""
-        joined = copy.copy(parts[0])
-        for name, dim in cls.row_state.items():
-            values = [getattr(p, name) for p in parts]
-            setattr(joined, name, None if values[0] is None else torch.cat(values, dim=dim))
-        return joined
+    def after_step(self, layer: int, store: LayerStore, stats: dict) -> None:
+        pass
 
     def budget_reading(self) -> str:
         """One line saying how the budget was read (printed by `minikv generate` and `minikv trace`)."""
@@ -70,8 +56,8 @@ class Policy:
             return f"no budget: {self.name} sizes its cache without one"
         return self.budget.describe() + self.budget_note
 
-    def report(self) -> dict:
-        """What the policy decided (per-layer budgets, thresholds, ...), for printing and records."""
+    def report(self, cache: KVCache | None = None) -> dict:
+        """The options, and what the policy decided for `cache` (per-layer budgets, thresholds, ...) read from it."""
         return {"policy": self.name, "budget": None if self.budget is None else str(self.budget)}
 
     def __repr__(self) -> str:

@@ -1,5 +1,5 @@
 """CORM, Cache Optimization with Recent Message (Dai et al. 2024, arXiv 2404.15949): budget-free eviction of the keys
-that all of the last w queries ignored (specs/corm.md).
+that all of the last w queries ignored.
 
 Step s (1-indexed) is the query at position s-1. Key i is *important* at step s iff alpha_{s,i} >= 1/s, where alpha is
 the softmax over the entries still cached and s is the absolute step even after evictions (GQA, our decision: for ANY
@@ -17,9 +17,9 @@ Prefill modes (`prefill_mode`):
              prompt rows: keep key i iff it is in the last r positions or a query among the last w prompt positions
              gives it alpha >= 1/s. It ignores the evictions the definition would make inside the prompt (the rows
              were computed over the full prompt). Decoding then follows the exact rule.
-  "exact"    the definition: the prompt as decode steps, one token at a time (`corm_exact_prefill`). The generation
-             loop feeds a prompt in one forward pass, so it must call `corm_exact_prefill` when
-             policy.prefill_mode == "exact"; `after_prefill` refuses to run in that mode rather than approximate.
+  "exact"    the definition: the prompt as decode steps, one token at a time. The policy declares
+             prefill_pass = "token_by_token", so generate.prefill feeds the prompt through after_step;
+             `after_prefill` refuses to run in that mode rather than approximate.
 Optional (not the paper): threshold="cached" uses 1/(entries the query saw) instead of 1/s; n_sink > 0 never evicts
 the first n_sink positions.
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from minikv.ops import first_positions_mask
-from minikv.store import KVCache, LayerStore
+from minikv.store import LayerStore
 from minikv.policies.base import Policy, apply_keep, choice_option, int_option
 from minikv.errors import BadInput
 
@@ -91,7 +91,7 @@ class CORM(Policy):
     takes_budget = False
     prefill_needs = frozenset({"last_rows"})
     decode_needs = frozenset({"probs"})
-    decode_evicts = False      # the cache does not keep a fixed size: it grows or shrinks with the input
+    decode_evicts = True       # every step may evict (the size still follows the input: no fixed budget)
 
     def __init__(self, budget=None, w: int = 256, r: int = 256, prefill_mode: str = "oneshot",
                  threshold: str = "step", n_sink: int = 0):
@@ -111,67 +111,38 @@ class CORM(Policy):
         self.w, self.r, self.n_sink = w, r, n_sink
         self.window = w                       # rows of the last prompt queries needed for oneshot ("last_rows")
         self.threshold, self.prefill_mode = threshold, prefill_mode
+        self.prefill_pass = "token_by_token" if prefill_mode == "exact" else "one_pass"
 
     def budget_reading(self) -> str:
         return f"no budget: corm's cache size follows from w={self.w} and r={self.r}"
 
     def after_prefill(self, layer, store, stats):
         if self.prefill_mode == "exact":
-            raise RuntimeError("corm prefill_mode='exact' processes the prompt token by token: call "
-                               "minikv.policies.corm.corm_exact_prefill(model, prompts, policy) instead of a "
-                               "one-pass prefill, or use prefill_mode='oneshot'")
+            raise RuntimeError("corm prefill_mode='exact' processes the prompt token by token: run it through "
+                               "minikv.generate.prefill (which reads policy.prefill_pass) instead of a one-pass "
+                               "forward, or use prefill_mode='oneshot'")
         rows = stats["last_rows"]                                         # (B, Hkv, G, w', S), w' = min(w, T)
         last_hit = init_last_hit(store)
         steps = oneshot_window_steps(store, rows.shape[3])                # (B, w')
         tau = step_thresholds(store, steps - 1, self.threshold, rows.dtype)
         record_hits(last_hit, important_mask(rows, tau), steps)
-        self._evict(layer, store, last_hit)
+        apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
 
     def after_step(self, layer, store, stats):
         last_hit = init_last_hit(store)
         steps = store.seen[:, None]                                       # (B, 1): step t = position t-1 + 1
         tau = step_thresholds(store, steps - 1, self.threshold, stats["probs"].dtype)
         record_hits(last_hit, important_mask(stats["probs"], tau), steps)
-        self._evict(layer, store, last_hit)
-
-    def _evict(self, layer: int, store: LayerStore, last_hit: torch.Tensor) -> None:
         apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
-        self.layer_log[layer] = {"entries": store.length.clone()}    # a tensor; turned into numbers in report()
 
-    def report(self):
-        r = super().report()
+    def report(self, cache=None):
+        r = super().report(cache)
         r.update(w=self.w, r=self.r, prefill_mode=self.prefill_mode, threshold=self.threshold, n_sink=self.n_sink)
-        r["entries_per_layer_head"] = {l: v["entries"].tolist() for l, v in sorted(self.layer_log.items())}
+        r["entries_per_layer_head"] = {} if cache is None else {l: s.length.tolist() for l, s in
+                                                                 enumerate(cache.layers)}
         return r
 
     def __repr__(self):
         return (f"CORM(w={self.w}, r={self.r}, prefill_mode={self.prefill_mode!r}, threshold={self.threshold!r}, "
                 f"n_sink={self.n_sink})")
 
-
-@torch.no_grad()
-def corm_exact_prefill(model, prompts: list[list[int]], policy: Policy, question: list[list[int]] | None = None,
-                       pad_id: int = 0) -> tuple[torch.Tensor, KVCache]:
-    """The `exact` prefill: the prompt as len(prompt) decode steps, each followed by policy.after_step (same returns
-    as generate.prefill: (logits of the last token (B, vocab), cache)). Left-padded rows skip their padding steps."""
-    from minikv.generate import left_pad
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise BadInput("every prompt must hold at least one token")
-    B = len(prompts)
-    longest = max(len(p) + (len(q) if question else 0) for p, q in zip(prompts, question or [[]] * B))
-    if longest > model.cfg.max_position_embeddings:
-        raise BadInput(f"prompt of {longest} tokens is longer than the model's context "
-                         f"({model.cfg.max_position_embeddings} tokens)")
-    cache = model.new_cache(B, capacity=max(map(len, prompts)) + 1)
-    policy.start(model.cfg, B, prompt_lengths=[len(p) for p in prompts])
-    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)       # (B, T) each; padding has pos -1
-    for j in range(ids.shape[1]):
-        logits = model(ids[:, j:j + 1], cache, pos[:, j:j + 1], hook=policy.after_step,
-                       need=policy.decode_needs, window=policy.window)[:, -1]
-    if question:
-        # Question-agnostic use, as generate.prefill: the question is appended after compression, without eviction.
-        if len(question) != B or any(len(q) == 0 for q in question):
-            raise BadInput("question must give one non-empty token list per prompt")
-        ids, pos = left_pad(question, pad_id, cache.seen, model.device)
-        logits = model(ids, cache, pos, last_only=True)[:, -1]
-    return logits, cache

@@ -43,12 +43,14 @@ import math
 
 import torch
 
-from minikv.store import LayerStore
+from minikv.store import KVCache, LayerStore
 from minikv.policies.base import Policy, apply_keep, choice_option, float_option, int_option
 from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
 from minikv.errors import BadInput
 
-MERGE_WEIGHTS = ("code", "paper")
+MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
+THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
+DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
 WHEN = ("first_decode", "prefill")
 ALLOCATIONS = ("variance", "uniform")
 
@@ -173,7 +175,7 @@ def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alp
         mx = torch.where(real, m.double(), float("-inf")).reshape(B, -1).amax(-1) if m.numel() else mean
         later = beta * mx + (1 - beta) * tau
     else:
-        raise BadInput(f"threshold rule must be one of {MERGE_WEIGHTS}, got {rule!r}")
+        raise BadInput(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
     new = torch.where(torch.isnan(tau), mean, later)
     return torch.where(has, new, tau)
 
@@ -210,32 +212,33 @@ def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor
 
 # ---- Step 6: one compression of one layer ----------------------------------------------------------------------
 def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
-                    merge_weights: str = "code", tau_override: float | None = None):
+                    merge_weights: str = "code", tau_override: float | None = None, threshold_rule: str | None = None):
     """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then compaction.
 
-    keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression).
-    Returns (new tau (B,), merged entries, dropped entries).
+    keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression); threshold_rule
+    defaults to the rule named like the weights. Returns (new tau (B,), merged (B,), dropped (B,) entries per row).
     """
     evict = store.valid & ~keep                                           # (B, Hkv, S)
     if not bool(evict.any()):
-        return tau, 0, 0
+        zero = torch.zeros(tau.shape, dtype=torch.long, device=tau.device)
+        return tau, zero, zero
     src, real = evicted_slots(evict)                                      # (B, Hkv, E)
     m, j = nearest_kept(store.k, src, keep)
     real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
     if tau_override is None:
-        tau = update_threshold(tau, m, real_m, alpha, beta, merge_weights)   # updated before it is used
+        tau = update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights)   # before its use
     else:
         tau = torch.full_like(tau, float(tau_override))
     merged = merge_decision(m, real_m, tau)                               # (B, Hkv, E)
-    n_merged = int(merged.sum())
-    if n_merged:
+    n_merged = merged.sum(dim=(1, 2))                                     # (B,)
+    if bool(n_merged.any()):
         weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
         src_w, dst_scale = weights(m, j, merged, store.capacity)
         d = store.k.shape[-1]
         idx = src[..., None].expand(*src.shape, d)
         store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
     apply_keep(store, keep)
-    return tau, n_merged, int(real.sum()) - n_merged
+    return tau, n_merged, real.sum(dim=(1, 2)) - n_merged
 
 
 # ---- the policy ------------------------------------------------------------------------------------------------
@@ -260,156 +263,138 @@ class D2O(Policy):
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
-    # Row groups (generate(prefill_rows=...)): with "first_decode" the joined policy allocates at the first step
-    # from the summed head variances of all groups, exactly as one batch would; with "prefill" each group has
-    # already allocated from its own F (then the report shows the first group's F).
-    row_state = {"prompt_lengths": 0, "rho": 0, "ratios": 1, "full_rows": 1, "S_h": 1, "S_r": 1, "tau": 1}
 
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
                  alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
-                 when: str = "first_decode", allocation: str = "variance", tau_override: float | None = None):
+                 threshold_rule: str = "code", when: str = "first_decode", allocation: str = "variance",
+                 tau_override: float | None = None):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
-        heavy_share = float_option("d2o", "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
-        n_sink = int_option("d2o", "n_sink", n_sink, lo=0, what="first positions always kept")
-        choice_option("d2o", "merge_weights", merge_weights, MERGE_WEIGHTS)
-        choice_option("d2o", "when", when, WHEN, what="when the first compression happens")
-        choice_option("d2o", "allocation", allocation, ALLOCATIONS)
-        beta = (0.5 if merge_weights == "code" else 0.7) if beta is None else beta
-        alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
-        beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
+        self.heavy_share = float_option("d2o", "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
+        self.n_sink = int_option("d2o", "n_sink", n_sink, lo=0, what="first positions always kept")
+        self.merge_weights = choice_option("d2o", "merge_weights", merge_weights, MERGE_WEIGHTS, what="Step 5 weights")
+        self.threshold_rule = choice_option("d2o", "threshold_rule", threshold_rule, THRESHOLD_RULES,
+                                            what="Step 4 update of tau")
+        self.when = choice_option("d2o", "when", when, WHEN, what="when the first compression happens")
+        self.allocation = choice_option("d2o", "allocation", allocation, ALLOCATIONS)
+        beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
+        self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
+        self.beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
         if tau_override is not None:
             if isinstance(tau_override, bool) or not isinstance(tau_override, (int, float)) or math.isnan(tau_override):
                 raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
-        self.heavy_share, self.n_sink, self.alpha, self.beta = heavy_share, n_sink, alpha, beta
         self.protected_option = protected_layer_option(protected_layers)
-        self.merge_weights, self.when, self.allocation, self.tau_override = merge_weights, when, allocation, tau_override
+        self.tau_override = tau_override
 
-    # -- per-sequence state ----------------------------------------------------------------------------------
-    def start(self, cfg, batch, prompt_lengths):
-        super().start(cfg, batch, prompt_lengths)
-        L = self.n_layers
-        prot = (0, 1, L - 1) if self.protected_option is None else self.protected_option
-        bad = [p for p in prot if not -L <= p < L]
+    def protected(self, n_layers: int) -> set[int]:
+        """Layers never compressed (default 0, 1, L-1), checked against the model's depth."""
+        prot = (0, 1, n_layers - 1) if self.protected_option is None else self.protected_option
+        bad = [p for p in prot if not -n_layers <= p < n_layers]
         if bad:
-            raise BadInput(f"protected_layers {bad} out of range for a model with {L} layers")
-        self.protected = {p % L for p in prot}
-        n = self.prompt_lengths.double()
+            raise BadInput(f"protected_layers {bad} out of range for a model with {n_layers} layers")
+        return {p % n_layers for p in prot}
+
+    def rho(self, cache: KVCache) -> torch.Tensor:
+        """(B,) the nominal ratio of each row: the budget, or count / prompt length."""
+        n = cache.prompt_len.double()
         v = self.budget.value
-        self.rho = torch.full_like(n, float(v)) if self.budget.is_ratio else v / n      # (B,)
-        self.F = torch.full((L,), float("nan"), dtype=torch.float64)
-        self.var_sum = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)   # (L, Hq) sum over rows
-        self.ratios = None                                                # (L, B) once allocated
-        self.full_rows = None                                             # (L, B) bool: never compressed
-        self.S_h = torch.full((L, batch), -1, dtype=torch.long)
-        self.S_r = torch.full((L, batch), -1, dtype=torch.long)
-        self.tau = torch.full((L, batch), float("nan"), dtype=torch.float64)
-        self.tau_history: list[list[float]] = [[] for _ in range(L)]
-        self.merged, self.dropped = [0] * L, [0] * L
-        self._prefill_stores: dict[int, LayerStore] = {}
-
-    def _allocate(self) -> None:
-        """Step 2 once all layers' F are known."""
-        if torch.isnan(self.F).any():
-            missing = torch.nonzero(torch.isnan(self.F)).flatten().tolist()
-            raise RuntimeError(f"d2o: layer statistic missing for layers {missing}; was the prompt run with "
-                               f"need={sorted(self.prefill_needs)} and after_prefill?")
-        rows = len(self.prompt_lengths)
-        self.F = torch.stack([variance_statistic(v / rows) for v in self.var_sum])    # (L,) batch mean, Step 1
-        if self.budget.is_ratio:
-            self.ratios = layer_ratios(self.F, self.rho, self.protected, self.allocation)
-            self.full_rows = (self.ratios >= 1.0) | (self.rho >= 1.0)[None, :]
-        else:                                   # a count: fixed per-layer caps, sizes known now (module docstring)
-            caps = layer_caps(self.F, int(self.budget.value), self.protected, self.allocation, rows)   # (L, B)
-            self.ratios = caps.double() / self.prompt_lengths.double()[None, :]   # reported only
-            self.full_rows = caps < 0
-            self.S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
-            self.S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
-        for p in self.protected:
-            self.full_rows[p] = True
-
-    def _compress(self, layer: int, store: LayerStore) -> None:
-        """Step 3 selection (sizes fixed at the layer's first compression), then Steps 4-5."""
-        full = self.full_rows[layer].to(store.k.device)                  # (B,)
-        if bool(full.all()):
-            return
-        if int(self.S_h[layer, 0]) < 0:                                   # first compression: T = entries now
-            T = store.seen.cpu()
-            self.S_h[layer], self.S_r[layer] = heavy_recent_sizes(T, self.ratios[layer], self.heavy_share)
-        dev = store.k.device
-        keep = heavy_recent_keep(store, store.stats["score"], self.S_h[layer].to(dev), self.S_r[layer].to(dev),
-                                 self.n_sink)
-        keep |= full[:, None, None] & store.valid
-        tau, n_merged, n_dropped = evict_and_merge(store, keep, self.tau[layer].to(dev), self.alpha, self.beta,
-                                                   self.merge_weights, self.tau_override)
-        self.tau[layer] = tau.cpu()
-        self.merged[layer] += n_merged
-        self.dropped[layer] += n_dropped
-        self.tau_history[layer].append(float(self.tau[layer, 0]))
-
-    @classmethod
-    def concat_rows(cls, parts):
-        joined = super().concat_rows(parts)
-        joined.merged = [sum(c) for c in zip(*(p.merged for p in parts))]
-        joined.dropped = [sum(c) for c in zip(*(p.dropped for p in parts))]
-        joined.var_sum = sum(p.var_sum for p in parts)
-        return joined
+        return torch.full_like(n, float(v)) if self.budget.is_ratio else v / n
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def after_prefill(self, layer, store, stats):
         if "colsum" not in stats:
             raise BadInput("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
         accumulate_prefill_scores(store, stats["colsum"])
-        var = head_variances(stats["colsum"], store.valid).cpu()         # (B, Hq)
-        self.var_sum[layer] = var.sum(dim=0)
-        self.F[layer] = variance_statistic(self.var_sum[layer] / var.shape[0])
+        store.rows["head_var"] = head_variances(stats["colsum"], store.valid).cpu()      # (B, Hq), Step 1
+
+    def after_prompt(self, cache):
+        """Step 2 once every layer's F is known; with when="prefill" also every layer's first compression."""
+        for store, layer_rows in zip(cache.layers, self.allocate(cache)):
+            store.rows.update(layer_rows)
         if self.when == "prefill":
-            # Ratios need every layer's F: compress all layers once the last one has run.
-            self._prefill_stores[layer] = store
-            if layer == self.n_layers - 1:
-                self._allocate()
-                for l, s in sorted(self._prefill_stores.items()):
-                    self._compress(l, s)
-                self._prefill_stores = {}
+            for store in cache.layers:
+                self._compress(store)
 
     def after_step(self, layer, store, stats):
         if "probs" not in stats:
             raise BadInput("d2o: after_step needs the 'probs' statistic (run decode with need=decode_needs)")
+        if "full" not in store.rows:
+            raise RuntimeError("d2o: the layer has no allocation; was the prompt run through generate.prefill "
+                               "(after_prefill on every layer, then after_prompt)?")
         accumulate_step_scores(store, stats["probs"])
-        if self.ratios is None:
-            self._allocate()
-        self._compress(layer, store)
+        self._compress(store)
+
+    # -- Step 2 and Step 6 -----------------------------------------------------------------------------------
+    def allocate(self, cache: KVCache) -> list[dict]:
+        """Step 2: per layer, the rows' ratio r_l, whether they are never compressed, S_h/S_r (known now for a
+        count budget, -1 = set at the first compression), and fresh tau / merge counters. One dict per layer."""
+        F, protected, rho = layer_statistics(cache), self.protected(len(cache.layers)), self.rho(cache)
+        B, L = rho.shape[0], F.shape[0]
+        S_h = S_r = torch.full((L, B), -1, dtype=torch.long)
+        if self.budget.is_ratio:
+            ratios = layer_ratios(F, rho, protected, self.allocation)                     # (L, B)
+            full = (ratios >= 1.0) | (rho >= 1.0)[None, :]
+        else:                                   # a count: fixed per-layer caps, sizes known now (module docstring)
+            caps = layer_caps(F, int(self.budget.value), protected, self.allocation, B)   # (L, B)
+            ratios = caps.double() / cache.prompt_len.double()[None, :]                   # reported only
+            full = caps < 0
+            S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
+            S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
+        for p in protected:
+            full[p] = True
+        return [{"ratio": ratios[l], "full": full[l], "S_h": S_h[l], "S_r": S_r[l],
+                 "tau": torch.full((B,), float("nan"), dtype=torch.float64),
+                 "tau_history": torch.zeros(B, 0, dtype=torch.float64),
+                 "merged": torch.zeros(B, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.long)}
+                for l in range(L)]
+
+    def _compress(self, store: LayerStore) -> None:
+        """Step 3 selection (sizes fixed at the layer's first compression), then Steps 4-5."""
+        r, dev = store.rows, store.k.device
+        full = r["full"].to(dev)                                          # (B,)
+        if bool(full.all()):
+            return
+        if int(r["S_h"][0]) < 0:                                          # first compression: T = entries now
+            r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen.cpu(), r["ratio"], self.heavy_share)
+        keep = heavy_recent_keep(store, store.stats["score"], r["S_h"].to(dev), r["S_r"].to(dev), self.n_sink)
+        keep |= full[:, None, None] & store.valid
+        tau, merged, dropped = evict_and_merge(store, keep, r["tau"].to(dev), self.alpha, self.beta,
+                                               self.merge_weights, self.tau_override, self.threshold_rule)
+        r["tau"] = tau.cpu()
+        r["merged"], r["dropped"] = r["merged"] + merged.cpu(), r["dropped"] + dropped.cpu()
+        r["tau_history"] = torch.cat([r["tau_history"], r["tau"][:, None]], dim=1)
 
     # -- observability ---------------------------------------------------------------------------------------
-    def report(self) -> dict:
+    def report(self, cache=None) -> dict:
         """Per-layer F, L*w, ratios, S_h/S_r, merged/dropped counts, final tau and tau history (row 0)."""
-        r = super().report()
+        r = super().report(cache)
         r.update(heavy_share=self.heavy_share, n_sink=self.n_sink, alpha=self.alpha, beta=self.beta,
-                 merge_weights=self.merge_weights, when=self.when, allocation=self.allocation,
-                 tau_override=self.tau_override)
-        if not hasattr(self, "F"):
+                 merge_weights=self.merge_weights, threshold_rule=self.threshold_rule, when=self.when,
+                 allocation=self.allocation, tau_override=self.tau_override)
+        if cache is None or "full" not in cache.layers[0].rows:
             return r
-        L = self.n_layers
-        Lw = (layer_weights(self.F) * L).tolist() if not torch.isnan(self.F).any() else [None] * L
-        r["rho"] = self.rho.tolist()
-        r["protected_layers"] = sorted(self.protected)
-        r["layers"] = [{
-            "layer": l,
-            "protected": l in self.protected,
-            "F": float(self.F[l]),
-            "Lw": Lw[l],
-            "ratio": None if self.ratios is None else self.ratios[l].tolist(),
-            "full": None if self.full_rows is None else self.full_rows[l].tolist(),
-            "S_h": self.S_h[l].tolist(),
-            "S_r": self.S_r[l].tolist(),
-            "merged": self.merged[l],
-            "dropped": self.dropped[l],
-            "tau": self.tau[l].tolist(),
-        } for l in range(L)]
-        r["tau_history"] = [list(h) for h in self.tau_history]
+        F, protected = layer_statistics(cache), self.protected(len(cache.layers))
+        Lw = (layer_weights(F) * len(F)).tolist()
+        r.update(rho=self.rho(cache).tolist(), protected_layers=sorted(protected))
+        r["layers"] = [{"layer": l, "protected": l in protected, "F": float(F[l]), "Lw": Lw[l],
+                        **{k: s.rows[k].tolist() for k in ("ratio", "full", "S_h", "S_r")},
+                        "merged": int(s.rows["merged"].sum()), "dropped": int(s.rows["dropped"].sum()),
+                        "tau": s.rows["tau"].tolist()} for l, s in enumerate(cache.layers)]
+        r["tau_history"] = [s.rows["tau_history"][0].tolist() for s in cache.layers]
         return r
 
     def __repr__(self):
         return (f"D2O(budget={self.budget}, heavy_share={self.heavy_share}, n_sink={self.n_sink}, "
-                f"merge_weights={self.merge_weights!r}, when={self.when!r}, allocation={self.allocation!r})")
+                f"merge_weights={self.merge_weights!r}, threshold_rule={self.threshold_rule!r}, when={self.when!r}, "
+                f"allocation={self.allocation!r})")
+
+
+def layer_statistics(cache: KVCache) -> torch.Tensor:
+    """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""
+    missing = [l for l, s in enumerate(cache.layers) if "head_var" not in s.rows]
+    if missing:
+        raise RuntimeError(f"d2o: layer statistic missing for layers {missing}; was the prompt run with "
+                           f"need={{'colsum'}} and after_prefill?")
+    return torch.stack([variance_statistic(s.rows["head_var"].sum(dim=0) / s.rows["head_var"].shape[0])
+                        for s in cache.layers])

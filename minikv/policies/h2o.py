@@ -60,7 +60,7 @@ class H2O(Policy):
         self.n_sink = int_option(self.name, "n_sink", n_sink, lo=0, what="first positions always kept")
 
     def _compress(self, store: LayerStore) -> None:
-        budget = self.budget_entries(store.k.device)
+        budget = self.budget_entries(store)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)
         apply_keep(store, heavy_recent_keep(store, store.stats["score"], n_heavy, n_recent, self.n_sink))
 

@@ -58,9 +58,9 @@ class SnapKV(Policy):
             raise BadInput(f"{self.name}: budget {self.budget} is smaller than the observation window "
                            f"({self.window}); use a budget >= window or a smaller window")
 
-    def prefix_budgets(self, layer: int, device) -> torch.Tensor:
+    def prefix_budgets(self, layer: int, store: LayerStore) -> torch.Tensor:
         """Prefix entries each row keeps in this layer (B,)."""
-        budget = self.budget_entries(device)
+        budget = self.budget_entries(store)
         if bool((budget < self.window).any()):
             raise BadInput(f"{self.name}: budget {int(budget.min())} is smaller than the observation window "
                              f"({self.window}); use a budget >= window or a smaller window")
@@ -68,14 +68,15 @@ class SnapKV(Policy):
 
     def after_prefill(self, layer, store, stats):
         n = store.seen
-        budget = self.prefix_budgets(layer, store.k.device)
-        if bool((n <= budget + self.window).all()):
-            return                                  # the prompt already fits: no compression
+        budget = self.prefix_budgets(layer, store)
+        fits = n <= budget + self.window                                   # (B,) the prompt already fits
+        store.rows.update(prefix_budget=budget, compressed=~fits)
+        if bool(fits.all()):
+            return
         score = window_scores(store, stats["last_rows"], self.window, self.kernel)
         keep = window_plus_topk_keep(store, score, budget, self.window)
-        keep |= (n <= budget + self.window)[:, None, None] & store.valid     # rows that fit keep everything
+        keep |= fits[:, None, None] & store.valid                           # rows that fit keep everything
         apply_keep(store, keep)
-        self.layer_log[layer] = {"prefix_budget": budget.tolist()}
 
 
 class PyramidKV(SnapKV):
@@ -87,12 +88,18 @@ class PyramidKV(SnapKV):
         super().__init__(budget, window, kernel)
         self.beta = int_option(self.name, "beta", beta, lo=1, what="the last layer keeps 1/beta of the average")
 
-    def prefix_budgets(self, layer, device):
-        b = super().prefix_budgets(layer, device)
-        n = self.prompt_lengths.to(device)
-        return pyramid_prefix_budgets(b, n, self.window, self.n_layers, self.beta)[layer].clamp_min(0)
+    def prefix_budgets(self, layer, store):
+        b = super().prefix_budgets(layer, store)
+        n = store.rows["prompt_len"].to(b.device)
+        return pyramid_prefix_budgets(b, n, self.window, store.n_layers, self.beta)[layer].clamp_min(0)
 
-    def report(self):
-        r = super().report()
-        r["prefix_budget_per_layer"] = {l: v["prefix_budget"] for l, v in sorted(self.layer_log.items())}
+    def report(self, cache=None):
+        r = super().report(cache)
+        r["prefix_budget_per_layer"] = {l: s.rows["prefix_budget"].tolist() for l, s in compressed_layers(cache)}
         return r
+
+
+def compressed_layers(cache) -> list:
+    """(layer, store) of the layers where some row was compressed (none without a cache)."""
+    layers = [] if cache is None else enumerate(cache.layers)
+    return [(l, s) for l, s in layers if "compressed" in s.rows and bool(s.rows["compressed"].any())]

@@ -1,8 +1,8 @@
 """StreamingLLM (Xiao et al. 2023): keep the first `n_sink` positions (attention sinks) and the most recent ones.
 
 Reference: mit-han-lab/streaming-llm `StartRecentKVCache(start_size=n_sink, recent_size=budget - n_sink)`.
-Deviation: the paper re-rotates cached keys at their cache positions; minikv keeps every key at its true position
-(design.md), so this is "sinks + window" eviction without the positional shift.
+Keys stay rotated at their true positions (the paper re-rotates them at their cache positions: a deviation listed
+in train_free.md), so this is "sinks + window" eviction without the positional shift.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class Streaming(Policy):
                            f"would fill it)")
 
     def _compress(self, store: LayerStore) -> None:
-        budget = self.budget_entries(store.k.device)
+        budget = self.budget_entries(store)
         if bool((budget <= self.n_sink).any()):
             raise BadInput(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
         apply_keep(store, sink_window_keep(store, budget, self.n_sink))

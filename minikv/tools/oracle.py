@@ -64,7 +64,7 @@ def _small_model(seed: int):
 
 def record_case(model, prompt: list[int], policy, new_tokens: int, layers: set[int] | None = None) -> Recorder:
     """Run prefill + greedy decode with a recording policy (reference attention path, no SDPA)."""
-    rec = Recorder(policy, layers=layers)
+    rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
     generate(model, [prompt], rec, max_new_tokens=new_tokens + 1, stop_ids=[], use_sdpa=False)
     return rec
 

@@ -35,25 +35,17 @@ class Event:
 class Recorder:
     """Wraps a policy; calls it unchanged and records every hook call (optionally only some layers)."""
     policy: object
+    n_q_heads: int                               # the model's query heads (the probe query has one per head)
     layers: set[int] | None = None
     probe_seed: int = 1234
     events: list[Event] = field(default_factory=list)
     step: int = 0
-    # Events of the current forward pass with their stores: a policy may change earlier layers from a later layer's
-    # hook (D2O when="prefill" compresses every layer once the last one has its statistic), so each event's
-    # "after" is taken again once the last layer's hook has run.
+    # The prompt's events with their stores: after_prompt (once on the whole cache) may still change them (D2O
+    # when="prefill" compresses every layer there), so their "after" is taken again once it has run.
     _open: list[tuple[Event, LayerStore]] = field(default_factory=list, repr=False)
 
-    def __getattr__(self, name):                 # needs, window, start, report... come from the policy
+    def __getattr__(self, name):                 # needs, window, report... come from the policy
         return getattr(self.policy, name)
-
-    def start(self, cfg, batch, prompt_lengths):
-        self.events.clear()
-        self._open.clear()
-        self.step = 0
-        self.n_q_heads = cfg.num_attention_heads
-        self.n_layers = cfg.num_hidden_layers
-        return self.policy.start(cfg, batch, prompt_lengths)
 
     def _probe(self, store: LayerStore) -> torch.Tensor:
         B, Hkv, _, d = store.k.shape
@@ -70,17 +62,19 @@ class Recorder:
             inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
             event = Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store))
             self.events.append(event)
-            self._open.append((event, store))
+            if phase == "prefill":
+                self._open.append((event, store))
         else:
             hook(layer, store, stats)
-        if layer == self.n_layers - 1:                # the pass is over: take every "after" again
-            for event, s in self._open:
-                if event.layer != layer:
-                    event.after, event.probe_out_after = snapshot(s), self._probe(s)
-            self._open.clear()
 
     def after_prefill(self, layer, store, stats):
         self._record("prefill", self.policy.after_prefill, layer, store, stats)
+
+    def after_prompt(self, cache):
+        self.policy.after_prompt(cache)
+        for event, s in self._open:                  # the prompt is done: take its events' "after" again
+            event.after, event.probe_out_after = snapshot(s), self._probe(s)
+        self._open.clear()
 
     def after_step(self, layer, store, stats):
         if layer == 0:

@@ -57,7 +57,7 @@ def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str
 
 def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
     """Generate with a recording policy; returns (recorder, generated text, token strings)."""
-    rec = Recorder(policy, layers=layers)
+    rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
     ids = tokenizer.encode(prompt)
     res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
     all_ids = ids + res.tokens[0]
@@ -110,7 +110,7 @@ def cmd_trace(args) -> int:
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
     print(res.summary())
-    print("policy report:", json.dumps(rec.policy.report(), default=_jsonable))
+    print("policy report:", json.dumps(res.policy_report, default=_jsonable))
     return 0
 
 

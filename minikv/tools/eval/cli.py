@@ -241,12 +241,12 @@ def policy_views(model, tok, cfg, first, out: Path, view_layer, view_head) -> li
                      plots.surviving_positions(model, ids, spec.build(budget), layer, view_head, question)))
         if spec.name == "d2o" or spec.name.startswith("adakv"):
             policy = spec.build(budget)
-            generate(model, [ids], policy, max_new_tokens=4 if spec.name == "d2o" else 1)
+            report = generate(model, [ids], policy, max_new_tokens=4 if spec.name == "d2o" else 1).policy_report
             name = f"{'d2o_layers' if spec.name == 'd2o' else 'adakv_heads'}_{_safe(spec.label)}"
             view, table = ((plots.plot_d2o_report, plots.format_d2o_report) if spec.name == "d2o" else
                            (plots.plot_head_budgets, plots.format_head_budgets))
-            made.append(view(policy.report(), out / f"{name}.png"))
-            (out / f"{name}.md").write_text(table(policy.report()) + "\n")
+            made.append(view(report, out / f"{name}.png"))
+            (out / f"{name}.md").write_text(table(report) + "\n")
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
     made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,
