@@ -1,39 +1,36 @@
 """Load a Llama-family checkpoint in the Hugging Face layout (config.json + safetensors), with named errors.
 
-Only safetensors are read (never pickle). Weights may be bf16/fp16/fp32 and sharded through
-`model.safetensors.index.json`. Any missing tensor, unexpected tensor, shape mismatch, non-float dtype (int8,
-quantized) or non-finite value is an error naming the tensor and file.
+Only safetensors are read (never pickle). Weights may be bf16/fp16/fp32/fp64 and sharded through
+`model.safetensors.index.json`, whose "weight_map" maps each tensor name to its shard file. Any missing tensor,
+unexpected tensor, shape mismatch, non-float dtype (int8, quantized) or non-finite value is an error naming the
+tensor and file.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from minikv.config import LlamaConfig, read_json_object
-from minikv.model import Llama
 from minikv.errors import BadInput, NotFound
+from minikv.io import require
+from minikv.model import Llama
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face Llama checkpoint must hold, with its shape."""
-    D, F, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    """Every tensor a Hugging Face Llama checkpoint must hold, with its shape, in checkpoint order."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    Q, KV = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "self_attn.q_proj": (Q, D),
+             "self_attn.k_proj": (KV, D), "self_attn.v_proj": (KV, D), "self_attn.o_proj": (D, Q),
+             "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F)}
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (D,),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, D),
-            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, D),
-            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, D),
-            p + "self_attn.o_proj.weight": (D, cfg.num_attention_heads * d),
-            p + "mlp.gate_proj.weight": (F, D),
-            p + "mlp.up_proj.weight": (F, D),
-            p + "mlp.down_proj.weight": (D, F),
-        })
+    shapes |= {f"model.layers.{i}.{name}.weight": shape
+               for i in range(cfg.num_hidden_layers) for name, shape in layer.items()}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, D)
     return shapes
@@ -50,7 +47,7 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+    if any(next(folder.glob(pattern), None) for pattern in ("*.bin", "*.pt", "*.pth")):
         raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only "
                        f"(convert them with transformers: save_pretrained(..., safe_serialization=True))")
     raise NotFound(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
@@ -59,24 +56,20 @@ def _weight_files(folder: Path) -> list[Path]:
 def _index_shards(index: Path) -> list[str]:
     """Shard file names of a safetensors index, each checked to be a plain name of a file beside the index."""
     weight_map = read_json_object(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise BadInput(f"{index} is not a valid safetensors index: 'weight_map' must be a non-empty object "
-                       f"of tensor name -> shard file")
+    require(isinstance(weight_map, dict) and bool(weight_map), f"{index} is not a valid safetensors index: "
+            "'weight_map' must be a non-empty object of tensor name -> shard file")
     shards = sorted(set(map(str, weight_map.values())))
     for name in shards:
         # A shard is a file next to the index; a path would read outside the model folder.
-        if Path(name).name != name or name in (".", ".."):
-            raise BadInput(f"{index} names shard {name!r}, which is not a plain file name")
-        if not (index.parent / name).is_file():
-            raise NotFound(f"{index} names shard {name}, which is missing from {index.parent}")
+        require(Path(name).name == name and name not in (".", ".."),
+                f"{index} names shard {name!r}, which is not a plain file name")
+        require((index.parent / name).is_file(), f"{index} names shard {name}, which is missing from {index.parent}",
+                NotFound)
     return shards
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint's safetensors file(s), by name; each a float tensor of finite values."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     state, source = {}, {}
     for f in _weight_files(Path(folder)):
         try:
@@ -94,14 +87,13 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def _check_tensor(name: str, t: torch.Tensor, f: Path) -> None:
     """Refuse integer/quantized/boolean weights (casting them would silently change the model) and NaN/inf."""
-    if t.dtype not in FLOAT_DTYPES:
-        raise BadInput(f"{f}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; minikv reads "
-                       f"unquantized float weights (float32, float16, bfloat16, float64)")
+    require(t.dtype in FLOAT_DTYPES, f"{f}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+            "minikv reads unquantized float weights (float32, float16, bfloat16, float64)")
     # Chunked so the temporary boolean mask stays small even for a large embedding matrix.
     flat = t.reshape(-1)
     for i in range(0, flat.numel(), 1 << 24):
-        if not torch.isfinite(flat[i:i + (1 << 24)]).all():
-            raise BadInput(f"{f}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
+        require(bool(torch.isfinite(flat[i:i + (1 << 24)]).all()),
+                f"{f}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
 
 
 def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> None:
@@ -116,19 +108,17 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: s
     if extra:
         raise BadInput(f"{source}: unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
     for name, shape in want.items():
-        if tuple(state[name].shape) != shape:
-            raise BadInput(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, config implies {shape}")
+        have = tuple(state[name].shape)
+        require(have == shape, f"{source}: tensor {name!r} has shape {have}, config implies {shape}")
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
     """Build a Llama from a Hugging Face folder and load its weights (cast to `dtype`)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise BadInput(f"model folder {folder} is a file; give the folder that holds config.json")
-    if not folder.is_dir():
-        raise NotFound(f"model folder {folder} does not exist; {FETCH_HINT}")
-    if not (folder / "config.json").exists():
-        raise NotFound(f"{folder} has no config.json; {FETCH_HINT}")
+    require(not folder.exists() or folder.is_dir(), f"model folder {folder} is a file; give the folder that holds "
+            "config.json")
+    require(folder.is_dir(), f"model folder {folder} does not exist; {FETCH_HINT}", NotFound)
+    require((folder / "config.json").exists(), f"{folder} has no config.json; {FETCH_HINT}", NotFound)
     cfg = LlamaConfig.from_json(folder / "config.json")
     state = read_state_dict(folder)
     check_state_dict(state, cfg, source=str(folder))

@@ -1,7 +1,7 @@
-"""Tokenizers: byte-level BPE read from a Hugging Face `tokenizer.json`, SentencePiece from `tokenizer.model`.
+"""Tokenizers of a Hugging Face folder: byte-level BPE from `tokenizer.json`, SentencePiece from `tokenizer.model`.
 
-Core dependencies only (stdlib + `sentencepiece`). The byte-level BPE reproduces the Hugging Face `tokenizers`
-pipeline for GPT-2-style models (SmolLM2, the default model):
+The byte-level BPE reproduces the Hugging Face `tokenizers` pipeline for GPT-2-style models (SmolLM2, the default
+model):
   1. added/special tokens are cut out of the text as whole tokens,
   2. `Digits(individual_digits=True)` isolates every numeric character (when the JSON asks for it),
   3. the GPT-2 regex splits each remaining piece into words,
@@ -14,18 +14,20 @@ Unicode version than the running Python knows can be classified differently from
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 import unicodedata
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
+
+import sentencepiece
+
 from minikv.config import read_json_object
-from minikv.errors import BadInput, MissingExtra, NotFound
+from minikv.errors import BadInput, NotFound
+from minikv.io import require
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
 
 
 class UnsupportedTokenizer(BadInput, NotImplementedError):
@@ -33,9 +35,12 @@ class UnsupportedTokenizer(BadInput, NotImplementedError):
     NotImplementedError for callers that probe support (e.g. whether a chat format exists)."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# GPT-2 pre-tokenizer, written with the stdlib `re`
-# --------------------------------------------------------------------------------------------------------------------
+def _is_id(value) -> bool:
+    """A token id: a non-negative int (JSON true/false are not ids)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# ---- the GPT-2 pre-tokenizer, written with the stdlib `re` -----------------------------------------------------------
 
 # Unicode White_Space, which is what `\s` means in Oniguruma (the regex engine of `tokenizers`). Python's `\s` and
 # str.isspace() differ: they also accept U+001C..U+001F, which are not White_Space.
@@ -43,124 +48,203 @@ _WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u20
                 "\u2028\u2029\u202f\u205f\u3000")
 
 
-def _char_classes() -> dict[str, str]:
-    """Bodies of `[...]` character classes for \\p{L} and \\p{N}: runs of code points by major general category."""
-    # One character per code point, the first letter of its category ("L", "N", ...), built at C speed; its runs
-    # of "L" (or "N") are the ranges of the class.
-    majors = "".join(map(itemgetter(0), map(unicodedata.category, map(chr, range(sys.maxunicode + 1)))))
-    classes = {}
-    for major in "LN":
-        classes[major] = "".join(f"{re.escape(chr(m.start()))}-{re.escape(chr(m.end() - 1))}"
-                                 for m in re.finditer(f"{major}+", majors))
-    return classes
-
-
 @lru_cache(maxsize=None)
 def _gpt2_patterns() -> tuple[re.Pattern, re.Pattern]:
     """(GPT-2 word regex, single-numeric-character regex), built once on first use (~0.3 s)."""
-    classes = _char_classes()
-    L = classes["L"]              # \p{L}: Lu Ll Lt Lm Lo
-    N = classes["N"]              # \p{N}: Nd Nl No
-    S = re.escape(_WHITE_SPACE)   # \s
+    # One character per code point, the first letter of its general category, built at C speed: its runs of "L"
+    # (of "N") are the ranges of the class \p{L} (\p{N}).
+    majors = "".join(map(itemgetter(0), map(unicodedata.category, map(chr, range(sys.maxunicode + 1)))))
+    L, N = ("".join(f"{re.escape(chr(m.start()))}-{re.escape(chr(m.end() - 1))}"
+                    for m in re.finditer(f"{major}+", majors)) for major in "LN")
+    S = re.escape(_WHITE_SPACE)  # \s
     # The GPT-2 pattern, alternative for alternative:
     #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
     # Python's `re` backtracks and tries alternatives left to right like Oniguruma, so the matches are the same.
-    word = re.compile(
-        rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
-    )
+    word = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
     # Digits(individual_digits=True) isolates each char of Rust's char::is_numeric, i.e. categories Nd, Nl, No.
-    numeric = re.compile(f"([{N}])")
-    return word, numeric
+    return word, re.compile(f"([{N}])")
 
 
 @lru_cache(maxsize=None)
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to U+0100+."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, shift = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to U+0100 on."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    others = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(others)) for b in range(256)}
+
+
+def _added_token_pattern(contents: list[str]) -> re.Pattern | None:
+    """Leftmost-longest match of any added token (what `tokenizers` does with Aho-Corasick), as one group."""
+    # At one start position re tries alternatives in order, so longest-first gives the longest match.
+    return re.compile(f"({'|'.join(map(re.escape, sorted(contents, key=len, reverse=True)))})") if contents else None
 
 
 def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> list[tuple[str, bool]]:
-    """Cut the not-yet-special pieces wherever `pattern` matches; pieces are (text, is_added_token)."""
+    """Cut the not-yet-added pieces wherever `pattern` matches; pieces are (text, is_added_token)."""
     if pattern is None:
         return pieces
     out = []
     for text, is_added in pieces:
-        if is_added:
-            out.append((text, True))
-            continue
-        pos = 0
-        for m in pattern.finditer(text):
-            if m.start() > pos:
-                out.append((text[pos:m.start()], False))
-            out.append((m.group(), True))
-            pos = m.end()
-        if pos < len(text):
-            out.append((text[pos:], False))
+        # split with one group alternates text between matches (even k, kept when non-empty) and matches (odd k).
+        out += [(text, True)] if is_added else [(p, k % 2 == 1) for k, p in enumerate(pattern.split(text))
+                                                if p or k % 2]
     return out
 
 
-def _added_token_pattern(contents: list[str]) -> re.Pattern | None:
-    """Leftmost-longest match of any added token (what `tokenizers` does with Aho-Corasick)."""
-    if not contents:
+# ---- reading tokenizer.json ------------------------------------------------------------------------------------------
+
+def _checked_spec(spec) -> dict:
+    """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads have the right kinds."""
+    require(isinstance(spec, dict), f"tokenizer.json must hold a JSON object, got {type(spec).__name__}")
+    for key in ("normalizer", "pre_tokenizer", "post_processor"):
+        require(isinstance(spec.get(key), (dict, type(None))),
+                f"tokenizer.json: {key} must be an object or null, got {spec.get(key)!r}")
+    model = spec.get("model")
+    require(isinstance(model, dict), "tokenizer.json: 'model' is missing or not an object (expected "
+                                      "{\"type\": \"BPE\", \"vocab\": {...}, \"merges\": [...]})")
+    require(model.get("type", "BPE") == "BPE",
+            f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)", UnsupportedTokenizer)
+    vocab = model.get("vocab")
+    require(isinstance(vocab, dict), "tokenizer.json: model.vocab is missing or not an object of token -> id")
+    for token, i in ((t, i) for t, i in vocab.items() if not _is_id(i)):
+        raise BadInput(f"tokenizer.json: model.vocab[{token!r}] must be a non-negative integer id, got {i!r}")
+    require(isinstance(model.get("unk_token"), (str, type(None))),
+            f"tokenizer.json: model.unk_token must be a token string or null, got {model.get('unk_token')!r}")
+    merges, added = model.get("merges") or [], spec.get("added_tokens") or []
+    for name, value in (("model.merges", merges), ("added_tokens", added)):
+        require(isinstance(value, list), f"tokenizer.json: {name} must be a list, got {type(value).__name__}")
+    for rank, merge in enumerate(merges):  # a plain loop: one message string per merge would cost 50k formats
+        if not (isinstance(merge, str) or (isinstance(merge, list) and all(isinstance(m, str) for m in merge))):
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
+    for k, tok in enumerate(added):
+        require(isinstance(tok, dict) and isinstance(tok.get("content"), str) and _is_id(tok.get("id")),
+                f"tokenizer.json: added_tokens[{k}] must be an object with a string 'content' and a "
+                 f"non-negative integer 'id', got {tok!r}")
+    return model
+
+
+def _refuse_unsupported(spec: dict, model: dict) -> None:
+    """Refuse BPE options and normalizers whose effect minikv does not reproduce (UnsupportedTokenizer)."""
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        require(not model.get(key), f"tokenizer.json: BPE option {key}={model.get(key)!r} is not supported",
+                UnsupportedTokenizer)
+    require(not model.get("byte_fallback"),
+            "tokenizer.json: BPE byte_fallback is not supported (not a byte-level BPE)", UnsupportedTokenizer)
+    require(spec.get("normalizer") is None, f"tokenizer.json normalizer {(spec.get('normalizer') or {}).get('type')!r}"
+                                             " is not supported (only null)", UnsupportedTokenizer)
+    for tok in spec.get("added_tokens") or []:
+        for flag in ("lstrip", "rstrip", "single_word"):
+            require(not tok.get(flag), f"tokenizer.json: added token {tok['content']!r} uses {flag}=true",
+                    UnsupportedTokenizer)
+
+
+def _pre_tokenizer_steps(pre: dict):
+    """The steps of a pre_tokenizer: a Sequence's "pretokenizers" (unchecked), or the one step itself."""
+    return pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+
+
+def _parse_pre_tokenizer(pre: dict | None) -> tuple[bool, bool]:
+    """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
+    require(pre is not None, "tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)",
+            UnsupportedTokenizer)
+    steps = _pre_tokenizer_steps(pre)
+    require(isinstance(steps, list) and all(isinstance(step, dict) for step in steps),
+            f"tokenizer.json: pre_tokenizer.pretokenizers must be a list of objects, got {steps!r}")
+    kinds = [s.get("type") for s in steps]
+    name = kinds[0] if len(kinds) == 1 else f"Sequence[{', '.join(map(str, kinds))}]"
+    require(kinds in (["ByteLevel"], ["Digits", "ByteLevel"]), f"tokenizer.json pre_tokenizer {name} is not "
+            "supported (supported: ByteLevel, Sequence[Digits, ByteLevel])", UnsupportedTokenizer)
+    digits_individual = len(steps) == 2
+    require(not digits_individual or steps[0].get("individual_digits", False),
+            "tokenizer.json pre_tokenizer Digits(individual_digits=false) is not supported", UnsupportedTokenizer)
+    require(not steps[-1].get("add_prefix_space", False),
+            "tokenizer.json pre_tokenizer ByteLevel(add_prefix_space=true) is not supported", UnsupportedTokenizer)
+    return digits_individual, bool(steps[-1].get("use_regex", True))
+
+
+def _is_byte_level(spec: dict) -> bool:
+    """Whether a tokenizer.json's pre-tokenizer has a ByteLevel step (a malformed one is not)."""
+    pre = spec.get("pre_tokenizer") if isinstance(spec, dict) else None
+    steps = _pre_tokenizer_steps(pre) if isinstance(pre, dict) else None
+    return isinstance(steps, list) and any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
+
+
+def _merge_ranks(merges: list, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
+    """Pair -> rank (lower merges first) from merges written as "a b" strings or [a, b] pairs."""
+    ranks = {}
+    for rank, merge in enumerate(merges):
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+        if len(pair) != 2 or pair[0] + pair[1] not in vocab:
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} " + ("is not a pair of tokens" if len(pair) != 2
+                           else "makes a token missing from the vocab"))
+        ranks.setdefault(pair, rank)
+    return ranks
+
+
+def _template_bos(post) -> str | None:
+    """The special token a TemplateProcessing post-processor (maybe inside a Sequence) puts before one sequence."""
+    if not isinstance(post, dict):
         return None
-    # At one start position re tries alternatives in order, so longest-first gives the longest match.
-    return re.compile("|".join(re.escape(c) for c in sorted(contents, key=len, reverse=True)))
+    if post.get("type") == "Sequence":
+        return next((t for t in map(_template_bos, post.get("processors") or []) if t is not None), None)
+    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
+    special = first.get("SpecialToken")
+    return special["id"] if isinstance(special, dict) and isinstance(special.get("id"), str) else None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Byte-level BPE
-# --------------------------------------------------------------------------------------------------------------------
+# ---- the tokenizers --------------------------------------------------------------------------------------------------
 
-class ByteLevelBPE:
-    """GPT-2-style byte-level BPE from a Hugging Face `tokenizer.json` dict (model type BPE).
+class _Tokenizer:
+    """What both tokenizers share: `encode` puts BOS (`bos_id`, when `add_bos`) before the ids of `_encode`."""
 
-    Supported pre-tokenizers: `ByteLevel` alone, or `Sequence[Digits, ByteLevel]`; anything else raises
-    UnsupportedTokenizer (a BadInput and a NotImplementedError) naming it. A malformed spec is a BadInput naming the
-    key.
-    """
+    def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
+        """Text -> ids. `add_bos` (Hugging Face spelling: `add_special_tokens`) defaults to what the tokenizer does
+        itself: nothing for SmolLM2, BOS for SentencePiece (Llama-2)."""
+        add_bos = add_bos if add_special_tokens is None else add_special_tokens
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self._encode(text)
+
+
+class ByteLevelBPE(_Tokenizer):
+    """GPT-2-style byte-level BPE from a Hugging Face `tokenizer.json` dict (model type BPE). Pre-tokenizers:
+    `ByteLevel` or `Sequence[Digits, ByteLevel]`; anything else is an UnsupportedTokenizer naming it, a malformed
+    spec a BadInput naming the key."""
 
     _CACHE_LIMIT = 200_000  # words; cleared when full so memory stays bounded on huge inputs
 
     def __init__(self, spec: dict, bos_token: str | None = None, eos_token: str | None = None,
                  add_bos: bool | None = None):
         model = _checked_spec(spec)
-        for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-            if model.get(key):
-                raise UnsupportedTokenizer(f"tokenizer.json: BPE option {key}={model[key]!r} is not supported")
-        if model.get("byte_fallback"):
-            raise UnsupportedTokenizer("tokenizer.json: BPE byte_fallback is not supported (not a byte-level BPE)")
-        if spec.get("normalizer") is not None:
-            raise UnsupportedTokenizer(
-                f"tokenizer.json normalizer {spec['normalizer'].get('type')!r} is not supported (only null)")
-
+        _refuse_unsupported(spec, model)
         self.digits_individual, self.use_regex = _parse_pre_tokenizer(spec.get("pre_tokenizer"))
-
-        # Vocabulary: the model's vocab plus added tokens (which may have ids outside it, as in Llama 3).
-        self.vocab: dict[str, int] = dict(model["vocab"])
+        self._read_vocab(model, spec.get("added_tokens") or [])
+        self.ranks = _merge_ranks(model.get("merges") or [], self.vocab)
         self.ignore_merges = bool(model.get("ignore_merges", False))
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._cache: dict[str, list[int]] = {}
+        for name, token in (("bos", bos_token), ("eos", eos_token)):
+            require(token is None or token in self.vocab,
+                    f"{name} token {token!r} is not in the tokenizer's vocabulary")
+        # Hugging Face fast tokenizers add BOS through a TemplateProcessing post-processor (Llama 3); the
+        # ByteLevel post-processor of SmolLM2 adds nothing.
+        template_bos = _template_bos(spec.get("post_processor"))
+        self.bos_id = self.vocab.get(bos_token or template_bos)
+        self.eos_id = self.vocab.get(eos_token) if eos_token else None
+        self.add_bos = (template_bos is not None) if add_bos is None else add_bos
+
+    def _read_vocab(self, model: dict, added: list[dict]) -> None:
+        """The vocab plus the added tokens (which may have ids outside it, as in Llama 3), unk and special tokens."""
+        self.vocab: dict[str, int] = dict(model["vocab"])
         self.unk_token = model.get("unk_token") or None
-        if self.unk_token is not None and self.unk_token not in self.vocab:
-            raise BadInput(f"tokenizer.json: unk_token {self.unk_token!r} is not in the vocab")
-        self.unk_id = self.vocab.get(self.unk_token) if self.unk_token else None
-        added = spec.get("added_tokens") or []
+        require(self.unk_token is None or self.unk_token in self.vocab,
+                f"tokenizer.json: unk_token {self.unk_token!r} is not in the vocab")
         for tok in added:
-            for flag in ("lstrip", "rstrip", "single_word"):
-                if tok.get(flag):
-                    raise UnsupportedTokenizer(f"tokenizer.json: added token {tok['content']!r} uses {flag}=true")
             self.vocab.setdefault(tok["content"], tok["id"])
-        self.id_to_str: dict[int, str] = {i: t for t, i in self.vocab.items()}
-        for tok in added:  # an added token's own id wins over a vocab entry with the same text
-            self.id_to_str[tok["id"]] = tok["content"]
-        if not self.id_to_str:
-            raise BadInput("tokenizer.json: the vocabulary is empty (model.vocab and added_tokens)")
+        # An added token's own id wins over a vocab entry with the same text.
+        self.id_to_str = {i: t for t, i in self.vocab.items()} | {t["id"]: t["content"] for t in added}
+        require(bool(self.id_to_str), "tokenizer.json: the vocabulary is empty (model.vocab and added_tokens)")
         self.vocab_size = max(self.id_to_str) + 1  # ids are dense in practice; this is the embedding rows needed
         self.added_ids = {tok["content"]: tok["id"] for tok in added}
         self.special_tokens: dict[str, int] = {t["content"]: t["id"] for t in added if t.get("special")}
@@ -170,87 +254,44 @@ class ByteLevelBPE:
         self._added_raw = _added_token_pattern([t["content"] for t in added if not t.get("normalized", False)])
         self._added_norm = _added_token_pattern([t["content"] for t in added if t.get("normalized", False)])
 
-        # Merge ranks: pair -> rank (lower merges first). Merges may be "a b" strings or [a, b] pairs.
-        self.ranks: dict[tuple[str, str], int] = {}
-        for rank, merge in enumerate(model.get("merges") or []):
-            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-            if len(pair) != 2:
-                raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} is not a pair of tokens")
-            if pair[0] + pair[1] not in self.vocab:
-                raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} makes a token missing from the vocab")
-            self.ranks.setdefault(pair, rank)
-
-        self.byte_encoder = _bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self._cache: dict[str, list[int]] = {}
-
-        for name, token in (("bos", bos_token), ("eos", eos_token)):
-            if token is not None and token not in self.vocab:
-                raise BadInput(f"{name} token {token!r} is not in the tokenizer's vocabulary")
-        self.bos_id = self.vocab.get(bos_token) if bos_token else None
-        self.eos_id = self.vocab.get(eos_token) if eos_token else None
-        # Hugging Face fast tokenizers add BOS through a TemplateProcessing post-processor (Llama 3); the
-        # ByteLevel post-processor of SmolLM2 adds nothing.
-        template_bos = _template_bos(spec.get("post_processor"))
-        if self.bos_id is None and template_bos is not None:
-            self.bos_id = self.vocab.get(template_bos)
-        self.add_bos = (template_bos is not None) if add_bos is None else add_bos
-
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "ByteLevelBPE":
         """Read a `tokenizer.json`; a file that is not valid JSON is a ValueError naming it."""
-        return cls(_read_json(Path(path)), **kwargs)
+        return cls(read_json_object(Path(path)), **kwargs)
 
-    # --- vocabulary ------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int | None:
+        """The id of a token (its text in the GPT-2 alphabet), None when it is not in the vocabulary."""
         return self.vocab.get(token)
 
     def id_to_token(self, token_id: int) -> str | None:
+        """The token text of an id, None for an unknown id."""
         return self.id_to_str.get(token_id)
 
-    # --- encoding --------------------------------------------------------------------------------------------------
     def pre_tokenize(self, text: str) -> list[tuple[str, bool]]:
         """Steps 1-3: split text into (piece, is_added_token); non-added pieces are GPT-2 words."""
         word_re, numeric_re = _gpt2_patterns()
-        pieces = _split_on(_split_on([(text, False)], self._added_raw), self._added_norm)
         words = []
-        for piece, is_added in pieces:
+        for piece, is_added in _split_on(_split_on([(text, False)], self._added_raw), self._added_norm):
             if is_added:
                 words.append((piece, True))
                 continue
             # Digits runs before ByteLevel, so its cuts are hard boundaries for the regex (and its lookahead).
-            parts = numeric_re.split(piece) if self.digits_individual else [piece]
-            for part in parts:
-                if not part:
-                    continue
-                if self.use_regex:
-                    words.extend((w, False) for w in word_re.findall(part))
-                else:
-                    words.append((part, False))
+            for part in filter(None, numeric_re.split(piece) if self.digits_individual else [piece]):
+                words += [(w, False) for w in (word_re.findall(part) if self.use_regex else [part])]
         return words
 
-    def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Text -> ids. `add_bos` (Hugging Face spelling: `add_special_tokens`) defaults to what the tokenizer
-        does itself: nothing for SmolLM2."""
-        if add_special_tokens is not None:
-            add_bos = add_special_tokens
-        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []
-        for word, is_added in self.pre_tokenize(text):
-            if is_added:
-                ids.append(self.added_ids[word])
-            else:
-                ids.extend(self._bpe(word))
-        return ids
+    def _encode(self, text: str) -> list[int]:
+        """Text -> ids, without BOS: added tokens by their id, every other word through BPE."""
+        return [i for word, is_added in self.pre_tokenize(text)
+                for i in ([self.added_ids[word]] if is_added else self._bpe(word))]
 
     def _bpe(self, word: str) -> list[int]:
         """Steps 4-5 for one word: bytes -> GPT-2 alphabet -> merges by rank -> ids (cached per word)."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
+        if word in self._cache:
+            return self._cache[word]
         chars = [self.byte_encoder[b] for b in word.encode("utf-8")]
-        joined = "".join(chars)
-        if self.ignore_merges and joined in self.vocab:  # Llama 3 style: whole words in the vocab skip merging
-            symbols = [joined]
+        if self.ignore_merges and "".join(chars) in self.vocab:  # Llama 3: whole words in the vocab skip merging
+            symbols = ["".join(chars)]
         else:
             # A byte missing from the vocab (SmolLM2 lacks 21 of them, e.g. 0x04 and 0xF5-0xFF) becomes unk, or is
             # dropped when there is no unk token, *before* merging, as `tokenizers` does; its neighbours can merge.
@@ -262,25 +303,19 @@ class ByteLevelBPE:
                 break
             merged, i = [], 0
             while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
+                pair = i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best
+                merged.append(symbols[i] + symbols[i + 1] if pair else symbols[i])
+                i += 2 if pair else 1
             symbols = merged
-        ids = [self.vocab[s] for s in symbols]
         if len(self._cache) >= self._CACHE_LIMIT:
             self._cache.clear()
-        self._cache[word] = ids
+        self._cache[word] = ids = [self.vocab[s] for s in symbols]
         return ids
 
-    # --- decoding --------------------------------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids -> text: join the tokens, map the GPT-2 alphabet back to bytes, decode UTF-8 (errors -> U+FFFD)."""
         out = bytearray()
-        for i in ids:
-            i = int(i)
+        for i in map(int, ids):
             token = self.id_to_str.get(i)
             # Unknown ids are skipped like `tokenizers` does (models may pad the embedding past the vocab).
             if token is None or (skip_special_tokens and i in self.special_ids):
@@ -292,173 +327,62 @@ class ByteLevelBPE:
         return out.decode("utf-8", errors="replace")
 
 
-def _checked_spec(spec) -> dict:
-    """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads have the right kinds."""
-    if not isinstance(spec, dict):
-        raise BadInput(f"tokenizer.json must hold a JSON object, got {type(spec).__name__}")
-    for key in ("normalizer", "pre_tokenizer", "post_processor"):
-        if spec.get(key) is not None and not isinstance(spec[key], dict):
-            raise BadInput(f"tokenizer.json: {key} must be an object or null, got {spec[key]!r}")
-    model = spec.get("model")
-    if not isinstance(model, dict):
-        raise BadInput("tokenizer.json: 'model' is missing or not an object (expected {\"type\": \"BPE\", "
-                       "\"vocab\": {...}, \"merges\": [...]})")
-    if model.get("type", "BPE") != "BPE":
-        raise UnsupportedTokenizer(f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)")
-    vocab = model.get("vocab")
-    if not isinstance(vocab, dict):
-        raise BadInput("tokenizer.json: model.vocab is missing or not an object of token -> id")
-    for token, i in vocab.items():
-        if not _is_id(i):
-            raise BadInput(f"tokenizer.json: model.vocab[{token!r}] must be a non-negative integer id, got {i!r}")
-    if model.get("unk_token") is not None and not isinstance(model["unk_token"], str):
-        raise BadInput(f"tokenizer.json: model.unk_token must be a token string or null, got {model['unk_token']!r}")
-    merges = model.get("merges") or []
-    if not isinstance(merges, list):
-        raise BadInput(f"tokenizer.json: model.merges must be a list, got {type(merges).__name__}")
-    for rank, merge in enumerate(merges):
-        if not (isinstance(merge, str) or (isinstance(merge, list) and all(isinstance(m, str) for m in merge))):
-            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
-    added = spec.get("added_tokens") or []
-    if not isinstance(added, list):
-        raise BadInput(f"tokenizer.json: added_tokens must be a list, got {type(added).__name__}")
-    for k, tok in enumerate(added):
-        if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not _is_id(tok.get("id")):
-            raise BadInput(f"tokenizer.json: added_tokens[{k}] must be an object with a string 'content' and a "
-                           f"non-negative integer 'id', got {tok!r}")
-    return model
-
-
-def _is_id(value) -> bool:
-    """A token id: a non-negative int (JSON true/false are not ids)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _parse_pre_tokenizer(pre: dict | None) -> tuple[bool, bool]:
-    """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
-    if pre is None:
-        raise UnsupportedTokenizer("tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)")
-    steps = _pre_tokenizer_steps(pre)
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"]:
-        digits_individual, byte_level = False, steps[0]
-    elif kinds == ["Digits", "ByteLevel"]:
-        if not steps[0].get("individual_digits", False):
-            raise UnsupportedTokenizer("tokenizer.json pre_tokenizer Digits(individual_digits=false) is not supported")
-        digits_individual, byte_level = True, steps[1]
-    else:
-        name = kinds[0] if len(kinds) == 1 else f"Sequence[{', '.join(map(str, kinds))}]"
-        raise UnsupportedTokenizer(f"tokenizer.json pre_tokenizer {name} is not supported "
-                                  "(supported: ByteLevel, Sequence[Digits, ByteLevel])")
-    if byte_level.get("add_prefix_space", False):
-        raise UnsupportedTokenizer("tokenizer.json pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
-    return digits_individual, bool(byte_level.get("use_regex", True))
-
-
-def _pre_tokenizer_steps(pre: dict) -> list[dict]:
-    """The steps of a pre_tokenizer (a Sequence's list, or the one step), each checked to be an object."""
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or not all(isinstance(step, dict) for step in steps):
-        raise BadInput(f"tokenizer.json: pre_tokenizer.pretokenizers must be a list of objects, got {steps!r}")
-    return steps
-
-
-def _template_bos(post: dict | None) -> str | None:
-    """The special token a TemplateProcessing post-processor puts before a single sequence, if any."""
-    if not isinstance(post, dict):
-        return None
-    if post.get("type") == "Sequence":
-        for p in post.get("processors") or []:
-            found = _template_bos(p)
-            if found is not None:
-                return found
-        return None
-    if post.get("type") == "TemplateProcessing":
-        single = post.get("single") or []
-        first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
-        special = first.get("SpecialToken")
-        if isinstance(special, dict) and isinstance(special.get("id"), str):
-            return special["id"]
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# SentencePiece (Llama-2 family)
-# --------------------------------------------------------------------------------------------------------------------
-
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_Tokenizer):
     """A `tokenizer.model` (SentencePiece) with the Llama-2 conventions: BOS added by default, control tokens
     written in the text (`<s>`, `</s>`) are encoded as those tokens, like the Hugging Face Llama tokenizer does."""
 
     def __init__(self, path: str | Path, add_bos: bool = True):
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise MissingExtra(f"{path} is a SentencePiece model; pip install sentencepiece to read it") from None
-
         self.path = Path(path)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
             raise BadInput(f"{self.path}: not a valid SentencePiece model ({e})") from e
         self.add_bos = add_bos
-        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-        self.unk_id = self.sp.unk_id() if self.sp.unk_id() >= 0 else None
+        self.bos_id, self.eos_id, self.unk_id = (i if i >= 0 else None
+                                                 for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()))
         self.special_tokens = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
         self.special_ids = set(self.special_tokens.values())
         self._control_re = _added_token_pattern(list(self.special_tokens))
 
     @property
     def vocab_size(self) -> int:
+        """The number of pieces of the SentencePiece model."""
         return self.sp.get_piece_size()
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of a piece, None when it is not in the model."""
         i = self.sp.piece_to_id(token)
         # piece_to_id answers unk for unknown pieces; only the unk piece itself may map to it.
         return None if i == self.unk_id and token != self.sp.id_to_piece(i) else i
 
     def id_to_token(self, token_id: int) -> str | None:
+        """The piece of an id, None for an id outside the model."""
         return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Text -> ids, with BOS first by default (Llama-2 convention)."""
-        if add_special_tokens is not None:
-            add_bos = add_special_tokens
-        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []
-        for piece, is_control in _split_on([(text, False)], self._control_re):
-            ids.extend([self.special_tokens[piece]] if is_control else self.sp.encode(piece, out_type=int))
-        return ids
+    def _encode(self, text: str) -> list[int]:
+        """Text -> ids, without BOS: control tokens written in the text by their id, the rest by SentencePiece."""
+        return [i for piece, is_control in _split_on([(text, False)], self._control_re)
+                for i in ([self.special_tokens[piece]] if is_control else self.sp.encode(piece, out_type=int))]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids -> text; control tokens are written as their text unless skipped (SentencePiece alone drops them)."""
         out, run = [], []
         for i in map(int, ids):
             if i in self.special_ids:
-                out.append(self.sp.decode(run))
+                out += [self.sp.decode(run)] + ([] if skip_special_tokens else [self.sp.id_to_piece(i)])
                 run = []
-                if not skip_special_tokens:
-                    out.append(self.sp.id_to_piece(i))
             elif 0 <= i < self.vocab_size:
                 run.append(i)
-        out.append(self.sp.decode(run))
-        return "".join(out)
+        return "".join(out + [self.sp.decode(run)])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading a folder
-# --------------------------------------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; a missing, unreadable, non-UTF-8, invalid or non-object file is named."""
-    return read_json_object(path)
-
+# ---- loading a folder ------------------------------------------------------------------------------------------------
 
 def _token_text(value, source: str) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}; anything else is refused."""
     text = value.get("content") if isinstance(value, dict) else value
-    if text is not None and not isinstance(text, str):
-        raise BadInput(f"{source} must be a token string, {{\"content\": ...}} or null, got {value!r}")
+    require(text is None or isinstance(text, str), f"{source} must be a token string, {{\"content\": ...}} or null, "
+                                                    f"got {value!r}")
     return text
 
 
@@ -477,73 +401,54 @@ def load_tokenizer(folder: str | Path):
     ship a non-byte-level one next to their `tokenizer.model`). A malformed file is a BadInput naming it.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise BadInput(f"model folder {folder} is a file; give the folder that holds the tokenizer files")
+    require(not folder.exists() or folder.is_dir(),
+            f"model folder {folder} is a file; give the folder that holds the tokenizer files")
     json_path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
-    if not json_path.exists() and not model_path.exists():
-        raise NotFound(f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
     tc_path = folder / "tokenizer_config.json"
-    tok_config = _read_json(tc_path) if tc_path.exists() else {}
-    model_config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    require(json_path.exists() or model_path.exists(),
+            f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)", NotFound)
+    tok_config = read_json_object(tc_path) if tc_path.exists() else {}
+    model_config = read_json_object(folder / "config.json") if (folder / "config.json").exists() else {}
     add_bos = tok_config.get("add_bos_token")
-    if add_bos is not None and not isinstance(add_bos, bool):
-        raise BadInput(f"{tc_path}: add_bos_token must be true, false or null, got {add_bos!r}")
-
-    spec = _read_json(json_path) if json_path.exists() else None
-    if spec is not None and (not model_path.exists() or _is_byte_level(spec)):
-        bos = _token_text(tok_config.get("bos_token"), f"{tc_path}: bos_token")
-        eos = _token_text(tok_config.get("eos_token"), f"{tc_path}: eos_token")
-        try:
-            model = _checked_spec(spec)
-            id_to_token = {i: t for t, i in model["vocab"].items()}
-            id_to_token.update({t["id"]: t["content"] for t in spec.get("added_tokens") or []})
-            if bos is None:
-                bos = id_to_token.get(_config_token_id(model_config.get("bos_token_id")))
-            if eos is None:
-                eos = id_to_token.get(_config_token_id(model_config.get("eos_token_id")))
-            return ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
-        except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
-            raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
-                from None
-    return SentencePieceTokenizer(model_path, add_bos=True if add_bos is None else add_bos)
+    require(add_bos is None or isinstance(add_bos, bool),
+            f"{tc_path}: add_bos_token must be true, false or null, got {add_bos!r}")
+    spec = read_json_object(json_path) if json_path.exists() else None
+    if spec is None or (model_path.exists() and not _is_byte_level(spec)):
+        return SentencePieceTokenizer(model_path, add_bos=True if add_bos is None else add_bos)
+    bos, eos = (_token_text(tok_config.get(f"{k}_token"), f"{tc_path}: {k}_token") for k in ("bos", "eos"))
+    try:
+        id_to_token = {i: t for t, i in _checked_spec(spec)["vocab"].items()}
+        id_to_token.update({t["id"]: t["content"] for t in spec.get("added_tokens") or []})
+        bos = bos if bos is not None else id_to_token.get(_config_token_id(model_config.get("bos_token_id")))
+        eos = eos if eos is not None else id_to_token.get(_config_token_id(model_config.get("eos_token_id")))
+        return ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
+    except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
+        raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
+            from None
 
 
-def _is_byte_level(spec: dict) -> bool:
-    """Whether a tokenizer.json's pre-tokenizer has a ByteLevel step (a malformed one is not)."""
-    pre = spec.get("pre_tokenizer") if isinstance(spec, dict) else None
-    if not isinstance(pre, dict):
-        return False
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    return isinstance(steps, list) and any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Chat formats
-# --------------------------------------------------------------------------------------------------------------------
+# ---- chat formats ----------------------------------------------------------------------------------------------------
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render a conversation as the model's prompt text: ChatML (SmolLM2) for byte-level tokenizers that have
     `<|im_start|>`, `[INST] ... [/INST]` (Llama-2-chat) for SentencePiece tokenizers."""
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadInput(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+        require(isinstance(m, dict) and "role" in m and "content" in m,
+                f"chat message must be a dict with 'role' and 'content', got {m!r}")
     if isinstance(tokenizer, SentencePieceTokenizer):
         return _llama2_chat(tokenizer, messages)
-    if tokenizer.token_to_id("<|im_start|>") is not None:
-        return _chatml(messages, add_generation_prompt)
-    raise UnsupportedTokenizer("no chat format known for this tokenizer (expected <|im_start|> or SentencePiece)")
+    require(tokenizer.token_to_id("<|im_start|>") is not None,
+            "no chat format known for this tokenizer (expected <|im_start|> or SentencePiece)", UnsupportedTokenizer)
+    return _chatml(messages, add_generation_prompt)
 
 
 def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
     """SmolLM2-Instruct: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, default system message first."""
-    text = ""
-    if messages and messages[0]["role"] != "system":  # as the model's own template: only before a first message
-        text += f"<|im_start|>system\n{SMOLLM_DEFAULT_SYSTEM}<|im_end|>\n"
-    for m in messages:
-        text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text
+    # As the model's own template: the default system message only before a first non-system message.
+    first_is_system = messages and messages[0]["role"] == "system"
+    system = [] if not messages or first_is_system else [{"role": "system", "content": SMOLLM_DEFAULT_SYSTEM}]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in system + list(messages))
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str:
@@ -556,16 +461,10 @@ def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str
     text = ""
     for k, m in enumerate(messages):
         expected = "user" if k % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise BadInput(f"Llama-2 chat: message {k} has role {m['role']!r}, expected {expected!r} "
-                             "(roles must alternate user/assistant after an optional system message)")
-        content = m["content"]
-        if k == 0 and system is not None:
-            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-        if expected == "user":
-            text += f"{bos}[INST] {content.strip()} [/INST]"
-        else:
-            text += f" {content.strip()} {eos}"
+        require(m["role"] == expected, f"Llama-2 chat: message {k} has role {m['role']!r}, expected {expected!r} "
+                                        "(roles must alternate user/assistant after an optional system message)")
+        content = m["content"] if k > 0 or system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}"
+        text += f"{bos}[INST] {content.strip()} [/INST]" if expected == "user" else f" {content.strip()} {eos}"
     return text
 
 
@@ -576,17 +475,10 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 
 def chat_stop_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: `<|im_end|>` for ChatML, EOS otherwise."""
-    stops = []
-    im_end = tokenizer.token_to_id("<|im_end|>")
-    for i in (im_end, tokenizer.eos_id):
-        if i is not None and i not in stops:
-            stops.append(i)
-    return stops
+    return list(dict.fromkeys(i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.eos_id) if i is not None))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Writing a standard tokenizer.json (used by the GGUF converter)
-# --------------------------------------------------------------------------------------------------------------------
+# ---- writing a standard tokenizer.json from GGUF metadata (used by the converter) ------------------------------------
 
 GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 
@@ -594,46 +486,32 @@ GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 con
 def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], bos_id: int, eos_id: int,
                              unk_id: int | None, chat_template: str | None = None,
                              digits_individual: bool = True) -> dict:
-    """A standard Hugging Face `tokenizer.json` dict for a GPT-2-style byte-level BPE from GGUF tokenizer metadata.
+    """A standard Hugging Face `tokenizer.json` dict for a GPT-2-style byte-level BPE from GGUF tokenizer metadata
+    (`tokenizer.ggml.tokens`, `.merges`, `.token_type`).
 
     Control tokens (GGUF type 3; ids 0-16 for SmolLM2) and the BOS/EOS/UNK tokens become special added tokens.
-    `chat_template` has no place in tokenizer.json; it goes to `build_tokenizer_config`.
+    `chat_template` has no place in tokenizer.json (it goes to `build_tokenizer_config`); it is accepted so both
+    builders take the same arguments.
     """
-    if not (len(tokens) == len(token_types)):
-        raise BadInput(f"{len(tokens)} tokens but {len(token_types)} token types")
-    if len(set(tokens)) != len(tokens):
-        raise BadInput("token list has duplicates")
+    require(len(tokens) == len(token_types), f"{len(tokens)} tokens but {len(token_types)} token types")
+    require(len(set(tokens)) == len(tokens), "token list has duplicates")
     for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
-        if i is not None and not 0 <= i < len(tokens):
-            raise BadInput(f"{name}={i} is outside the vocabulary of {len(tokens)} tokens")
+        require(i is None or 0 <= i < len(tokens), f"{name}={i} is outside the vocabulary of {len(tokens)} tokens")
     special = {i for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_CONTROL}
     special |= {i for i in (bos_id, eos_id, unk_id) if i is not None}
-    added_tokens = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-                     "normalized": False, "special": True} for i in sorted(special)]
-    steps = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]
-    if digits_individual:
-        steps.insert(0, {"type": "Digits", "individual_digits": True})
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    steps = ([{"type": "Digits", "individual_digits": True}] if digits_individual else []) + [byte_level]
     return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added_tokens,
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in sorted(special)],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": list(merges),
-        },
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)},
     }
 
 
@@ -641,18 +519,8 @@ def build_tokenizer_config(tokens: list[str], bos_id: int, eos_id: int, unk_id: 
                            chat_template: str | None = None, add_bos_token: bool = False,
                            model_max_length: int | None = None) -> dict:
     """A `tokenizer_config.json` dict naming the BOS/EOS/UNK tokens and the chat template (as Hugging Face does)."""
-    config = {
-        "add_bos_token": add_bos_token,
-        "add_prefix_space": False,
-        "bos_token": tokens[bos_id],
-        "eos_token": tokens[eos_id],
-        "unk_token": tokens[unk_id] if unk_id is not None else None,
-        "pad_token": tokens[eos_id],
-        "clean_up_tokenization_spaces": False,
-        "tokenizer_class": "GPT2Tokenizer",
-    }
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    if model_max_length is not None:
-        config["model_max_length"] = model_max_length
-    return config
+    config = {"add_bos_token": add_bos_token, "add_prefix_space": False, "bos_token": tokens[bos_id],
+              "eos_token": tokens[eos_id], "unk_token": tokens[unk_id] if unk_id is not None else None,
+              "pad_token": tokens[eos_id], "clean_up_tokenization_spaces": False, "tokenizer_class": "GPT2Tokenizer"}
+    optional = {"chat_template": chat_template, "model_max_length": model_max_length}
+    return config | {k: v for k, v in optional.items() if v is not None}
