@@ -84,14 +84,9 @@ def _budget(text, value: int | float) -> Budget:
         raise BadInput(f"budget {text!r}: {e}") from None
 
 
-def uniform_layer_budgets(per_row: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Every layer gets the same budget: (B,) -> (L, B)."""
-    return per_row[None, :].expand(n_layers, -1).clone()
-
-
 def pyramid_prefix_budgets(prefix_budget: torch.Tensor, prompt_lengths: torch.Tensor, window: int,
                            n_layers: int, beta: int = 20) -> torch.Tensor:
-    """PyramidKV's linearly decreasing per-layer prefix budgets (baselines.md), (B,) -> (L, B).
+    """PyramidKV's linearly decreasing per-layer prefix budgets (train_free.md §5), (B,) -> (L, B).
 
     b = average prefix budget; min_b = b // beta; max_b = 2b - min_b, capped at n - w (then min_b = 2b - max_b);
     step = (max_b - min_b) // (L - 1); layer l keeps max_b - l * step prefix entries.

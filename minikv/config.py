@@ -79,11 +79,6 @@ class LlamaConfig:
         _check_extra(self.extra, self.max_position_embeddings)
 
     @property
-    def n_rep(self) -> int:
-        """G: query heads per KV head."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_ids(self) -> list[int]:
         """The end-of-sequence ids as a list (empty when the config has none)."""
         if self.eos_token_id is None:

@@ -150,6 +150,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool,
+                padded: bool = True) -> tuple[torch.Tensor, dict]:
+        """x + attn(norm(x)), then + mlp(norm(.)): the pre-norm residual block. Returns (x (B, T, D), stats)."""
+        a, stats = self.self_attn(self.input_layernorm(x), pos, cos, sin, store, need, window, use_sdpa, padded)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), stats
+
 
 # ---- the model ---------------------------------------------------------------------------------------------
 class Llama(nn.Module):
@@ -210,10 +217,7 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)                                            # (B, T, D)
         cos, sin = rope_cos_sin(self.inv_freq(x.dtype), pos, x.dtype)
         for i, block in enumerate(self.layers):
-            a, stats = block.self_attn(block.input_layernorm(x), pos, cos, sin, cache.layers[i],
-                                       need, window, use_sdpa, padded=lo < 0)
-            x = x + a
-            x = x + block.mlp(block.post_attention_layernorm(x))
+            x, stats = block(x, pos, cos, sin, cache.layers[i], need, window, use_sdpa, padded=lo < 0)
             if hook is not None:
                 hook(i, cache.layers[i], stats)
         if last_only:

@@ -25,11 +25,6 @@ REGISTRY: dict[str, type[Policy]] = {
 }
 
 
-def register(cls: type[Policy]) -> type[Policy]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
 def policy_names() -> list[str]:
     return sorted(REGISTRY)
 

@@ -102,7 +102,7 @@ class AdaSnapKV(SnapKV):
 
 
 class AdaPyramidKV(AdaSnapKV):
-    """PyramidKV's per-layer prefix budget (baselines.md), then the Ada-KV allocation within each layer."""
+    """PyramidKV's per-layer prefix budget (budgets.pyramid_prefix_budgets), then the Ada-KV allocation per layer."""
     name = "adakv-pyramidkv"
     summary = "Ada-KV over PyramidKV: depth-shrinking layer budgets, each split unevenly across heads by score"
     budget_note = ", on average over layers and heads"

@@ -1,41 +1,24 @@
-"""D2O, Dynamic Discriminative Operations (Wan et al., arXiv 2406.13035): specs/d2o.md, step by step.
+"""D2O, Dynamic Discriminative Operations (Wan et al., arXiv 2406.13035), step by step (train_free.md §6).
 
 Layer level: layers whose prefill attention is more spread out get a larger share of the budget (Steps 1-2).
 Token level: H2O eviction per KV head with attention sinks (Step 3); each evicted entry is compared with the kept
 ones of its head and, when it is similar enough (an EMA threshold), merged into its nearest kept entry instead of
 being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
 
-    Step 1  head_variances, variance_statistic (= layer_variance_statistic)   F_l from the prefill column sums
-    Step 2  layer_weights, layer_ratios, heavy_recent_sizes
-    Step 3  h2o.heavy_recent_keep (reused) over h2o.accumulate_prefill_scores / accumulate_step_scores
-    Step 4  nearest_kept, update_threshold, merge_decision
-    Step 5  merge_weights_code, merge_weights_paper, applied through LayerStore.merge
-    Step 6  evict_and_merge, called by D2O.after_step
+    Step 1  F_l = mean_h minmax_h(Var_keys(colsum_h))       head_variances, variance_statistic (after_prefill)
+    Step 2  w = softmax(-F), r_l = clamp(L w_l rho, 0.01, 1)  layer_weights, layer_ratios / layer_caps (after_prompt)
+            S_h = int(T r_l share), S_r = int(T r_l (1 - share))   heavy_recent_sizes (first compression, T = seen)
+    Step 3  h2o.heavy_recent_keep over h2o.accumulate_prefill_scores / accumulate_step_scores
+    Step 4  m = max_c cos(k_e, k_c); tau <- EMA of m; merge iff mean_h m >= tau   nearest_kept, update_threshold,
+            merge_decision
+    Step 5  k_c <- weighted sum of k_c and its merged k_e      merge_weights_code, merge_weights_paper
+    Step 6  evict_and_merge, called by D2O.after_step (and by after_prompt with when="prefill")
 
-Budget: a ratio budget rho is the spec's: a fraction of the sequence length T at the first compression, so layer l
-keeps S_h + S_r = int(T * r_l * share) + int(T * r_l * (1 - share)) entries per head from then on; rho >= 1 means the
-row is never compressed, which is identical to the full cache. A count budget c is a number of entries: layer l may
-hold cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c), split the same way into S_h and
-S_r, and is compressed from the first step at which it holds more than that (possibly at the end of the prompt, or
-never). So a count larger than the prompt still bounds the cache while decoding, which a ratio of the prompt cannot.
-
-Choices and deviations from the authors' code (AIoT-MLSys-Lab/d2o, modeling_llama3_*_d2o.py):
-- Per KV head: eviction, scores (group-averaged over the G query heads, as H2O in minikv), similarities and merges
-  work on the Hkv heads; the official Llama-3 files expand K/V to all query heads and lose GQA's memory saving.
-  The layer statistic (Step 1) is still computed on the Hq query heads.
-- Batch > 1: tau is one scalar per (layer, batch row) and every row decides its own merges; the official code runs
-  batch 1. Per-row prompt lengths give per-row S_h / S_r.
-- tau is reset for every new sequence (`start`); the official code never resets it.
-- Several evictions at once (the first compression): one merge decision per evicted slot index k, where the k-th
-  evicted entry of each head (in position order) is paired across heads, as the official code does (every
-  compressed head evicts the same count there). The decision is mean over heads of m >= tau; merged entries use
-  their own head's m and nearest kept entry.
-- A layer whose ratio is clamped to 1 keeps everything (int() rounding of T*r*share would drop one entry per step
-  for odd T).
-- "paper" weights: the first tau is mean(m) as with "code"; later tau = beta*max(m) + (1-beta)*tau.
-- when="prefill" compresses every layer at the end of the prompt's forward pass (all F_l are needed for the
-  ratios), not layer by layer, so prefill peak memory is the full cache's.
-- A layer with S_h + S_r = 0 keeps nothing after a step (the new entry is still attended once); nothing is merged.
+Budget: a ratio rho is a fraction of the sequence length T at the first compression; rho >= 1 never compresses the
+row. A count c caps layer l at cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c), split the
+same way into S_h and S_r, and the layer is compressed from the first step at which it holds more than that.
+Per-row state (head variances, ratio, S_h/S_r, tau, merge counts) lives in each layer's `store.rows`.
+Deviations from the paper and the authors' code (per KV head, tau per row, ...): train_free.md §9.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """StreamingLLM (Xiao et al. 2023): keep the first `n_sink` positions (attention sinks) and the most recent ones.
 
 Reference: mit-han-lab/streaming-llm `StartRecentKVCache(start_size=n_sink, recent_size=budget - n_sink)`.
-Keys stay rotated at their true positions (the paper re-rotates them at their cache positions: a deviation listed
-in train_free.md), so this is "sinks + window" eviction without the positional shift.
+Keys stay rotated at their true positions, so this is "sinks + window" eviction without the paper's positional shift
+(train_free.md §9).
 """
 from __future__ import annotations
 
