@@ -55,16 +55,11 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     if chunk is None:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * S))
     out = torch.empty_like(q)
-    stats: dict[str, torch.Tensor] = {}
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if "colsum" in need:
-        stats["colsum"] = torch.zeros(B, Hkv, G, S, dtype=acc_dtype, device=q.device)
     w = min(window, T)
-    if "last_rows" in need:
-        stats["last_rows"] = torch.zeros(B, Hkv, G, w, S, dtype=acc_dtype, device=q.device)
-    if "probs" in need:
-        stats["probs"] = torch.zeros(B, Hkv, G, T, S, dtype=acc_dtype, device=q.device)
-
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shapes = {"colsum": (B, Hkv, G, S), "last_rows": (B, Hkv, G, w, S), "probs": (B, Hkv, G, T, S)}
+    stats = {name: torch.zeros(shape, dtype=acc_dtype, device=q.device)
+             for name, shape in shapes.items() if name in need}
     kT = store.k.transpose(-1, -2)                                          # (B, Hkv, d, S)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -76,14 +71,20 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
         p = softmax_visible(scores, visible)                                # (B, Hkv, G, tc, S)
         oc = p.to(store.v.dtype).view(B, Hkv, G * tc, S) @ store.v          # (B, Hkv, G*tc, d)
         out[:, :, t0:t1] = oc.view(B, Hq, tc, d)
-        if "colsum" in need:
-            stats["colsum"] += p.sum(dim=3)
-        if "probs" in need:
-            stats["probs"][:, :, :, t0:t1] = p
-        if "last_rows" in need and t1 > T - w:
-            lo = max(t0, T - w)
-            stats["last_rows"][:, :, :, lo - (T - w):t1 - (T - w)] = p[:, :, :, lo - t0:]
+        _accumulate(stats, p, t0, t1, T - w)
     return out, stats
+
+
+def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) -> None:
+    """Add the chunk of queries t0..t1-1 (p: (B, Hkv, G, tc, S)) to the requested statistics; "last_rows" keeps
+    the queries from `first_row` on."""
+    if "colsum" in stats:
+        stats["colsum"] += p.sum(dim=3)
+    if "probs" in stats:
+        stats["probs"][:, :, :, t0:t1] = p
+    if "last_rows" in stats and t1 > first_row:
+        lo = max(t0, first_row)
+        stats["last_rows"][:, :, :, lo - first_row:t1 - first_row] = p[:, :, :, lo - t0:]
 
 
 def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
