@@ -313,17 +313,35 @@ def _check_inputs(args) -> tuple[list[str], list[str], Path]:
     return shapes, policies, out
 
 
+def policy_rows(model, shape: str, name: str, prompt_len: int, new_tokens: int, ratio: float) -> list[dict]:
+    """One policy on one shape: its max batch (full: also batches 1 and 16), measured at 256 new tokens."""
+    probe = lambda b: run_minikv(model, name, ratio, b, prompt_len, 3, reserve=new_tokens)
+    t0 = time.perf_counter()
+    best = max_batch(probe, torch.cuda.get_device_properties(0).total_memory)
+    search_s, rows = time.perf_counter() - t0, []
+    for batch in sorted({1, 16, best}) if name == "full" else [best]:
+        r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch) if batch else None
+        while r is None and batch > 1:                     # the 256-step run needs a little more: back off
+            batch = best = int(batch * 0.92)
+            r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch)
+        if r is not None:
+            rows.append(dict(r, shape=shape, max_batch=batch == best, max_batch_search_s=search_s))
+    return rows
+
+
 def gpu_main(args) -> int:
     """Run the whole protocol table on the GPU, saving the JSON after every row (a cut-off run keeps what it measured)."""
     shapes, policies, out = _check_inputs(args)
-    quick = getattr(args, "quick", False)
-    prompt_len, new_tokens, ratio = (512, 16, 0.2) if quick else (4096, 256, 0.2)
-    rows: list[dict] = []
+    prompt_len, new_tokens, ratio = (512, 16, 0.2) if getattr(args, "quick", False) else (4096, 256, 0.2)
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "ratio": ratio}
+    rows: list[dict] = []
 
-    def save():
-        write_json(out, {"info": info, "rows": rows})
+    def add(new: list[dict]) -> None:
+        for r in new:
+            rows.append(r)
+            print(format_rows([r], GPU_KEYS, 3).splitlines()[-1], flush=True)
+            write_json(out, {"info": info, "rows": rows})
 
     deadline = time.perf_counter() + float(os.environ.get("MINIKV_BENCH_SECONDS", "1e9"))
     for shape in shapes:
@@ -332,35 +350,14 @@ def gpu_main(args) -> int:
             if time.perf_counter() > deadline:
                 print(f"time budget spent: skipping {shape} {name}", flush=True)
                 continue
-            probe = lambda b: run_minikv(model, name, ratio, b, prompt_len, 3, reserve=new_tokens)
-            t0 = time.perf_counter()
-            best = max_batch(probe, torch.cuda.get_device_properties(0).total_memory)
-            search_s = time.perf_counter() - t0
-            for batch in sorted({1, 16, best}) if name == "full" else [best]:
-                if batch == 0:
-                    continue
-                r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch)
-                while r is None and batch > 1:                 # the 256-step run needs a little more: back off
-                    batch = best = int(batch * 0.92)
-                    r = fits(lambda b: run_minikv(model, name, ratio, b, prompt_len, new_tokens), batch)
-                if r is None:
-                    continue
-                r.update(shape=shape, max_batch=batch == best, max_batch_search_s=search_s)
-                rows.append(r)
-                print(format_rows([r], GPU_KEYS, 3).splitlines()[-1], flush=True)
-                save()
+            add(policy_rows(model, shape, name, prompt_len, new_tokens, ratio))
         del model
         _free()
         for batch in (1, 16) if os.environ.get("MINIKV_BENCH_HF", "1") == "1" else ():
             r = fits(lambda b: run_hf(shape, b, prompt_len, new_tokens), batch)
-            if r is None:
-                continue
-            r.update(shape=shape)
-            rows.append(r)
-            print(format_rows([r], GPU_KEYS, 3).splitlines()[-1], flush=True)
-            save()
+            add([] if r is None else [dict(r, shape=shape)])
     print(format_rows(rows, GPU_KEYS, 3))
-    save()
+    write_json(out, {"info": info, "rows": rows})
     print(f"saved {out}")
     return 0
 

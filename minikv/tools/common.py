@@ -127,7 +127,7 @@ def load_model_and_tokenizer(args):
 # ---- output --------------------------------------------------------------------------------------------------------
 def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4) -> str:
     """A markdown table from dicts (columns: `keys`, default the first row's keys); floats to `digits` figures."""
-    if not rows:
+    if not rows and keys is None:
         return "(no rows)"
     keys = keys or list(rows[0])
     fmt = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)

@@ -31,7 +31,7 @@ from minikv.io.convert import ensure_default_model
 from minikv.io.tokenizer import load_tokenizer
 from minikv.model import Llama
 from minikv.policies import get_policy
-from minikv.tools.common import parse_options
+from minikv.tools.common import format_rows, parse_options
 from minikv.tools.record import Recorder
 
 FORMAT_VERSION = 1
@@ -129,6 +129,28 @@ def old_case_files(out_dir: Path) -> list[str]:
             and Path(c["file"]).name == c["file"]]
 
 
+def record_cases(make_policy, seed: int, n_cases: int, real_model: bool, real_layer: int) -> list[tuple]:
+    """(name, description, recording, dtype) of each case: n_cases tiny seeded models, then one real-model layer."""
+    cases = []
+    for case_seed in range(seed, seed + n_cases):
+        prompt = torch.randint(3, 64, (48,), generator=torch.Generator().manual_seed(case_seed)).tolist()
+        rec = record_case(_small_model(case_seed), prompt, make_policy(), new_tokens=4)
+        cases.append((f"small_seed{case_seed}", f"tiny random Llama (3 layers, Hq=4, Hkv=2, d=8), float64, seed "
+                      f"{case_seed}, 48-token prompt, 4 greedy decode steps", rec, "float64"))
+    if real_model:
+        folder = ensure_default_model()
+        model = load_model(folder, dtype=torch.float64)
+        if not 0 <= real_layer < model.cfg.num_hidden_layers:
+            raise BadInput(f"real_layer {real_layer} is not a layer of {folder} (0..{model.cfg.num_hidden_layers - 1})")
+        text = Path("/usr/share/common-licenses/GPL-3")
+        words = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
+        prompt = load_tokenizer(folder).encode(words)[:96]
+        rec = record_case(model, prompt, make_policy(), new_tokens=2, layers={real_layer})
+        cases.append((f"smollm2_layer{real_layer}", f"SmolLM2-135M-Instruct layer {real_layer} (Hq=9, Hkv=3, d=64), "
+                      "float64, first 96 GPL-3 tokens, 2 greedy decode steps", rec, "float64"))
+    return cases
+
+
 def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 2, real_model: bool = True,
            real_layer: int = 15, budget=None, options: dict | None = None, overwrite: bool = False) -> Path:
     """Write golden vectors for `policy_name` into out_dir; returns the manifest path."""
@@ -140,26 +162,7 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
     opts = {**default_opts, **(options or {})}
     get_policy(policy_name, budget, **opts)     # unknown policy or bad options: refused before any file is touched
     prepare_out_dir(out_dir, overwrite)
-    cases = []
-    for i in range(n_cases):
-        case_seed = seed + i
-        model = _small_model(case_seed)
-        prompt = torch.randint(3, 64, (48,), generator=torch.Generator().manual_seed(case_seed)).tolist()
-        rec = record_case(model, prompt, get_policy(policy_name, budget, **opts), new_tokens=4)
-        cases.append((f"small_seed{case_seed}", f"tiny random Llama (3 layers, Hq=4, Hkv=2, d=8), float64, seed "
-                      f"{case_seed}, 48-token prompt, 4 greedy decode steps", rec, "float64"))
-    if real_model:
-        folder = ensure_default_model()
-        model = load_model(folder, dtype=torch.float64)
-        if not 0 <= real_layer < model.cfg.num_hidden_layers:
-            raise BadInput(f"real_layer {real_layer} is not a layer of {folder} (0..{model.cfg.num_hidden_layers - 1})")
-        tok = load_tokenizer(folder)
-        text = Path("/usr/share/common-licenses/GPL-3")
-        words = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
-        prompt = tok.encode(words)[:96]
-        rec = record_case(model, prompt, get_policy(policy_name, budget, **opts), new_tokens=2, layers={real_layer})
-        cases.append((f"smollm2_layer{real_layer}", f"SmolLM2-135M-Instruct layer {real_layer} (Hq=9, Hkv=3, d=64), "
-                      "float64, first 96 GPL-3 tokens, 2 greedy decode steps", rec, "float64"))
+    cases = record_cases(lambda: get_policy(policy_name, budget, **opts), seed, n_cases, real_model, real_layer)
     manifest = {"format_version": FORMAT_VERSION, "policy": policy_name, "budget": None if budget is None else
                 str(budget), "options": opts, "seed": seed, "tie_break": TIE_BREAK, "tolerances": TOLERANCES,
                 "roles": {"in": "store before the step (input)", "stats": "attention statistics given to the policy "
@@ -364,14 +367,15 @@ def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = Fa
     if not cand_dir.is_dir():
         raise BadInput(f"candidate folder {cand_dir} is a file; give the folder that holds the .safetensors files")
     totals = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
-    lines = ["| case | tensor | max abs err | max rel err | result |", "|---|---|---|---|---|"]
+    table = []
     for case in manifest["cases"]:            # every file is read before anything is printed: an error stands alone
         rows, counts = compare_case(golden_dir, cand_dir, case, manifest["tolerances"][case["dtype"]], allow_missing)
-        lines += [f"| {case['file']} | {name} | {'- | -' if a is None else f'{a:.3g} | {r:.3g}'} | {result} |"
-                  for name, a, r, result in rows]
+        table += [{"case": case["file"], "tensor": name, "max abs err": "-" if a is None else f"{a:.3g}",
+                   "max rel err": "-" if r is None else f"{r:.3g}", "result": result} for name, a, r, result in rows]
         totals = {k: totals[k] + counts[k] for k in totals}
     text, ok = summary(totals, allow_missing)
-    print("\n".join(lines + [text]), file=out)
+    keys = ["case", "tensor", "max abs err", "max rel err", "result"]
+    print(format_rows(table, keys), text, sep="\n", file=out)
     return ok
 
 

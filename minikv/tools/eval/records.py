@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from minikv.errors import BadInput
+from minikv.tools.common import format_rows
 
 RECORDS = "records.jsonl"
 
@@ -206,6 +207,15 @@ def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def _entry(rs: list[dict]) -> str:
+    """One table entry: mean score (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
+    ok, errors = [r for r in rs if not r.get("error")], len([r for r in rs if r.get("error")])
+    if not ok:
+        return "error" if errors else ""
+    score, ratio = _mean(r["score"] for r in ok), _mean(r["cache_ratio"] for r in ok)
+    return ("-" if score is None else f"{score:.2f}") + f" ({ratio:.2f})" + (f" [{errors} err]" if errors else "")
+
+
 def markdown_table(records: list[dict], budgets: list[str] | None = None, policies: list[str] | None = None) -> str:
     """Policy rows × budget columns: mean score (mean measured cache ratio, cells). Budget-free policies (full,
     corm, ...) ran once per cell and are repeated in every column. One table per (task, question mode)."""
@@ -219,30 +229,13 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
         cells = defaultdict(list)
         for r in recs:
             cells[(r["policy"], r["budget"])].append(r)
-        ppl = task == "ppl"
         metrics = "/".join(dict.fromkeys(str(r.get("metric")) for r in recs if r.get("metric")))
-        what = "perplexity, lower is better" if ppl else f"mean score ({metrics})"
+        what = "perplexity, lower is better" if task == "ppl" else f"mean score ({metrics})"
         mode = "" if qmode == "none" else f"question-{qmode}; "          # ppl has no question
-        parts.append(f"**{task}** ({mode}{what}; in parentheses: mean measured cache ratio)\n")
-        parts.append("| policy | " + " | ".join(f"budget {b}" for b in budgets_here) + " |")
-        parts.append("|---|" + "---|" * len(budgets_here))
-        for p in pols:
-            row = []
-            for b in budgets_here:
-                rs = cells.get((p, b)) or cells.get((p, None)) or []
-                rs = [r for r in rs if not r.get("error")]
-                errors = [r for r in cells.get((p, b)) or cells.get((p, None)) or [] if r.get("error")]
-                if not rs:
-                    row.append("error" if errors else "")
-                    continue
-                score, ratio = _mean(r["score"] for r in rs), _mean(r["cache_ratio"] for r in rs)
-                s = "-" if score is None else f"{score:.2f}"
-                row.append(f"{s} ({ratio:.2f})" + (f" [{len(errors)} err]" if errors else ""))
-            parts.append(f"| {p} | " + " | ".join(row) + " |")
-        n = defaultdict(int)
-        for r in recs:
-            n[(r["policy"], r["budget"])] += 1
-        parts.append(f"\n{max(n.values())} cell(s) per entry (lengths × depths × samples).\n")
+        rows = [{"policy": p, **{f"budget {b}": _entry(cells.get((p, b)) or cells.get((p, None)) or [])
+                                 for b in budgets_here}} for p in pols]
+        parts += [f"**{task}** ({mode}{what}; in parentheses: mean measured cache ratio)\n", format_rows(rows),
+                  f"\n{max(map(len, cells.values()))} cell(s) per entry (lengths × depths × samples).\n"]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -116,12 +116,16 @@ MAX_CELLS = 1_000_000                             # far beyond any useful grid; 
 MAX_SEED = 2**64 - 1                              # the largest seed torch.Generator.manual_seed takes
 
 
+def _whole(v, lo: int, hi: float = math.inf) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi
+
+
 def no_duplicates(values: list, flag: str) -> None:
     """Refuse a list that names one value twice (its cells would be computed twice)."""
     for i, v in enumerate(values):
         if v in values[:i]:
-            raise BadInput(f"{flag} lists {v:g} twice; give each value once" if isinstance(v, float) else
-                           f"{flag} lists {v!r} twice; give each value once")
+            shown = f"{v:g}" if isinstance(v, float) else repr(v)
+            raise BadInput(f"{flag} lists {shown} twice; give each value once")
 
 
 def check_lengths(task: str, lengths: list, ppl_prefix: int) -> None:
@@ -131,35 +135,29 @@ def check_lengths(task: str, lengths: list, ppl_prefix: int) -> None:
     if task == "longbench-local" and lengths == [None]:
         return                                    # truncate to the model's context
     for n in lengths:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        if not _whole(n, 2):
             raise BadInput(f"--lengths {n!r}: a prompt length must be a whole number of tokens >= 2")
+        if task == "ppl" and not 1 <= ppl_prefix < n:
+            raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and "
+                           f"below the length, or no token is left to score; give --ppl-prefix below {n} "
+                           f"(e.g. --ppl-prefix {n // 2}) or lengths above {ppl_prefix}")
     no_duplicates(lengths, "--lengths")
-    if task == "ppl":
-        for n in lengths:
-            if not 1 <= ppl_prefix < n:
-                raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and "
-                               f"below the length, or no token is left to score; give --ppl-prefix below {n} "
-                               f"(e.g. --ppl-prefix {n // 2}) or lengths above {ppl_prefix}")
 
 
-def check_depths(depths: list) -> None:
-    """Needle depths: at least one, none twice, each in [0, 1]."""
+def check_lists(depths: list, subtasks: tuple) -> None:
+    """Needle depths (at least one, each in [0, 1]) and ruler-lite subtasks (at least one, each known); none twice."""
     if not depths:
         raise BadInput("--depths lists no depth; give fractions of the context in [0, 1], e.g. --depths 0,0.5,1")
     for d in depths:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
             raise BadInput(f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")
-    no_duplicates(depths, "--depths")
-
-
-def check_subtasks(subtasks: tuple) -> None:
-    """ruler-lite subtasks: at least one, each known, none twice."""
     bad = [s for s in subtasks if s not in RULER_SUBTASKS]
     if bad:
         raise BadInput(f"unknown ruler-lite subtask(s) {', '.join(map(repr, bad))}; subtasks: "
                        f"{', '.join(RULER_SUBTASKS)}")
     if not subtasks:
         raise BadInput(f"--subtasks lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
+    no_duplicates(depths, "--depths")
     no_duplicates(list(subtasks), "--subtasks")
 
 
@@ -182,29 +180,28 @@ class EvalConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.task not in TASK_NAMES:
-            raise BadInput(f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}")
-        if self.question not in ("aware", "agnostic"):
-            raise BadInput(f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
-        if self.task == "longbench-local" and not self.data:
-            raise BadInput("longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)")
-        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
-                                         or self.samples < 1):
-            raise BadInput(f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it out: 1; "
-                           f"longbench-local: every row)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise BadInput(f"--seed {self.seed!r}: give a whole number in [0, {MAX_SEED}]")
-        if isinstance(self.ppl_prefix, bool) or not isinstance(self.ppl_prefix, int) or self.ppl_prefix < 1:
-            raise BadInput(f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")
+        problems = [
+            (self.task not in TASK_NAMES, f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}"),
+            (self.question not in ("aware", "agnostic"),
+             f"question mode must be 'aware' or 'agnostic', got {self.question!r}"),
+            (self.task == "longbench-local" and not self.data,
+             "longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)"),
+            (self.samples is not None and not _whole(self.samples, 1),
+             f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it out: 1; longbench-local: "
+             f"every row)"),
+            (not _whole(self.seed, 0, MAX_SEED), f"--seed {self.seed!r}: give a whole number in [0, {MAX_SEED}]"),
+            (not _whole(self.ppl_prefix, 1),
+             f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")]
+        for bad, message in problems:
+            if bad:
+                raise BadInput(message)
         check_lengths(self.task, list(self.lengths), self.ppl_prefix)
-        check_depths(list(self.depths))
-        check_subtasks(tuple(self.subtasks))
+        check_lists(list(self.depths), tuple(self.subtasks))
         if not self.budgets:
             raise BadInput("--budgets lists no budget; give ratios (0.1,0.2) or counts (128,256)")
-        n = self.max_cells()
-        if n > MAX_CELLS:
-            raise BadInput(f"this grid has {n} cells (tasks × lengths × depths × samples × policy budgets), more "
-                           f"than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")
+        if self.max_cells() > MAX_CELLS:
+            raise BadInput(f"this grid has {self.max_cells()} cells (tasks × lengths × depths × samples × policy "
+                           f"budgets), more than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")
 
     def max_cells(self) -> int:
         """The number of cells of the grid (longbench-local: per row of --data)."""
