@@ -49,6 +49,7 @@ from minikv.budgets import parse_budget
 from minikv.io.checkpoint import load_model
 from minikv.tools.cli import main, parse_options
 from minikv.config import LlamaConfig
+from minikv.io.hf_config import config_from_dict, load_config
 from minikv.errors import BadInput, NotFound
 from minikv.tools.eval import records as R
 from minikv.generate import generate, prefill
@@ -462,7 +463,7 @@ def test_config_folder_that_is_a_file(model_copy):
 @needs_transformers
 def test_empty_config_takes_transformers_defaults_not_smollm2():
     """`{}` is Llama-2-7B's shape (transformers' defaults), not SmolLM2's."""
-    cfg, hf = LlamaConfig.from_dict({}), transformers.LlamaConfig()
+    cfg, hf = config_from_dict({}), transformers.LlamaConfig()
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id"):
@@ -472,7 +473,7 @@ def test_empty_config_takes_transformers_defaults_not_smollm2():
 
 @needs_transformers
 def test_mistral_defaults_are_mistrals():
-    cfg = LlamaConfig.from_dict({"model_type": "mistral", "sliding_window": None})
+    cfg = config_from_dict({"model_type": "mistral", "sliding_window": None})
     hf = transformers.MistralConfig(sliding_window=None)
     for key in ("intermediate_size", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps"):
         assert getattr(cfg, key) == getattr(hf, key), key
@@ -481,7 +482,7 @@ def test_mistral_defaults_are_mistrals():
 @needs_transformers
 def test_rope_parameters_theta_wins_like_transformers():
     d = {"rope_theta": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}}
-    assert LlamaConfig.from_dict(d).rope_theta == transformers.LlamaConfig(**d).rope_parameters["rope_theta"] == 5.0
+    assert config_from_dict(d).rope_theta == transformers.LlamaConfig(**d).rope_parameters["rope_theta"] == 5.0
 
 
 # weight files
@@ -688,7 +689,7 @@ def test_config_with_keys_left_out_matches_transformers(tmp_path):
     d = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
          "num_attention_heads": 4}
     save_hf(tmp_path, d)
-    ours = LlamaConfig.from_json(tmp_path / "config.json")
+    ours = load_config(tmp_path / "config.json")
     assert (ours.tie_word_embeddings, ours.rope_theta, ours.rms_norm_eps) == (False, 10000.0, 1e-6)
     assert (tmp_path / "model.safetensors").exists()
     assert logits_diff(tmp_path, 61, 2048) < 1e-5
@@ -755,7 +756,7 @@ def test_random_config_loads_like_transformers_or_is_refused_by_name(d):
         write_config(folder, d)
         theirs = transformers_error(d)
         try:
-            cfg = LlamaConfig.from_json(folder / "config.json")
+            cfg = load_config(folder / "config.json")
         except (BadInput, NotFound) as e:
             named = [k for k in KEY_NAMES | set(d) if re.search(rf"\b{re.escape(k)}\b", str(e))]
             assert named, f"error names no key: {e}"

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from minikv.io import convert
 from minikv.config import LlamaConfig
+from minikv.io.hf_config import load_config
 from minikv.io.convert import permute_qk, unpermute_qk
 
 gguf = pytest.importorskip("gguf", reason='the converter needs the optional "gguf" package (minikv[convert])')
@@ -160,7 +161,7 @@ def test_convert_fake_gguf_restores_hf_layout(tmp_path, tied):
     src = _write_fake_gguf(tmp_path / "tiny.gguf", state)
     out = convert.convert_gguf(src, tmp_path / "hf", progress=False)
 
-    cfg = LlamaConfig.from_json(out / "config.json")
+    cfg = load_config(out / "config.json")
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 16, 32)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 8)
     assert (cfg.vocab_size, cfg.rope_theta, cfg.rms_norm_eps) == (len(TOKENS), 10000.0, 1e-5)
@@ -322,7 +323,7 @@ def test_default_model_conversion_has_smollm2_shapes():
     stamp = json.loads((folder / convert.STAMP).read_text())
     assert stamp["source"]["gguf_sha256"] == convert.GGUF_SHA256
     assert {k: v["sha256"] for k, v in stamp["files"].items()} == {k: v["sha256"] for k, v in files.items()}
-    cfg = LlamaConfig.from_json(folder / "config.json")
+    cfg = load_config(folder / "config.json")
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
     assert (cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cfg.rope_theta) == (64, 1536, 49152, 100000.0)
     assert (cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.tie_word_embeddings) == (1e-5, 8192, True)

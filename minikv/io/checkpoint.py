@@ -13,9 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from minikv.config import LlamaConfig, read_json_object
+from minikv.config import LlamaConfig
 from minikv.errors import BadInput, NotFound
 from minikv.io import require
+from minikv.io.hf_config import load_config, read_json_object
 from minikv.model import Llama
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
@@ -119,7 +120,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             "config.json")
     require(folder.is_dir(), f"model folder {folder} does not exist; {FETCH_HINT}", NotFound)
     require((folder / "config.json").exists(), f"{folder} has no config.json; {FETCH_HINT}", NotFound)
-    cfg = LlamaConfig.from_json(folder / "config.json")
+    cfg = load_config(folder / "config.json")
     state = read_state_dict(folder)
     check_state_dict(state, cfg, source=str(folder))
     with torch.device("meta"):

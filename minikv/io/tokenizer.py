@@ -23,7 +23,7 @@ from pathlib import Path
 
 import sentencepiece
 
-from minikv.config import read_json_object
+from minikv.io.hf_config import read_json_object
 from minikv.errors import BadInput, NotFound
 from minikv.io import require
 
