@@ -292,14 +292,22 @@ _NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden within the followi
                        "I will quiz you about the numbers afterwards.\n")
 
 
+def _magic_prompt(tok, length: int, chat: bool, rng: random.Random, city: str, needles: list, many: bool):
+    """(context, question, needle spans, haystack source) of a magic-number prompt in real prose, asking for the
+    number of `city` (or, `many`, all its numbers)."""
+    units, source = prose_units(tok)
+    what = "What are all the special magic numbers" if many else "What is the special magic number"
+    answer = "numbers for {} mentioned in the provided text are" if many else "number for {} mentioned in the provided text is"
+    ctx, q, offs = haystack_prompt(tok, length, chat, _NEEDLE_INSTRUCTION, units, rng.randrange(len(units)), needles,
+                                   f"\n{what} for {city} mentioned in the provided text?",
+                                   " The special magic " + answer.format(city))
+    return ctx, q, offs, source
+
+
 def needle(tok, length: int, depth: float, rng: random.Random, chat: bool) -> Example:
     """One sentence-fact in real prose at `depth`; the question at the end asks for its number."""
     city, number = rng.choice(CITIES), str(rng.randint(10000, 99999))
-    units, source = prose_units(tok)
-    ctx, q, offs = haystack_prompt(
-        tok, length, chat, _NEEDLE_INSTRUCTION, units, rng.randrange(len(units)), [(_magic_needle(city, number), depth)],
-        f"\nWhat is the special magic number for {city} mentioned in the provided text?",
-        f" The special magic number for {city} mentioned in the provided text is")
+    ctx, q, offs, source = _magic_prompt(tok, length, chat, rng, city, [(_magic_needle(city, number), depth)], False)
     return Example("needle", ctx, q, [number], "contains", 12, chat,
                    {"depth": depth, **_spans(offs), "key": number, "city": city, "haystack": source})
 
@@ -310,11 +318,7 @@ def ruler_multikey(tok, length: int, depth: float, rng: random.Random, chat: boo
     numbers = [str(rng.randint(10000, 99999)) for _ in cities]
     needles = [(_magic_needle(cities[0], numbers[0]), depth)]
     needles += [(_magic_needle(c, n), rng.random()) for c, n in zip(cities[1:], numbers[1:])]
-    units, source = prose_units(tok)
-    ctx, q, offs = haystack_prompt(
-        tok, length, chat, _NEEDLE_INSTRUCTION, units, rng.randrange(len(units)), needles,
-        f"\nWhat is the special magic number for {cities[0]} mentioned in the provided text?",
-        f" The special magic number for {cities[0]} mentioned in the provided text is")
+    ctx, q, offs, source = _magic_prompt(tok, length, chat, rng, cities[0], needles, False)
     return Example("ruler-lite/multikey", ctx, q, [numbers[0]], "string_match_all", 12, chat,
                    {"depth": depth, **_spans(offs), "key": numbers[0], "city": cities[0],
                     "distractors": dict(zip(cities[1:], numbers[1:])), "haystack": source})
@@ -325,11 +329,7 @@ def ruler_multivalue(tok, length: int, depth: float, rng: random.Random, chat: b
     city = rng.choice(CITIES)
     numbers = [str(rng.randint(10000, 99999)) for _ in range(n_values)]
     needles = [(_magic_needle(city, numbers[0]), depth)] + [(_magic_needle(city, n), rng.random()) for n in numbers[1:]]
-    units, source = prose_units(tok)
-    ctx, q, offs = haystack_prompt(
-        tok, length, chat, _NEEDLE_INSTRUCTION, units, rng.randrange(len(units)), needles,
-        f"\nWhat are all the special magic numbers for {city} mentioned in the provided text?",
-        f" The special magic numbers for {city} mentioned in the provided text are")
+    ctx, q, offs, source = _magic_prompt(tok, length, chat, rng, city, needles, True)
     return Example("ruler-lite/multivalue", ctx, q, numbers, "string_match_all", 8 * n_values + 8, chat,
                    {"depth": depth, **_spans(offs), "city": city, "haystack": source})
 
