@@ -12,12 +12,9 @@ Everything here works in float64 when given float64 (bound checks should be).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from minikv.errors import BadInput
-from minikv.generate import check_token_row, prefill
 
 
 def expand_kv_heads(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
@@ -87,66 +84,8 @@ def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, ma
     return delta.abs().sum()
 
 
-def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> dict:
-    """One layer's true L1 error and both bounds of Theorem 3.1 (float64), for one query."""
-    A, V, W = (t.to(torch.float64) for t in (A, V, W_o_blocks))
-    C = projected_value_norms(V, W)
-    F = kept_mass(A, mask)
-    return {"true_l1": float(true_l1_error(A, V, W, mask)), "per_head_bound": float(per_head_bound(A, mask, C)),
-            "global_bound": float(global_bound(A, mask, C)), "kept_mass_min": float(F.min()),
-            "kept_mass_mean": float(F.mean())}
-
-
-# ---- the bound on a real prompt --------------------------------------------------------------------------------
+# ---- kept sets from positions --------------------------------------------------------------------------------
 def kept_positions_mask(pos_before: torch.Tensor, pos_after: torch.Tensor) -> torch.Tensor:
     """(..., S) bool: which live entries of `pos_before` (..., S) are still present in `pos_after` (..., S')."""
     same = pos_before[..., :, None] == pos_after[..., None, :]             # (..., S, S')
     return (pos_before >= 0) & same.any(-1)
-
-
-@torch.no_grad()
-def record_prefill(model, ids: list[int], policy) -> list[dict]:
-    """Prefill one prompt with `policy`, recording per layer the last query's full probabilities, values and keep mask.
-
-    A copy of the policy runs through generate.prefill with its after_prefill wrapped: the wrapper copies the
-    attention row of the last prompt query over the uncompressed store ("last_rows" with at least one row is added to
-    what the policy needs) and calls the policy. Once the prompt is done (after_prompt included), the positions before
-    and after give the kept set of each KV head.
-    """
-    ids = check_token_row(ids, model.cfg.vocab_size, "bound report prompt")
-    if len(ids) > model.cfg.max_position_embeddings:
-        raise BadInput(f"bound report prompt of {len(ids)} tokens is longer than the model's context "
-                       f"({model.cfg.max_position_embeddings} tokens)")
-    records: list[dict] = []
-
-    def hook(layer, store, stats):
-        last = stats["last_rows"][0, :, :, -1].clone()                   # (Hkv, G, S) last query, before eviction
-        v, pos_before = store.v[0].clone(), store.pos[0].clone()           # (Hkv, S, d), (Hkv, S)
-        policy.after_prefill(layer, store, stats)
-        records.append({"A": last.flatten(0, 1), "V": v, "pos": pos_before})
-
-    capture = copy.copy(policy)                                            # a policy is a configuration: cheap
-    capture.after_prefill, capture.prefill_pass = hook, "one_pass"
-    capture.prefill_needs, capture.window = frozenset(policy.prefill_needs) | {"last_rows"}, max(policy.window, 1)
-    _, cache = prefill(model, [ids], capture)
-    for r, store in zip(records, cache.layers):
-        r["mask"] = kept_positions_mask(r["pos"], store.pos[0])          # (Hkv, S)
-    return records
-
-
-@torch.no_grad()
-def bound_report(model, tokenizer_ids: list[int], policy) -> list[dict]:
-    """Per layer, the true L1 error of the last prompt query's attention output vs the Theorem 3.1 bounds.
-
-    The attention before compression (full cache) is compared with the renormalised attention over the entries the
-    policy kept in that layer; C_i uses the layer's o_proj blocks. Returns one row (a dict) per layer.
-    """
-    rows = []
-    n_heads = model.cfg.num_attention_heads
-    for layer, rec in enumerate(record_prefill(model, tokenizer_ids, policy)):
-        W = o_proj_blocks(model.layers[layer].self_attn.o_proj.weight, n_heads)
-        row = {"layer": layer, **layer_bound_row(rec["A"], rec["V"], W, rec["mask"])}
-        row["kept_entries"] = rec["mask"].sum(-1).tolist()
-        rows.append(row)
-    return rows
-

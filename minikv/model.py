@@ -15,30 +15,7 @@ import torch.nn.functional as F
 from minikv.attention import attend
 from minikv.config import LlamaConfig
 from minikv.store import KVCache, LayerStore
-from minikv.errors import BadInput, NoDevice
-
-
-# ---- devices ----------------------------------------------------------------------------------------------
-def resolve_device(device) -> torch.device:
-    """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here; BadInput / NoDevice otherwise."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise BadInput(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise NoDevice(f"device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= n:
-            raise NoDevice(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
-        return dev
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise NoDevice(f"device {device!r}: Apple's MPS backend is not available on this machine; use --device cpu")
-        return dev
-    raise BadInput(f"device {device!r}: minikv runs on cpu, cuda[:N] or mps")
+from minikv.errors import BadInput
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from minikv.attention import attend
-from minikv.bounds import (bound_report, expand_kv_heads, global_bound, kept_mass, kept_positions_mask,
-                           o_proj_blocks, per_head_bound, projected_value_norms, renormalise, true_l1_error)
+from minikv.bounds import (expand_kv_heads, global_bound, kept_mass, kept_positions_mask, o_proj_blocks,
+                           per_head_bound, projected_value_norms, renormalise, true_l1_error)
 from minikv.ops import select_topk
 from minikv.policies import get_policy
 from minikv.policies.adakv import adakv_allocate
 from minikv.store import LayerStore
+from minikv.tools.bound_report import bound_report
 
 from conftest import tiny_config, tiny_model
 from strategies import seeded_randn

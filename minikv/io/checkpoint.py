@@ -14,12 +14,35 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from minikv.config import LlamaConfig
-from minikv.errors import BadInput, NotFound
+from minikv.errors import BadInput, NoDevice, NotFound
 from minikv.io import require
 from minikv.io.hf_config import load_config, read_json_object
 from minikv.model import Llama
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
+
+
+# ---- devices ----------------------------------------------------------------------------------------------
+def resolve_device(device) -> torch.device:
+    """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here; BadInput / NoDevice otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInput(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise NoDevice(f"device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise NoDevice(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise NoDevice(f"device {device!r}: Apple's MPS backend is not available on this machine; use --device cpu")
+        return dev
+    raise BadInput(f"device {device!r}: minikv runs on cpu, cuda[:N] or mps")
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

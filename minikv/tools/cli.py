@@ -11,7 +11,6 @@ import os
 import sys
 import textwrap
 
-from minikv.bounds import bound_report
 from minikv.errors import MinikvError
 from minikv.generate import generate
 from minikv.io.convert import fetch_default_model
@@ -19,6 +18,7 @@ from minikv.io.tokenizer import chat_stop_ids, encode_chat
 from minikv.policies import REGISTRY
 from minikv.policies.base import policy_options
 from minikv.tools import bench, oracle, trace
+from minikv.tools.bound_report import bound_report
 from minikv.tools.common import (add_model_args, add_policy_args, count_arg, format_rows, load_model_and_tokenizer,
                                  make_policy, parse_options, prompt_arg, seed_arg, temperature_arg, top_p_arg)
 from minikv.tools.eval import cli as eval_cli

@@ -12,10 +12,9 @@ import torch
 
 from minikv.budgets import parse_budget
 from minikv.errors import BadInput, MissingExtra
-from minikv.io.checkpoint import load_model
+from minikv.io.checkpoint import load_model, resolve_device
 from minikv.io.convert import ensure_default_model
 from minikv.io.tokenizer import load_tokenizer
-from minikv.model import resolve_device
 from minikv.policies import get_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
