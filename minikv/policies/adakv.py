@@ -5,8 +5,7 @@ minikv/bounds.py), and the global top-B over all heads' scores maximises sum_i F
 KV head the same prefix budget b, the layer's Hkv*b prefix entries go to whichever heads hold the highest scores, with
 a safeguard so every head keeps at least floor(alpha*b). The allocation (`adakv_allocate`) is separate from the scorers
 and composes with SnapKV window scores, PyramidKV's layer schedule and H2O's accumulated scores. Each head then really
-stores its own count (store.keep compacts unevenly; no masking), so live bytes drop while the padded allocation is the
-longest head's length.
+stores its own count (store.keep compacts unevenly; no masking).
 
 Budget = average per-head cache size INCLUDING the window: prefix budget b = budget - window (SnapKV family) or
 b = n_heavy (H2O family, whose window is the n_recent most recent entries).
@@ -43,10 +42,7 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
 
     official (FFY0/AdaKV snapkv_utils.py, AdaptiveSnapKVCluster.update_kv): f_i = how many of the global
       top-(Hkv*b) over all heads' scores concatenated belong to head i; B_i = round((1 - alpha) f_i + floor(alpha b))
-      (torch.round, half to even; computed in float64). With at least Hkv*b candidates, sum f_i = Hkv*b and
-      sum_i B_i - Hkv*b = sum_i (round(x_i) - x_i) - Hkv*frac(alpha b), which lies in
-      [-Hkv*(1/2 + frac(alpha b)), Hkv*(1/2 - frac(alpha b))]: the layer may hold up to ~1.5*Hkv entries fewer, or
-      Hkv/2 more, than Hkv*b (it never exceeds a head's candidate count).
+      (torch.round, half to even; computed in float64), so the layer total may miss Hkv*b (train_free.md §9).
     exact (kvpress AdaKVPress): each head first keeps its own top floor(alpha b); a global top over all remaining
       entries fills the rest, so sum_i B_i = Hkv*b exactly (or every candidate, when there are fewer).
     scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
@@ -121,10 +117,8 @@ class AdaPyramidKV(AdaSnapKV):
 class AdaH2O(H2O):
     """H2O accumulated scores + Ada-KV allocation of the heavy-hitter share; the n_recent window stays uniform.
 
-    Prefill: once a row's cache exceeds the budget, the non-recent part's Hkv*n_heavy entries are allocated across
-    heads by adakv_allocate over the accumulated scores. Decode (a simplification, documented): each head keeps the
-    heavy count it got at that moment for the rest of the sequence, so every step evicts exactly one entry per head
-    (the lowest-scored non-recent one), as H2O does; budgets are not re-allocated per step.
+    Once a row's cache exceeds the budget, its Hkv*n_heavy non-recent entries are allocated across heads by
+    adakv_allocate; each head keeps that heavy count for the rest of the sequence (train_free.md §9).
     """
     name = "adakv-h2o"
     summary = "Ada-KV over H2O: the heavy-hitter share is split unevenly across heads by accumulated attention"

@@ -2,26 +2,19 @@
 that all of the last w queries ignored.
 
 Step s (1-indexed) is the query at position s-1. Key i is *important* at step s iff alpha_{s,i} >= 1/s, where alpha is
-the softmax over the entries still cached and s is the absolute step even after evictions (GQA, our decision: for ANY
-of the G query heads of its KV group). Key i is evicted at step t iff pos_i <= t-1-r and it was minor at every one of
-the steps t-w+1 .. t. Eviction is permanent and per (layer, KV head); nothing is budgeted, so the cache size depends
-on the input, layer and head.
+the softmax over the entries still cached and s is the absolute step even after evictions. Key i is evicted at step t
+iff pos_i <= t-1-r and it was minor at every one of the steps t-w+1 .. t. Eviction is permanent and per (layer, KV
+head); nothing is budgeted, so the cache size depends on the input, layer and head.
 
 State: one integer per entry, the store stat `last_hit` = the last step at which the entry was important (initially
-its own step, pos + 1). The rule is then  evict iff pos_i <= t-1-r and last_hit_i <= t-w ; with r >= w every
-evictable key was seen by all w queries of the window, so this makes exactly the decisions of storing the last w
-attention rows (tests/test_corm.py checks it against a literal w-row implementation).
+its own step, pos + 1). The rule is then  evict iff pos_i <= t-1-r and last_hit_i <= t-w ; with r >= w this makes
+exactly the decisions of storing the last w attention rows (tests/test_corm.py checks it against a literal w-row
+implementation).
 
-Prefill modes (`prefill_mode`):
-  "oneshot"  (default) full-attention prefill, then the rule is applied once at the last prompt step using the last w
-             prompt rows: keep key i iff it is in the last r positions or a query among the last w prompt positions
-             gives it alpha >= 1/s. It ignores the evictions the definition would make inside the prompt (the rows
-             were computed over the full prompt). Decoding then follows the exact rule.
-  "exact"    the definition: the prompt as decode steps, one token at a time. The policy declares
-             prefill_pass = "token_by_token", so generate.prefill feeds the prompt through after_step;
-             `after_prefill` refuses to run in that mode rather than approximate.
-Optional (not the paper): threshold="cached" uses 1/(entries the query saw) instead of 1/s; n_sink > 0 never evicts
-the first n_sink positions.
+prefill_mode "oneshot" (default) applies the rule once, with the last w prompt rows, after a full-attention prefill;
+"exact" runs the definition: the prompt as decode steps (prefill_pass = "token_by_token", so generate.prefill feeds
+it through after_step). The GQA union rule, oneshot's approximation and the options threshold="cached" and n_sink
+(not in the paper): train_free.md §9.
 """
 from __future__ import annotations
 

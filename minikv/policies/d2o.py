@@ -14,9 +14,8 @@ being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
     Step 5  k_c <- weighted sum of k_c and its merged k_e      merge_weights_code, merge_weights_paper
     Step 6  evict_and_merge, called by D2O.after_step (and by after_prompt with when="prefill")
 
-Budget: a ratio rho is a fraction of the sequence length T at the first compression; rho >= 1 never compresses the
-row. A count c caps layer l at cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c), split the
-same way into S_h and S_r, and the layer is compressed from the first step at which it holds more than that.
+Budget: a ratio rho is a fraction of the sequence length T at the first compression; a count c caps each layer at
+cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head (train_free.md §9).
 Per-row state (head variances, ratio, S_h/S_r, tau, merge counts) lives in each layer's `store.rows`.
 Deviations from the paper and the authors' code (per KV head, tau per row, ...): train_free.md §9.
 """
