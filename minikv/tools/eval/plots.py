@@ -182,7 +182,8 @@ def format_d2o_report(report: dict) -> str:
     rows.append({"layer": "all", "merged": merged, "dropped": dropped,
                  "merge%": _num(100 * merged / n if n else None, 1)})
     head = (f"D2O budget {report['budget']} (rho row 0 = {_num(report['rho'][0])}), heavy_share "
-            f"{report['heavy_share']}, n_sink {report['n_sink']}, merge {report['merge_weights']}, "
+            f"{report['heavy_share']}, n_sink {report['n_sink']}, merge {report['merge_weights']}, threshold "
+            f"{report.get('threshold_rule', report['merge_weights'])}, "
             f"when {report['when']}, allocation {report['allocation']}, alpha {report['alpha']}, beta {report['beta']}"
             + ("" if report.get("tau_override") is None else f", tau fixed at {report['tau_override']}"))
     return head + "\n" + format_rows(rows, list(rows[0]))
