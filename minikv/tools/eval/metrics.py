@@ -155,12 +155,6 @@ def string_match_all(pred: str, refs: list[str]) -> float:
     return sum(r.lower() in low for r in refs) / len(refs)
 
 
-def string_match_part(pred: str, refs: list[str]) -> float:
-    """RULER string_match_part: 1.0 when any reference is found (case-insensitive) in the prediction."""
-    low = pred.lower()
-    return float(any(r.lower() in low for r in refs))
-
-
 # ---- LongBench dataset -> metric -----------------------------------------------------------------------------------
 LONGBENCH_METRIC = {
     "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1", "multifieldqa_zh": "qa_f1_zh",
