@@ -54,18 +54,15 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval, eval_parser=p)
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, cast, kind: str, example: str) -> list:
+    """A comma-separated list of numbers, refused (naming the flag) when an item is not one or the list is empty."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [cast(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise BadInput(f"--{what} must be comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BadInput(f"--{what} must be comma-separated whole numbers, got {text!r}") from None
+        raise BadInput(f"--{what} must be comma-separated {kind}, got {text!r}") from None
+    if not values:
+        raise BadInput(f"--{what} {text!r} lists no {what[:-1]}; give {example}")
+    return values
 
 
 def check_plain_args(args) -> None:
@@ -86,16 +83,9 @@ def config_from_args(args, model_name: str) -> EvalConfig:
     check_plain_args(args)
     budgets = parse_budgets(args.budgets)
     specs = parse_policies(args.policies, parse_options(args.option), probe_budget=budgets[0])
-    if args.lengths is not None:
-        lengths = _ints(args.lengths, "lengths")
-        if not lengths:
-            raise BadInput(f"--lengths {args.lengths!r} lists no length; give prompt lengths in tokens, "
-                           f"e.g. --lengths 1000,2000")
-    else:
-        lengths = [DEFAULT_LENGTH.get(args.task)]          # longbench-local: None = the model's context
-    depths = _floats(args.depths, "depths")
-    if not depths:
-        raise BadInput(f"--depths {args.depths!r} lists no depth; give fractions in [0, 1], e.g. --depths 0,0.5,1")
+    lengths = [DEFAULT_LENGTH.get(args.task)] if args.lengths is None else \
+        _numbers(args.lengths, "lengths", int, "whole numbers", "prompt lengths in tokens, e.g. --lengths 1000,2000")
+    depths = _numbers(args.depths, "depths", float, "numbers", "fractions in [0, 1], e.g. --depths 0,0.5,1")
     subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip())
     if not subtasks:
         raise BadInput(f"--subtasks {args.subtasks!r} lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
