@@ -169,8 +169,6 @@ def test_markdown_refers_only_to_files_in_the_repository():
     assert not bad, "references to files that are not in the repository:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 in progress: the code's owners are removing spec references "
-                                        "from docstrings and comments")
 def test_code_comments_refer_only_to_files_in_the_repository():
     bad = []
     for rel in (f for f in tracked_files() if f.startswith("minikv/") and f.endswith(".py")):

@@ -227,7 +227,6 @@ def line_count(rel: str) -> int:
 
 
 # ---- the rules -------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=False, reason="issue 14 in progress: minikv/experiments/ is still there")
 def test_package_is_laid_out_as_core_io_tools():
     files = set(package_files())
     for rel in ("minikv/__init__.py", "minikv/config.py", "minikv/model.py", "minikv/attention.py", "minikv/store.py",
@@ -239,16 +238,12 @@ def test_package_is_laid_out_as_core_io_tools():
     assert not stray, f"files outside the core, minikv/io/ and minikv/tools/: {stray}"
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 in progress: generate <-> policies.corm (exact prefill), "
-                                        "tools.bench <-> tools.bench_gpu")
 def test_no_import_cycle():
     graph = import_graph()
     cycles = find_cycles(graph)
     assert not cycles, "import cycles in minikv/:\n" + "\n".join(describe_cycle(c, graph) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 in progress: 78 lazy imports (minikv modules in bounds, "
-                                        "generate, corm, io, tools, experiments; safetensors and stdlib)")
 def test_function_level_imports_are_optional_dependencies_only():
     bad = []
     for rel in package_files():
@@ -273,7 +268,6 @@ def test_core_does_not_import_io_or_tools():
     assert not bad, "the core (minikv/*.py, minikv/policies/) imports from minikv.io / minikv.tools:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 in progress: generate() 67 lines, attend() 51 lines")
 def test_core_functions_are_at_most_40_lines():
     long = []
     for rel in package_files():
