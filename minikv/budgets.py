@@ -45,13 +45,6 @@ class Budget:
         # repr keeps the decimal point (1.0, not 1), so a ratio never reads as a count.
         return repr(self.value) if self.is_ratio else str(self.value)
 
-    def describe(self) -> str:
-        """How the budget was read, e.g. 'budget 0.2 = 20% of each prompt's tokens per (layer, KV head)'."""
-        if self.is_ratio:
-            return f"budget {self} = {self.value * 100:.4g}% of each prompt's tokens per (layer, KV head)"
-        return f"budget {self} = {self.value} entr{'y' if self.value == 1 else 'ies'} per (layer, KV head)"
-
-
 def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
     """'0.2' -> ratio 0.2; '512' -> 512 entries; None stays None (the policy keeps everything).
 

@@ -50,7 +50,6 @@ ARGUMENTS = {
     "max_new_tokens": (lambda x: _is_int(x) and x >= 0, "a non-negative integer"),
     "extra_capacity": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
     "reserve_tokens": (lambda x: x is None or _is_int(x) and x >= 0, "an integer >= 0 or None"),
-    "prefill_rows": (lambda x: x is None or _is_int(x) and x >= 1, "an integer >= 1 or None"),
     "seed": (lambda x: x is None or _is_int(x) and 0 <= x < 2 ** 64, "an integer in 0..2**64-1 or None"),
     "on_tokens": (lambda x: x is None or callable(x), "a callable or None"),
 }
@@ -190,13 +189,6 @@ class GenerationResult:
     stopped_at_context: bool = False
     context: int = 0                               # the model's context, in tokens (for the message)
 
-    def summary(self) -> str:
-        mib = 1 << 20
-        return (f"cache ratio {self.cache_ratio:.3f} | KV live {self.kv_bytes_live / mib:.2f} MiB, "
-                f"allocated {self.kv_bytes_allocated / mib:.2f} MiB, full cache {self.kv_bytes_full / mib:.2f} MiB | "
-                f"prefill {self.prefill_seconds:.2f}s, decode {sum(map(len, self.tokens))} tok in "
-                f"{self.decode_seconds:.2f}s")
-
 
 def full_cache_bytes(model: Llama, cache: KVCache) -> int:
     c = model.cfg
@@ -206,28 +198,22 @@ def full_cache_bytes(model: Llama, cache: KVCache) -> int:
 
 @torch.no_grad()
 def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
-            pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0, rows: int | None = None):
+            pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0):
     """Run the prompts through the model (compressing with `policy`), then the question if given.
 
     Question-aware use puts the question inside `prompts`; question-agnostic use passes it as `question`, which is
-    appended after compression without eviction. `rows` prompts at a time (a lower peak), joined by KVCache.concat
-    before `after_prompt`, so row groups decide what one batch decides. Returns (last logits (B, vocab), cache).
+    appended after compression without eviction. Returns (last logits (B, vocab), cache).
     """
     policy = FullCache() if policy is None else policy
     check_policy(policy)
     prompts, question = check_inputs(model, prompts, question, pad_id)
-    check_arguments(extra_capacity=extra_capacity, prefill_rows=rows)
+    check_arguments(extra_capacity=extra_capacity)
     sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     # Never more room than the context leaves (a huge request must not allocate what can never be used).
     room = min(extra_capacity, context_room(model, prompts, question))
     evicts = policy.decode_evicts or policy.prefill_needs or policy.prefill_pass != "one_pass"
-    rows = rows or len(prompts)
-    parts = [prompt_pass(model, prompts[g:g + rows], policy, pad_id, sdpa, 0 if evicts else room)
-             for g in range(0, len(prompts), rows)]
-    logits = torch.cat([part[0] for part in parts])
-    cache = KVCache.concat([part[1] for part in parts])         # frees each part's layers as it goes
-    del parts
+    logits, cache = prompt_pass(model, prompts, policy, pad_id, sdpa, 0 if evicts else room)
     policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
@@ -265,27 +251,25 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
-             keep_cache: bool = False, reserve_tokens: int | None = None,
-             prefill_rows: int | None = None) -> GenerationResult:
+             keep_cache: bool = False, reserve_tokens: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
 
     Generation never runs past the model's context: at most context - (longest prompt) new tokens, and the result's
     `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
     for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
     more than the context leaves, and grows geometrically beyond that as tokens really arrive.
-    `prefill_rows` prefills that many prompts at a time (see prefill) to keep the prefill peak down.
     """
     policy = FullCache() if policy is None else policy
     check_policy(policy)
     check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     stop = check_stop_ids(model.cfg.eos_ids if stop_ids is None else stop_ids)
-    check_arguments(reserve_tokens=reserve_tokens, prefill_rows=prefill_rows, seed=seed, on_tokens=on_tokens)
+    check_arguments(reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
     n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
     fed = max(n_steps - 1, 0)          # the last sampled token is never fed back
     reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
     t0 = time.perf_counter()
-    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, reserve, rows=prefill_rows)
+    logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, reserve)
     _sync(model)
     t1 = time.perf_counter()
     gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)

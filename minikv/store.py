@@ -9,8 +9,8 @@ Layout (padded per head; slots past a head's length are empty):
                                  decided for the row (D2O's threshold and sizes, Ada-KV's head budgets, ...)
 
 Slot != position once anything was evicted: code that needs "how old" or "how recent" reads `pos`, never the slot.
-Statistics live beside the entries so `keep` moves them together, and per-row state lives beside the rows so
-`concat` joins it with them: a policy is a configuration and never keeps a parallel list or per-sequence state.
+Statistics live beside the entries so `keep` moves them together, and per-row state lives beside the rows: a
+policy is a configuration and never keeps a parallel list or per-sequence state.
 """
 from __future__ import annotations
 
@@ -249,39 +249,3 @@ class KVCache:
     def reserve(self, extra: int) -> None:
         for layer in self.layers:
             layer.reserve(extra)
-
-    @classmethod
-    def concat(cls, caches: list["KVCache"]) -> "KVCache":
-        """Stack caches of different batch rows into one, per-row state included (prefill in row groups).
-
-        Layer by layer, releasing each source layer once copied, so the peak is one layer above the total.
-        The source caches are left without layers. One cache is returned as it is.
-        """
-        if len(caches) == 1:
-            return caches[0]
-        layers = []
-        for i in range(len(caches[0].layers)):
-            layers.append(concat_layers([c.layers[i] for c in caches]))
-            for c in caches:
-                c.layers[i] = None
-        return cls(layers)
-
-
-def concat_layers(stores: list[LayerStore]) -> LayerStore:
-    """One LayerStore holding the batch rows of several, padded to the largest capacity."""
-    S = max(s.capacity for s in stores)
-    for s in stores:
-        if s.capacity < S:
-            s._resize(S)
-    names, row_names = set(stores[0].stats), set(stores[0].rows)
-    if any(set(s.stats) != names or set(s.rows) != row_names for s in stores):
-        raise BadInput("concat: stores carry different statistics or per-row state")
-    cat = lambda get: torch.cat([get(s) for s in stores], dim=0)
-    return LayerStore(k=cat(lambda s: s.k), v=cat(lambda s: s.v), pos=cat(lambda s: s.pos),
-                      length=cat(lambda s: s.length), seen=cat(lambda s: s.seen),
-                      stats={n: cat(lambda s: s.stats[n]) for n in names},
-                      rows={n: cat(lambda s: s.rows[n]) for n in row_names}, n_layers=stores[0].n_layers,
-                      max_len_bound=max(s.max_len_bound for s in stores),
-                      n_appends=max(s.n_appends for s in stores),
-                      heads_aligned=all(s.heads_aligned for s in stores),
-                      max_capacity=max(s.max_capacity for s in stores))

@@ -48,6 +48,7 @@ from minikv.io import convert
 from minikv.budgets import parse_budget
 from minikv.io.checkpoint import load_model
 from minikv.tools.cli import main, parse_options
+from minikv.tools.common import describe_budget
 from minikv.config import LlamaConfig
 from minikv.io.hf_config import config_from_dict, load_config
 from minikv.errors import BadInput, NotFound
@@ -203,7 +204,6 @@ GENERATE_API_CASES = [
     (dict(stop_ids="2"), "stop_ids .* got '2'"),
     (dict(pad_id=500), "pad_id .* got 500"),
     (dict(reserve_tokens=-5), "reserve_tokens .* got -5"),
-    (dict(prefill_rows=0), "prefill_rows .* got 0"),
     (dict(policy="h2o"), "policy must be a policy object .* 'h2o'"),
     (dict(question=[[1], [2]]), "question has 2 rows for 1 prompts"),
     (dict(on_tokens=5), "on_tokens .* 5"),
@@ -275,7 +275,7 @@ def test_parse_options_values_and_errors():
     ("1.0", "budget 1.0 = 100% of each prompt's tokens per (layer, KV head)"),
 ])
 def test_budget_readings(text, reading):
-    assert parse_budget(text).describe() == reading
+    assert describe_budget(parse_budget(text)) == reading
 
 
 def test_cli_prints_how_the_budget_was_read(tiny_model_dir, capsys):

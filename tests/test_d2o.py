@@ -415,18 +415,6 @@ def test_batch_rows_have_their_own_threshold(tiny64):
             assert math.isclose(x["tau"][b], y["tau"][0], rel_tol=1e-9) or math.isnan(y["tau"][0])
 
 
-def test_row_groups_allocate_like_one_batch(tiny64):
-    """Prefill in row groups (caches joined by KVCache.concat before after_prompt) = one batch: F from all rows."""
-    prompts = [_tokens(32, 7), _tokens(41, 8)]
-    whole = generate(tiny64, prompts, D2O(0.3), max_new_tokens=6, stop_ids=[])
-    groups = generate(tiny64, prompts, D2O(0.3), max_new_tokens=6, stop_ids=[], prefill_rows=1)
-    assert groups.tokens == whole.tokens
-    for x, y in zip(whole.policy_report["layers"], groups.policy_report["layers"]):
-        assert x["F"] == pytest.approx(y["F"], rel=1e-9) and x["ratio"] == pytest.approx(y["ratio"], rel=1e-9)
-        assert x["S_h"] == y["S_h"] and x["S_r"] == y["S_r"]
-        assert x["merged"] + x["dropped"] == y["merged"] + y["dropped"]
-
-
 def test_new_sequence_resets_threshold(tiny64):
     d2o = D2O(0.3)
     r1 = generate(tiny64, [_tokens(48, 1)], d2o, max_new_tokens=6, stop_ids=[])

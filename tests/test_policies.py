@@ -173,21 +173,3 @@ def test_every_registered_policy_builds():
     for name in REGISTRY:
         policy = get_policy(name, None if name in ("full", "corm") else 0.5)   # corm is budget-free
         assert policy.name == name
-
-
-@pytest.mark.parametrize("name,budget", [("full", None), ("streaming", 12), ("h2o", 0.3), ("snapkv", 12),
-                                         ("pyramidkv", 12), ("adakv-snapkv", 12), ("adakv-h2o", 0.3),
-                                         ("d2o", 0.3), ("corm", None)])
-def test_prefill_in_row_groups_equals_one_batch(name, budget):
-    """Prefilling rows in groups (caches joined by KVCache.concat, then after_prompt once) = one batch, D2O too."""
-    model = tiny_model(torch.float64)
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(1, 101, (n,), generator=g).tolist() for n in (30, 41, 36, 30)]
-    opts = dict(small_window(name), **({"when": "prefill"} if name == "d2o" else {}),
-                **({"w": 4, "r": 8} if name == "corm" else {}))
-    one = generate(model, prompts, get_policy(name, budget, **opts), max_new_tokens=5, stop_ids=[],
-                   keep_cache=True)
-    grouped = generate(model, prompts, get_policy(name, budget, **opts), max_new_tokens=5, stop_ids=[],
-                       prefill_rows=3, keep_cache=True)
-    assert grouped.tokens == one.tokens
-    assert grouped.cache_ratio == one.cache_ratio and grouped.kv_bytes_live == one.kv_bytes_live

@@ -72,7 +72,6 @@ class AdaSnapKV(SnapKV):
     """SnapKV window scores + Ada-KV head-wise allocation of the layer's prefix budget (prefill only)."""
     name = "adakv-snapkv"
     summary = "Ada-KV over SnapKV: the layer's prefix budget goes to the heads with the highest window scores"
-    budget_note = ", on average over the heads of a layer"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official"):
         super().__init__(budget, window, kernel)
@@ -101,7 +100,6 @@ class AdaPyramidKV(AdaSnapKV):
     """PyramidKV's per-layer prefix budget (budgets.pyramid_prefix_budgets), then the Ada-KV allocation per layer."""
     name = "adakv-pyramidkv"
     summary = "Ada-KV over PyramidKV: depth-shrinking layer budgets, each split unevenly across heads by score"
-    budget_note = ", on average over layers and heads"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
                  variant: str = "official"):
@@ -122,7 +120,6 @@ class AdaH2O(H2O):
     """
     name = "adakv-h2o"
     summary = "Ada-KV over H2O: the heavy-hitter share is split unevenly across heads by accumulated attention"
-    budget_note = ", on average over the heads of a layer"
 
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, alpha: float = 0.2,
                  variant: str = "official"):

@@ -25,7 +25,6 @@ class Policy:
     name = "base"
     summary = ""               # one line for `minikv policies`, distinct for each policy
     takes_budget = True        # False: the policy refuses a budget (it keeps everything, or sizes its own cache)
-    budget_note = ""           # how the policy spreads its budget, appended to the reading (", on average ...")
     prefill_needs: frozenset = frozenset()
     decode_needs: frozenset = frozenset()
     window = 0                 # rows of the last queries needed as "last_rows"
@@ -50,19 +49,9 @@ class Policy:
     def after_step(self, layer: int, store: LayerStore, stats: dict) -> None:
         pass
 
-    def budget_reading(self) -> str:
-        """One line saying how the budget was read (printed by `minikv generate` and `minikv trace`)."""
-        if self.budget is None:
-            return f"no budget: {self.name} sizes its cache without one"
-        return self.budget.describe() + self.budget_note
-
     def report(self, cache: KVCache | None = None) -> dict:
         """The options, and what the policy decided for `cache` (per-layer budgets, thresholds, ...) read from it."""
         return {"policy": self.name, "budget": None if self.budget is None else str(self.budget)}
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(budget={self.budget})"
-
 
 def apply_keep(store: LayerStore, keep: torch.Tensor) -> bool:
     """Compact the store to `keep` unless it keeps every live entry (no reallocation then). Returns True if evicted."""

@@ -106,9 +106,6 @@ class CORM(Policy):
         self.threshold, self.prefill_mode = threshold, prefill_mode
         self.prefill_pass = "token_by_token" if prefill_mode == "exact" else "one_pass"
 
-    def budget_reading(self) -> str:
-        return f"no budget: corm's cache size follows from w={self.w} and r={self.r}"
-
     def after_prefill(self, layer, store, stats):
         if self.prefill_mode == "exact":
             raise RuntimeError("corm prefill_mode='exact' processes the prompt token by token: run it through "
@@ -134,8 +131,3 @@ class CORM(Policy):
         r["entries_per_layer_head"] = {} if cache is None else {l: s.length.tolist() for l, s in
                                                                  enumerate(cache.layers)}
         return r
-
-    def __repr__(self):
-        return (f"CORM(w={self.w}, r={self.r}, prefill_mode={self.prefill_mode!r}, threshold={self.threshold!r}, "
-                f"n_sink={self.n_sink})")
-

@@ -241,7 +241,6 @@ class D2O(Policy):
     """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries."""
     name = "d2o"
     summary = "D2O: variance-weighted layer budgets, H2O selection with sinks, evicted entries merged when similar"
-    budget_note = ", on average over layers (weighted by attention variance)"
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True
@@ -365,12 +364,6 @@ class D2O(Policy):
                         "tau": s.rows["tau"].tolist()} for l, s in enumerate(cache.layers)]
         r["tau_history"] = [s.rows["tau_history"][0].tolist() for s in cache.layers]
         return r
-
-    def __repr__(self):
-        return (f"D2O(budget={self.budget}, heavy_share={self.heavy_share}, n_sink={self.n_sink}, "
-                f"merge_weights={self.merge_weights!r}, threshold_rule={self.threshold_rule!r}, when={self.when!r}, "
-                f"allocation={self.allocation!r})")
-
 
 def layer_statistics(cache: KVCache) -> torch.Tensor:
     """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""

@@ -14,6 +14,3 @@ class FullCache(Policy):
             raise BadInput(f"full keeps every entry, so budget {budget!r} would mean nothing; leave the budget out, "
                            f"or pick a policy that takes one (e.g. h2o, snapkv, streaming)")
         super().__init__(None)
-
-    def budget_reading(self) -> str:
-        return "no budget: the full cache keeps every entry"

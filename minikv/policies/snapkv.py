@@ -82,7 +82,6 @@ class SnapKV(Policy):
 class PyramidKV(SnapKV):
     name = "pyramidkv"
     summary = "PyramidKV: SnapKV scores with per-layer budgets that shrink linearly with depth (min = budget/beta)"
-    budget_note = ", on average over layers (deeper layers get less)"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20):
         super().__init__(budget, window, kernel)

@@ -8,7 +8,7 @@ return probabilities to a policy).
 greedy; per policy the largest batch that fits, decode throughput, prefill time, time per decode step, peak memory
 and live/allocated KV bytes; transformers' generate (full cache, SDPA) as the peer. One call runs the whole table
 (the GPU is lent by the minute); the JSON is saved after every row, so a cut-off run keeps what it measured
-(results in BENCHMARKS.md).
+(results in BENCHMARKS.md). The whole batch is prefilled at once, so the max batch counts the uncompressed prompt.
 
 Both need `transformers` as the peer (`pip install "minikv[bench]"`); that, the output path and the device are
 checked before anything runs, and every measurement prints a progress line (a tqdm bar when tqdm is installed).
@@ -173,7 +173,7 @@ SHAPES = {
                       max_position_embeddings=8192, tie_word_embeddings=False),
 }
 POLICIES = ["full", "streaming", "h2o", "snapkv", "d2o", "corm", "adakv-snapkv"]
-PREFILL_ROWS = 8     # prompts prefilled at a time: peak = compressed caches + one group's uncompressed prompt
+PROBE_BATCH = 8      # the smaller of the two max-batch probes (the larger is 3x)
 
 
 def random_model(shape: str, dtype=torch.bfloat16, device="cuda") -> Llama:
@@ -198,8 +198,8 @@ def policy_for(name: str, ratio: float):
     if name == "corm":
         return get_policy("corm")          # budget-free: its measured ratio is reported
     if name == "d2o":
-        # Compress at the end of each row group's prefill (Sep 2024 timing), so the uncompressed prompt of the
-        # whole batch never exists at once; the default first_decode timing would hold it until the first step.
+        # Compress at the end of prefill (Sep 2024 timing); the default first_decode timing would hold the
+        # uncompressed prompt until the first step.
         return get_policy("d2o", ratio, when="prefill")
     return get_policy(name, ratio)
 
@@ -218,7 +218,7 @@ def run_minikv(model: Llama, policy_name: str, ratio: float, batch: int, prompt_
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     res = generate(model, prompts, policy_for(policy_name, ratio), max_new_tokens=new_tokens, stop_ids=[],
-                   reserve_tokens=reserve, prefill_rows=PREFILL_ROWS)
+                   reserve_tokens=reserve)
     steps = max(1, len(res.tokens[0]) - 1)
     return {
         "engine": "minikv", "policy": policy_name, "batch": batch, "prefill_s": res.prefill_seconds,
@@ -226,7 +226,7 @@ def run_minikv(model: Llama, policy_name: str, ratio: float, batch: int, prompt_
         "decode_tok_per_s": batch * steps / res.decode_seconds,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "kv_live_gib": res.kv_bytes_live / 2**30, "kv_alloc_gib": res.kv_bytes_allocated / 2**30,
-        "kv_full_gib": res.kv_bytes_full / 2**30, "cache_ratio": res.cache_ratio, "prefill_rows": PREFILL_ROWS,
+        "kv_full_gib": res.kv_bytes_full / 2**30, "cache_ratio": res.cache_ratio,
     }
 
 
@@ -245,12 +245,12 @@ def fits(fn, batch: int) -> dict | None:
     return None
 
 
-def max_batch(fn, total_bytes: int, small: int = PREFILL_ROWS, large: int = 3 * PREFILL_ROWS) -> int:
+def max_batch(fn, total_bytes: int, small: int = PROBE_BATCH, large: int = 3 * PROBE_BATCH) -> int:
     """Largest batch for which fn(batch) runs, from a linear memory model checked by real runs.
 
-    Beyond one prefill row group, peak memory is affine in the batch (weights + one group's prefill + per-row
-    cache); two probes at multiples of the group size give the line, the prediction is tried, and the batch backs
-    off by 8% until it fits (each probe costs a prefill).
+    Peak memory is affine in the batch (weights + per-row prefill and cache, the whole batch prefilled at once);
+    two probes give the line, the prediction is tried, and the batch backs off by 8% until it fits (each probe
+    costs a prefill).
     """
     a, b = fits(fn, small), fits(fn, large)
     if a is None or b is None:

@@ -20,7 +20,8 @@ from minikv.policies.base import policy_options
 from minikv.tools import bench, oracle, trace
 from minikv.tools.bound_report import bound_report
 from minikv.tools.common import (add_model_args, add_policy_args, count_arg, format_rows, load_model_and_tokenizer,
-                                 make_policy, parse_options, prompt_arg, seed_arg, temperature_arg, top_p_arg)
+                                 make_policy, parse_options, prompt_arg, result_summary, seed_arg, temperature_arg,
+                                 top_p_arg)
 from minikv.tools.eval import cli as eval_cli
 
 __all__ = ["build_parser", "main", "parse_options"]
@@ -82,7 +83,7 @@ def cmd_generate(args) -> int:
     print()
     trace.print_run_notes(policy, res, args.max_new_tokens)   # after the run: a refusal stays the only stderr line
     print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
-          f"{res.summary()}", file=sys.stderr)
+          f"{result_summary(res)}", file=sys.stderr)
     if args.bound_report:
         print(format_rows(bound_report(model, ids, make_policy(args))), file=sys.stderr)
     return 0

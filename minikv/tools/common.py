@@ -135,6 +135,41 @@ def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4
     return "\n".join(lines)
 
 
+# How each policy spreads its budget, appended to the budget reading.
+BUDGET_NOTES = {"d2o": ", on average over layers (weighted by attention variance)",
+                "pyramidkv": ", on average over layers (deeper layers get less)",
+                "adakv-snapkv": ", on average over the heads of a layer",
+                "adakv-pyramidkv": ", on average over layers and heads",
+                "adakv-h2o": ", on average over the heads of a layer"}
+
+
+def describe_budget(budget) -> str:
+    """How a budget was read, e.g. 'budget 0.2 = 20% of each prompt's tokens per (layer, KV head)'."""
+    if budget.is_ratio:
+        return f"budget {budget} = {budget.value * 100:.4g}% of each prompt's tokens per (layer, KV head)"
+    return f"budget {budget} = {budget.value} entr{'y' if budget.value == 1 else 'ies'} per (layer, KV head)"
+
+
+def budget_reading(policy) -> str:
+    """One line saying how the policy read its budget (printed by `minikv generate` and `minikv trace`)."""
+    if policy.name == "full":
+        return "no budget: the full cache keeps every entry"
+    if policy.name == "corm":
+        return f"no budget: corm's cache size follows from w={policy.w} and r={policy.r}"
+    if policy.budget is None:
+        return f"no budget: {policy.name} sizes its cache without one"
+    return describe_budget(policy.budget) + BUDGET_NOTES.get(policy.name, "")
+
+
+def result_summary(res) -> str:
+    """A GenerationResult's cache ratio, KV bytes and timings on one line."""
+    mib = 1 << 20
+    return (f"cache ratio {res.cache_ratio:.3f} | KV live {res.kv_bytes_live / mib:.2f} MiB, "
+            f"allocated {res.kv_bytes_allocated / mib:.2f} MiB, full cache {res.kv_bytes_full / mib:.2f} MiB | "
+            f"prefill {res.prefill_seconds:.2f}s, decode {sum(map(len, res.tokens))} tok in "
+            f"{res.decode_seconds:.2f}s")
+
+
 def pyplot(what: str = "plots"):
     """matplotlib.pyplot on the Agg backend, or MissingExtra naming how to install it."""
     try:

@@ -13,8 +13,8 @@ import torch
 
 from minikv.errors import BadInput
 from minikv.generate import generate
-from minikv.tools.common import (add_model_args, add_policy_args, count_arg, load_model_and_tokenizer, make_policy,
-                                 prompt_arg)
+from minikv.tools.common import (add_model_args, add_policy_args, budget_reading, count_arg, load_model_and_tokenizer,
+                                 make_policy, prompt_arg, result_summary)
 from minikv.tools.record import Recorder, head_changes
 
 
@@ -94,7 +94,7 @@ def check_layers(layers: set[int] | None, n_layers: int) -> None:
 def print_run_notes(policy, res, max_new_tokens: int) -> None:
     """How the budget was read and, when generation stopped at the model's context, a line saying so (on stderr,
     after the run, so that a refusal during prefill stays the only stderr line)."""
-    print(policy.budget_reading(), file=sys.stderr)
+    print(budget_reading(policy), file=sys.stderr)
     if res.stopped_at_context:
         print(f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
               f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
@@ -109,7 +109,7 @@ def cmd_trace(args) -> int:
     print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
-    print(res.summary())
+    print(result_summary(res))
     print("policy report:", json.dumps(res.policy_report, default=_jsonable))
     return 0
 
