@@ -73,11 +73,10 @@ def check_token_row(row, vocab_size: int, name: str) -> list[int]:
         raise BadInput(f"{name} must be a list of token ids, got {type(row).__name__} {_short(row)}")
     if not row:
         raise BadInput(f"{name} is empty: every prompt must hold at least one token")
-    if not all(type(t) is int for t in row):                 # the slow path only for unusual element types
-        for j, t in enumerate(row):
-            if not _is_int(t):
-                raise BadInput(f"{name}[{j}] = {_short(t)} is not a token id (an integer)")
-        row = [int(t) for t in row]
+    bad = next((j for j, t in enumerate(row) if type(t) is not int and not _is_int(t)), None)
+    if bad is not None:
+        raise BadInput(f"{name}[{bad}] = {_short(row[bad])} is not a token id (an integer)")
+    row = [int(t) for t in row]
     lo, hi = min(row), max(row)
     if lo < 0 or hi >= vocab_size:
         j = row.index(lo if lo < 0 else hi)
@@ -118,10 +117,9 @@ def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int
             raise BadInput(f"question has {len(question)} rows for {len(prompts)} prompts: give one per prompt")
     if not _is_int(pad_id) or not 0 <= pad_id < vocab:
         raise BadInput(f"pad_id must be a token id in 0..{vocab - 1}, got {pad_id!r}")
-    if context_room(model, prompts, question) < 0:
-        longest = model.cfg.max_position_embeddings - context_room(model, prompts, question)
-        raise BadInput(f"prompt of {longest} tokens is longer than the model's context "
-                       f"({model.cfg.max_position_embeddings} tokens)")
+    room, context = context_room(model, prompts, question), model.cfg.max_position_embeddings
+    if room < 0:
+        raise BadInput(f"prompt of {context - room} tokens is longer than the model's context ({context} tokens)")
     return prompts, question
 
 
@@ -140,8 +138,6 @@ def context_room(model: Llama, prompts: list[list[int]], question: list[list[int
 
 
 # ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
-
-
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
@@ -213,31 +209,21 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     # Never more room than the context leaves (a huge request must not allocate what can never be used).
     room = min(extra_capacity, context_room(model, prompts, question))
     evicts = policy.decode_evicts or policy.prefill_needs or policy.prefill_pass != "one_pass"
-    logits, cache = prompt_pass(model, prompts, policy, pad_id, sdpa, 0 if evicts else room)
+    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + (0 if evicts else room))
+    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts]))
+    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)      # (B, T) each; padding has pos -1
+    if policy.prefill_pass == "token_by_token":                         # the prompt as decode steps (CORM exact)
+        for j in range(ids.shape[1]):                                    # left-padded rows skip their padding
+            logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
+    else:
+        logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs,
+                       window=policy.window, use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
     policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
     if not policy.decode_evicts:
         cache.reserve(room)                      # a no-op when the room was allocated up front
-    return logits, cache
-
-
-def prompt_pass(model: Llama, prompts: list[list[int]], policy, pad_id: int, sdpa: bool, room: int):
-    """A fresh cache holding the prompts (their lengths in its rows), compressed by the per-layer hooks.
-
-    One forward pass with `after_prefill`, or (prefill_pass "token_by_token") one decode_step per prompt position.
-    Returns (logits of the last token (B, vocab), cache).
-    """
-    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + room)
-    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts]))
-    ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)      # (B, T) each; padding has pos -1
-    if policy.prefill_pass == "token_by_token":
-        for j in range(ids.shape[1]):                                    # left-padded rows skip their padding
-            logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
-        return logits, cache
-    logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs, window=policy.window,
-                   use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
     return logits, cache
 
 

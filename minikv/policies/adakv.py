@@ -40,11 +40,8 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
                    variant: str = "official", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Ada-KV head-wise prefix budgets (B, Hkv) from scores (B, Hkv, m) and the average prefix budget b per head.
 
-    official (FFY0/AdaKV snapkv_utils.py, AdaptiveSnapKVCluster.update_kv): f_i = how many of the global
-      top-(Hkv*b) over all heads' scores concatenated belong to head i; B_i = round((1 - alpha) f_i + floor(alpha b))
-      (torch.round, half to even; computed in float64), so the layer total may miss Hkv*b (train_free.md §9).
-    exact (kvpress AdaKVPress): each head first keeps its own top floor(alpha b); a global top over all remaining
-      entries fills the rest, so sum_i B_i = Hkv*b exactly (or every candidate, when there are fewer).
+    official: B_i = round((1 - alpha) f_i + floor(alpha b)), f_i = head i's share of the global top-(Hkv*b);
+    exact: each head's top floor(alpha b), then a global top fills the rest (sum = Hkv*b); train_free.md §8.1, §9.
     scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
     """
     check_allocation_options(alpha, variant)
@@ -113,11 +110,7 @@ class AdaPyramidKV(AdaSnapKV):
 
 
 class AdaH2O(H2O):
-    """H2O accumulated scores + Ada-KV allocation of the heavy-hitter share; the n_recent window stays uniform.
-
-    Once a row's cache exceeds the budget, its Hkv*n_heavy non-recent entries are allocated across heads by
-    adakv_allocate; each head keeps that heavy count for the rest of the sequence (train_free.md §9).
-    """
+    """H2O scores + Ada-KV allocation of the heavy share, once per row (train_free.md §9); the window stays uniform."""
     name = "adakv-h2o"
     summary = "Ada-KV over H2O: the heavy-hitter share is split unevenly across heads by accumulated attention"
 

@@ -11,10 +11,8 @@ its own step, pos + 1). The rule is then  evict iff pos_i <= t-1-r and last_hit_
 exactly the decisions of storing the last w attention rows (tests/test_corm.py checks it against a literal w-row
 implementation).
 
-prefill_mode "oneshot" (default) applies the rule once, with the last w prompt rows, after a full-attention prefill;
-"exact" runs the definition: the prompt as decode steps (prefill_pass = "token_by_token", so generate.prefill feeds
-it through after_step). The GQA union rule, oneshot's approximation and the options threshold="cached" and n_sink
-(not in the paper): train_free.md §9.
+prefill_mode "oneshot" (default) applies the rule once with the last w prompt rows; "exact" feeds the prompt as
+decode steps (prefill_pass = "token_by_token"). GQA union rule, oneshot, threshold="cached", n_sink: train_free.md §9.
 """
 from __future__ import annotations
 

@@ -14,10 +14,8 @@ being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
     Step 5  k_c <- weighted sum of k_c and its merged k_e      merge_weights_code, merge_weights_paper
     Step 6  evict_and_merge, called by D2O.after_step (and by after_prompt with when="prefill")
 
-Budget: a ratio rho is a fraction of the sequence length T at the first compression; a count c caps each layer at
-cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head (train_free.md §9).
 Per-row state (head variances, ratio, S_h/S_r, tau, merge counts) lives in each layer's `store.rows`.
-Deviations from the paper and the authors' code (per KV head, tau per row, ...): train_free.md §9.
+Budgets as a ratio or a count, and the deviations (per KV head, tau per row, ...): train_free.md §9.
 """
 from __future__ import annotations
 
@@ -68,20 +66,22 @@ def layer_weights(F: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-F.double(), dim=0)
 
 
+def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
+    """Step 2: each layer's multiple of the nominal budget, L * softmax(-F)_l ("variance") or 1 ("uniform"). (L,)"""
+    if allocation == "variance":
+        return layer_weights(F) * F.shape[0]                              # sums to L
+    if allocation == "uniform":
+        return torch.ones(F.shape[0], dtype=torch.float64)
+    raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
 def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
                  allocation: str = "variance") -> torch.Tensor:
     """Step 2: r_l = clamp(softmax(-F)_l * L * rho, 0.01, 1) ("uniform": rho); protected layers get 1. (L, B).
 
     F: (L,); rho: (B,) nominal ratio per batch row. Protected layers' shares are not redistributed.
     """
-    L = F.shape[0]
-    rho = rho.double()
-    if allocation == "variance":
-        raw = layer_weights(F)[:, None] * L * rho[None, :]                  # (L, B), sums to L * rho
-    elif allocation == "uniform":
-        raw = rho[None, :].expand(L, -1)
-    else:
-        raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    raw = layer_shares(F, allocation)[:, None] * rho.double()[None, :]    # (L, B)
     r = raw.clamp(0.01, 1.0).clone()
     for layer in protected:
         r[layer] = 1.0
@@ -92,14 +92,8 @@ def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), a
                n_rows: int = 1) -> torch.Tensor:
     """Step 2 for a count budget c: cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c);
     protected layers get -1 (never compressed). (L, B) long. Before flooring, sum_l cap_l = L * c."""
-    L = F.shape[0]
-    if allocation == "variance":
-        raw = (layer_weights(F) * L * count).floor().clamp_min(1).long()   # (L,)
-    elif allocation == "uniform":
-        raw = torch.full((L,), int(count), dtype=torch.long)
-    else:
-        raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    caps = raw[:, None].expand(L, n_rows).clone()
+    raw = (layer_shares(F, allocation) * count).floor().clamp_min(1).long()   # (L,)
+    caps = raw[:, None].expand(len(raw), n_rows).clone()
     for layer in protected:
         caps[layer] = -1
     return caps
@@ -262,9 +256,9 @@ class D2O(Policy):
         beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
         self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
         self.beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
-        if tau_override is not None:
-            if isinstance(tau_override, bool) or not isinstance(tau_override, (int, float)) or math.isnan(tau_override):
-                raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
+        if tau_override is not None and (isinstance(tau_override, bool) or not isinstance(tau_override, (int, float))
+                                         or math.isnan(tau_override)):
+            raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
         self.protected_option = protected_layer_option(protected_layers)
         self.tau_override = tau_override
 
