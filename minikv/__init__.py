@@ -2,8 +2,7 @@
 
     from minikv import load, generate, get_policy
     model = load("path/to/model")                    # a Hugging Face model folder
-    result = generate(model, [[1, 2, 3]], get_policy("h2o", 0.2), max_new_tokens=16)
-"""
+    result = generate(model, [[1, 2, 3]], get_policy("h2o", 0.2), max_new_tokens=16)"""
 from minikv.generate import decode_step, generate, prefill
 from minikv.io.checkpoint import load_model as load
 from minikv.model import Llama

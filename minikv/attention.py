@@ -7,8 +7,7 @@ position p sees the live entries with position <= p. Long prompts are processed 
 accumulated chunk by chunk:
   "colsum"     attention each entry received, summed over the queries: (B, Hkv, G, S)       (H2O, D2O)
   "last_rows"  probabilities of the last `window` queries:             (B, Hkv, G, w, S)    (SnapKV, Ada-KV, CORM)
-  "probs"      all probabilities (decode steps, small T):               (B, Hkv, G, T, S)
-"""
+  "probs"      all probabilities (decode steps, small T):               (B, Hkv, G, T, S)"""
 from __future__ import annotations
 
 import math
@@ -36,11 +35,9 @@ def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor
 def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
            window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
     """Attention of queries over the store. Returns (out (B, Hq, T, d), stats dict as requested in `need`).
-
     q: (B, Hq, T, d) already rotated; qpos: (B, T) absolute positions, -1 for padding queries (output 0).
     need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows";
-    padded: False promises that no query is padding (lets the SDPA path use a plain causal mask on a fresh prompt).
-    """
+    padded: False promises that no query is padding (lets the SDPA path use a plain causal mask on a fresh prompt)."""
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
     if Hq % Hkv:

@@ -8,8 +8,7 @@ from the identity ||A_i - Â_i||_1 = 2 (1 - F_i). A head left with nothing (F_i 
 
 GQA: masks and values may be given per KV head (Hkv rows); KV head k serves query heads k*G .. k*G + G - 1, so they
 are expanded to the h query heads before use. Policies select with the group *mean* of the weights.
-Everything here works in float64 when given float64 (bound checks should be).
-"""
+Everything here works in float64 when given float64 (bound checks should be)."""
 from __future__ import annotations
 
 import torch
@@ -72,10 +71,8 @@ def global_bound(A: torch.Tensor, mask: torch.Tensor, C_i: torch.Tensor) -> torc
 
 def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """||y - ŷ||_1, y = sum_i A_i V_i W_i, ŷ the same with renormalised kept weights Â_i (0 for an emptied head).
-
     A: (h, n); V: (h|Hkv, n, d); W_o_blocks: (h, d, D); mask: (h|Hkv, n) bool. Computed as the L1 norm of
-    sum_i (A_i - Â_i) V_i W_i, which equals y - ŷ and avoids cancelling two nearly equal outputs.
-    """
+    sum_i (A_i - Â_i) V_i W_i, which equals y - ŷ and avoids cancelling two nearly equal outputs."""
     h = A.shape[-2]
     V = expand_kv_heads(V, h, dim=-3)                                      # (h, n, d)
     diff = A - renormalise(A, mask)                                        # (h, n)

@@ -2,8 +2,7 @@
 (e.g. Ada-KV's head-wise allocation over a PyramidKV layer schedule, D2O's layer ratios over H2O selection).
 
 A budget is the number of entries one (layer, KV head) may hold, counting everything kept (sinks, windows, heavy
-hitters, merged entries). Users give it as a count (`512`) or as a ratio of the prompt length (`0.2`).
-"""
+hitters, merged entries). Users give it as a count (`512`) or as a ratio of the prompt length (`0.2`)."""
 from __future__ import annotations
 
 import math
@@ -47,9 +46,7 @@ class Budget:
 
 def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
     """'0.2' -> ratio 0.2; '512' -> 512 entries; None stays None (the policy keeps everything).
-
-    Written with a decimal point or an exponent ('1.0', '1e3') the value is a ratio; digits alone are a count.
-    """
+    Written with a decimal point or an exponent ('1.0', '1e3') the value is a ratio; digits alone are a count."""
     if text is None or isinstance(text, Budget):
         return text
     if isinstance(text, Integral) and not isinstance(text, bool):
@@ -80,10 +77,8 @@ def _budget(text, value: int | float) -> Budget:
 def pyramid_prefix_budgets(prefix_budget: torch.Tensor, prompt_lengths: torch.Tensor, window: int,
                            n_layers: int, beta: int = 20) -> torch.Tensor:
     """PyramidKV's linearly decreasing per-layer prefix budgets (train_free.md §5), (B,) -> (L, B).
-
     b = average prefix budget; min_b = b // beta; max_b = 2b - min_b, capped at n - w (then min_b = 2b - max_b);
-    step = (max_b - min_b) // (L - 1); layer l keeps max_b - l * step prefix entries.
-    """
+    step = (max_b - min_b) // (L - 1); layer l keeps max_b - l * step prefix entries."""
     b = prefix_budget.long()
     n = torch.as_tensor(prompt_lengths, dtype=torch.long, device=b.device)
     min_b = b // beta

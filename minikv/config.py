@@ -1,8 +1,7 @@
 """Model configuration: one dataclass holding a Llama's shape; `minikv.io.hf_config` reads it from `config.json`.
 
 Dimension letters used in shape comments across minikv:
-  B batch, T new tokens (queries), S cache slots, Hq query heads, Hkv KV heads, G = Hq // Hkv, d head dim, L layers.
-"""
+  B batch, T new tokens (queries), S cache slots, Hq query heads, Hkv KV heads, G = Hq // Hkv, d head dim, L layers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict

@@ -2,8 +2,7 @@
 
 They subclass the built-in exceptions a Python caller already expects (`ValueError`, `FileNotFoundError`,
 `ImportError`), so `except ValueError` keeps working; the command line turns exactly these into one line
-`minikv: error: ...` with exit status 2. Any other exception is a bug in minikv and keeps its traceback.
-"""
+`minikv: error: ...` with exit status 2. Any other exception is a bug in minikv and keeps its traceback."""
 from __future__ import annotations
 
 

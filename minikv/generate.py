@@ -5,8 +5,7 @@
                cache, then the question (if any) without eviction. A policy that declares
                prefill_pass = "token_by_token" (CORM's exact mode) gets the prompt as decode steps instead.
   decode_step  one token per row through the model with `after_step` on every layer.
-  generate     prefill, then sample and decode_step until max_new_tokens, a stop token or the end of the context.
-"""
+  generate     prefill, then sample and decode_step until max_new_tokens, a stop token or the end of the context."""
 from __future__ import annotations
 
 import math
@@ -196,10 +195,8 @@ def full_cache_bytes(model: Llama, cache: KVCache) -> int:
 def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
             pad_id: int = 0, use_sdpa: bool | None = None, extra_capacity: int = 0):
     """Run the prompts through the model (compressing with `policy`), then the question if given.
-
     Question-aware use puts the question inside `prompts`; question-agnostic use passes it as `question`, which is
-    appended after compression without eviction. Returns (last logits (B, vocab), cache).
-    """
+    appended after compression without eviction. Returns (last logits (B, vocab), cache)."""
     policy = FullCache() if policy is None else policy
     check_policy(policy)
     prompts, question = check_inputs(model, prompts, question, pad_id)
@@ -239,12 +236,10 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
              keep_cache: bool = False, reserve_tokens: int | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
-
     Generation never runs past the model's context: at most context - (longest prompt) new tokens, and the result's
     `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
     for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
-    more than the context leaves, and grows geometrically beyond that as tokens really arrive.
-    """
+    more than the context leaves, and grows geometrically beyond that as tokens really arrive."""
     policy = FullCache() if policy is None else policy
     check_policy(policy)
     check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
@@ -275,7 +270,6 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
 def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_steps: int, sampler, stop: set[int],
                 pad_id: int, on_tokens, use_sdpa) -> tuple[list[list[int]], torch.Tensor]:
     """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most.
-
     Returns (new tokens per row, stop token excluded; (B,) bool: the row hit a stop token)."""
     B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -301,10 +295,8 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
                 use_sdpa: bool | None = None) -> torch.Tensor:
     """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
-
     tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
-    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path).
-    """
+    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path)."""
     sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,

@@ -2,8 +2,7 @@
 
 RoPE convention (the only one used inside minikv): Hugging Face "rotate_half", which pairs dimension i with i + d/2.
 Checkpoints in the Meta/GGUF interleaved order are converted at load time (minikv/io/convert.py, tested).
-The KV store is passed in explicitly; modules hold weights only.
-"""
+The KV store is passed in explicitly; modules hold weights only."""
 from __future__ import annotations
 
 from typing import Callable
@@ -36,9 +35,7 @@ class RMSNorm(nn.Module):
 # ---- RoPE --------------------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
     """Inverse frequencies base^(-2i/d), with `linear` or `llama3` scaling applied when the config asks. (d/2,)
-
-    Computed in `dtype` throughout: float32 reproduces Hugging Face's arithmetic, float64 is the oracle mode.
-    """
+    Computed in `dtype` throughout: float32 reproduces Hugging Face's arithmetic, float64 is the oracle mode."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d))
     sc = cfg.rope_scaling or {}
@@ -59,9 +56,7 @@ def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for absolute positions pos (B, T) -> each (B, 1, T, d) in rotate_half layout.
-
-    Angles are computed in inv_freq's dtype (float32, or float64 in oracle mode) and cast to the model's dtype.
-    """
+    Angles are computed in inv_freq's dtype (float32, or float64 in oracle mode) and cast to the model's dtype."""
     angles = pos.clamp_min(0).to(inv_freq.dtype)[..., None] * inv_freq     # (B, T, d/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -173,10 +168,8 @@ class Llama(nn.Module):
                 hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
                 use_sdpa: bool = False, last_only: bool = False) -> torch.Tensor:
         """Run T new tokens per row through the model, appending their keys/values to `cache`.
-
         tokens: (B, T) ids; pos: (B, T) absolute positions (-1 marks left padding, which is not cached);
-        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only).
-        """
+        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only)."""
         B, T = tokens.shape
         if pos is None:
             pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)

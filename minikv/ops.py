@@ -2,8 +2,7 @@
 
 Tie-break rule (documented for kernel authors, used by every policy): among equal scores the entry in the lower
 slot wins. Live slots are kept in position order, so this is "higher score first, then older position first".
-Empty slots never win.
-"""
+Empty slots never win."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +11,8 @@ from minikv.errors import BadInput
 
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the top-k entries of `scores` along the last dim, with the documented tie-break.
-
     scores: (..., S); k: an int or a tensor broadcastable to scores.shape[:-1] (per-head counts);
-    valid: (..., S) bool, entries that may be chosen. Returns (..., S) bool with min(k, #valid) True per row.
-    """
+    valid: (..., S) bool, entries that may be chosen. Returns (..., S) bool with min(k, #valid) True per row."""
     if scores.device.type == "cpu" and torch.isnan(scores).any():   # (on GPU this check would sync every step)
         raise BadInput("select_topk: scores contain NaN")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))

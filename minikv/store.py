@@ -10,8 +10,7 @@ Layout (padded per head; slots past a head's length are empty):
 
 Slot != position once anything was evicted: code that needs "how old" or "how recent" reads `pos`, never the slot.
 Statistics live beside the entries so `keep` moves them together, and per-row state lives beside the rows: a
-policy is a configuration and never keeps a parallel list or per-sequence state.
-"""
+policy is a configuration and never keeps a parallel list or per-sequence state."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,7 +96,6 @@ class LayerStore:
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth).
-
         Never beyond max_capacity: room past the context could not be used."""
         if isinstance(extra, bool) or not isinstance(extra, Integral) or extra < 0:
             raise BadInput(f"reserve: extra entries must be an integer >= 0, got {extra!r}")
@@ -110,9 +108,7 @@ class LayerStore:
     # ---- append --------------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Append T new tokens to every head of each batch row; tokens with pos < 0 (left padding) are skipped.
-
-        k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot each token went to, (B, Hkv, T) (-1 if skipped).
-        """
+        k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot each token went to, (B, Hkv, T) (-1 if skipped)."""
         B, Hkv, T, d = k.shape
         if v.shape != k.shape or pos.shape != (B, T):
             raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not agree")
@@ -150,10 +146,8 @@ class LayerStore:
     # ---- keep (eviction with real compaction) --------------------------------------------------------------
     def keep(self, keep_mask: torch.Tensor) -> None:
         """Evict every live entry whose `keep_mask` is False and compact the survivors to the front, in order.
-
         keep_mask: (B, Hkv, S) bool. Heads may keep different counts (uneven budgets are stored for real).
-        When the longest head shrinks below half the capacity the tensors are reallocated, returning memory.
-        """
+        When the longest head shrinks below half the capacity the tensors are reallocated, returning memory."""
         if keep_mask.shape != self.pos.shape:
             raise BadInput(f"keep: mask shape {tuple(keep_mask.shape)} != store slots {tuple(self.pos.shape)}")
         keep_mask = keep_mask & self.valid
@@ -177,11 +171,9 @@ class LayerStore:
     def merge(self, dst_slot: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
               src_weight: torch.Tensor, dst_scale: torch.Tensor) -> None:
         """Weighted in-place merge of E source vectors into kept entries (D2O, Step 5).
-
         k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * src_k[e]   (the same for v)
         dst_slot: (B, Hkv, E) int64; src_k, src_v: (B, Hkv, E, d); src_weight: (B, Hkv, E) (0 = not merged);
-        dst_scale: (B, Hkv, S), 1 for entries that receive nothing.
-        """
+        dst_scale: (B, Hkv, S), 1 for entries that receive nothing."""
         d = self.k.shape[-1]
         idx = dst_slot[..., None].expand(*dst_slot.shape, d)
         w = src_weight[..., None].to(self.k.dtype)

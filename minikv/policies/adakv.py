@@ -8,8 +8,7 @@ and composes with SnapKV window scores, PyramidKV's layer schedule and H2O's acc
 stores its own count (store.keep compacts unevenly; no masking).
 
 Budget = average per-head cache size INCLUDING the window: prefix budget b = budget - window (SnapKV family) or
-b = n_heavy (H2O family, whose window is the n_recent most recent entries).
-"""
+b = n_heavy (H2O family, whose window is the n_recent most recent entries)."""
 from __future__ import annotations
 
 import torch
@@ -39,11 +38,9 @@ def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
 def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alpha: float = 0.2,
                    variant: str = "official", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Ada-KV head-wise prefix budgets (B, Hkv) from scores (B, Hkv, m) and the average prefix budget b per head.
-
     official: B_i = round((1 - alpha) f_i + floor(alpha b)), f_i = head i's share of the global top-(Hkv*b);
     exact: each head's top floor(alpha b), then a global top fills the rest (sum = Hkv*b); train_free.md §8.1, §9.
-    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
-    """
+    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,)."""
     check_allocation_options(alpha, variant)
     B, H, m = scores.shape
     valid = (scores > float("-inf")) if valid is None else valid

@@ -6,8 +6,7 @@ A policy declares which attention statistics it needs (`prefill_needs`, `decode_
   after_prompt(cache)                  once on the whole cache after the prompt (what needs every layer: D2O)
   after_step(layer, store, stats)      decode-time compression of one layer after each generated token
 A per-layer hook touches only its own layer. A policy is a configuration (budget, options): whatever it decides
-per sequence lives in the cache (`LayerStore.rows`), so one policy object serves any number of runs and batches.
-"""
+per sequence lives in the cache (`LayerStore.rows`), so one policy object serves any number of runs and batches."""
 from __future__ import annotations
 
 import inspect

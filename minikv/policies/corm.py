@@ -37,9 +37,7 @@ def init_last_hit(store: LayerStore) -> torch.Tensor:
 
 def step_thresholds(store: LayerStore, qpos: torch.Tensor, threshold: str, dtype) -> torch.Tensor:
     """tau = 1/s with s = qpos + 1 (absolute step; "step") or s = entries visible to the query ("cached"). (B, Hkv, Tq)
-
-    qpos: (B, Tq) query positions. Padding queries (s < 1) get tau = +inf, so they never mark a hit.
-    """
+    qpos: (B, Tq) query positions. Padding queries (s < 1) get tau = +inf, so they never mark a hit."""
     B, Hkv = store.pos.shape[:2]
     if threshold == "step":
         s = (qpos + 1)[:, None, :].expand(B, Hkv, -1)                     # (B, Hkv, Tq)

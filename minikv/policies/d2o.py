@@ -15,8 +15,7 @@ being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
     Step 6  evict_and_merge, called by D2O.after_step (and by after_prompt with when="prefill")
 
 Per-row state (head variances, ratio, S_h/S_r, tau, merge counts) lives in each layer's `store.rows`.
-Budgets as a ratio or a count, and the deviations (per KV head, tau per row, ...): train_free.md §9.
-"""
+Budgets as a ratio or a count, and the deviations (per KV head, tau per row, ...): train_free.md §9."""
 from __future__ import annotations
 
 import math
@@ -38,9 +37,7 @@ ALLOCATIONS = ("variance", "uniform")
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
 def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Step 1: v = unbiased variance over key positions of each query head's column sums. (B, Hq) float64.
-
-    colsum: (B, Hkv, G, S) attention received per entry, summed over prompt queries; valid: (B, Hkv, S) live slots.
-    """
+    colsum: (B, Hkv, G, S) attention received per entry, summed over prompt queries; valid: (B, Hkv, S) live slots."""
     B, Hkv, G, S = colsum.shape
     col = colsum.double().reshape(B, Hkv * G, S)                           # (B, Hq, S); query head j -> KV j // G
     mask = valid[:, :, None, :].expand(B, Hkv, G, S).reshape(B, Hkv * G, S)  # (B, Hq, S)
@@ -78,9 +75,7 @@ def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
 def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
                  allocation: str = "variance") -> torch.Tensor:
     """Step 2: r_l = clamp(softmax(-F)_l * L * rho, 0.01, 1) ("uniform": rho); protected layers get 1. (L, B).
-
-    F: (L,); rho: (B,) nominal ratio per batch row. Protected layers' shares are not redistributed.
-    """
+    F: (L,); rho: (B,) nominal ratio per batch row. Protected layers' shares are not redistributed."""
     raw = layer_shares(F, allocation)[:, None] * rho.double()[None, :]    # (L, B)
     r = raw.clamp(0.01, 1.0).clone()
     for layer in protected:
@@ -118,10 +113,8 @@ def evicted_slots(evict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, eps: float = 1e-8):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
-
     k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep: (B, Hkv, S) kept slots.
-    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the lower slot (older position).
-    """
+    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the lower slot (older position)."""
     d = k.shape[-1]
     kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)                  # (B, Hkv, S, d) unit keys
     ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, d))   # (B, Hkv, E, d)
@@ -167,9 +160,7 @@ def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> to
 # ---- Step 5: merge weights -------------------------------------------------------------------------------------
 def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
     """Step 5 ("code"): k_c <- (k_c + sum_{e in I_c} m_e k_e) / (1 + |I_c|), i.e. scatter-mean with include_self.
-
-    m, dst, merged: (B, Hkv, E). Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)) for LayerStore.merge.
-    """
+    m, dst, merged: (B, Hkv, E). Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)) for LayerStore.merge."""
     w = merged.to(m.dtype)
     count = torch.zeros(*dst.shape[:2], S, dtype=w.dtype, device=dst.device).scatter_add(2, dst, w)  # |I_c|
     scale = 1.0 / (1.0 + count)                                           # (B, Hkv, S)
@@ -178,7 +169,6 @@ def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor,
 
 def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
     """Step 5 ("paper"): w_e = exp(u_e) / (sum_{I_c} exp(u_e') + e), w_c = e / (sum exp(u_e') + e); convex.
-
     u_e = cos(k_e, k_c) = m_e for the entry's nearest kept c. Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)).
     """
     ex = torch.where(merged, torch.exp(torch.where(merged, m, 0.0)), 0.0)   # (B, Hkv, E)
@@ -190,10 +180,8 @@ def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor
 def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
                     merge_weights: str = "code", tau_override: float | None = None, threshold_rule: str | None = None):
     """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then compaction.
-
     keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression); threshold_rule
-    defaults to the rule named like the weights. Returns (new tau (B,), merged (B,), dropped (B,) entries per row).
-    """
+    defaults to the rule named like the weights. Returns (new tau (B,), merged (B,), dropped (B,) entries per row)."""
     evict = store.valid & ~keep                                           # (B, Hkv, S)
     if not bool(evict.any()):
         zero = torch.zeros(tau.shape, dtype=torch.long, device=tau.device)
@@ -220,9 +208,7 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
 # ---- the policy ------------------------------------------------------------------------------------------------
 def protected_layer_option(value) -> tuple[int, ...] | None:
     """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1); one int is one layer.
-
-    Indices are checked against the model's depth in `start`, when it is known.
-    """
+    Indices are checked against the model's depth in `start`, when it is known."""
     if value is None:
         return None
     items = [value] if isinstance(value, int) and not isinstance(value, bool) else value

@@ -2,8 +2,7 @@
 entries that have received the most attention so far (accumulated over every query that saw them).
 
 Score (store stat "score"): prefill column sums of the attention matrix + each decode step's attention row,
-averaged over the G query heads of a KV group. Budget = n_heavy + n_recent (default split 1:1).
-"""
+averaged over the G query heads of a KV group. Budget = n_heavy + n_recent (default split 1:1)."""
 from __future__ import annotations
 
 import torch
@@ -29,9 +28,7 @@ def accumulate_step_scores(store: LayerStore, probs: torch.Tensor) -> None:
 def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Tensor, n_recent: torch.Tensor,
                       n_sink: int = 0) -> torch.Tensor:
     """(B, Hkv, S) keep mask: the last n_recent positions, plus the top n_heavy other entries by score.
-
-    The first n_sink positions get score +inf (they count inside n_heavy). n_heavy, n_recent: (B,) or (B, Hkv).
-    """
+    The first n_sink positions get score +inf (they count inside n_heavy). n_heavy, n_recent: (B,) or (B, Hkv)."""
     n_heavy, n_recent = (x if x.dim() == 2 else x[:, None] for x in (n_heavy, n_recent))
     recent = recent_mask(store.pos, n_recent, store.seen)
     score = score.masked_fill(first_positions_mask(store.pos, n_sink), float("inf"))

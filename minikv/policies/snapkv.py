@@ -3,8 +3,7 @@
 The last `window` prompt queries vote: score_j = mean over window queries of A[i, j] (then the GQA group mean),
 max-pooled along positions (kernel 7). Keep the window plus the top (budget - window) earlier entries.
 PyramidKV uses the same scores with a per-layer budget that decreases linearly with depth.
-Decode tokens are appended without eviction.
-"""
+Decode tokens are appended without eviction."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +18,7 @@ from minikv.errors import BadInput
 
 def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:
     """SnapKV prefix scores (B, Hkv, S): window-mean attention, group mean, max-pool; -inf outside the prefix.
-
-    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries.
-    """
+    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries."""
     s = group_mean(last_rows.mean(dim=3))                                  # (B, Hkv, S)
     prefix = store.valid & ~recent_mask(store.pos, window, store.seen)     # earlier entries, not the window
     s = s.masked_fill(~prefix, float("-inf"))

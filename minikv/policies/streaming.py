@@ -1,8 +1,7 @@
 """StreamingLLM (Xiao et al. 2023): keep the first `n_sink` positions (attention sinks) and the most recent ones.
 
 Reference: mit-han-lab/streaming-llm `StartRecentKVCache(start_size=n_sink, recent_size=budget - n_sink)`; keys stay
-at their true positions (no positional shift, train_free.md §9).
-"""
+at their true positions (no positional shift, train_free.md §9)."""
 from __future__ import annotations
 
 import torch
