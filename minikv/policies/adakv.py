@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from minikv.budgets import pyramid_prefix_budgets
 from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import apply_keep, choice_option, float_option, int_option
 from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
-from minikv.policies.snapkv import SnapKV, compressed_layers, window_plus_topk_keep, window_scores
+from minikv.policies.snapkv import PyramidKV, SnapKV, compressed_layers, window_plus_topk_keep, window_scores
 from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
@@ -90,20 +89,16 @@ class AdaSnapKV(SnapKV):
         return _head_report(super().report(cache), self, cache)
 
 
-class AdaPyramidKV(AdaSnapKV):
-    """PyramidKV's per-layer prefix budget (budgets.pyramid_prefix_budgets), then the Ada-KV allocation per layer."""
+class AdaPyramidKV(PyramidKV, AdaSnapKV):
+    """PyramidKV's per-layer prefix budget (PyramidKV.prefix_budgets), then the Ada-KV allocation per layer."""
     name = "adakv-pyramidkv"
     summary = "Ada-KV over PyramidKV: depth-shrinking layer budgets, each split unevenly across heads by score"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
                  variant: str = "official"):
-        super().__init__(budget, window, kernel, alpha, variant)
-        self.beta = int_option(self.name, "beta", beta, lo=1, what="the last layer keeps 1/beta of the average")
-
-    def prefix_budgets(self, layer, store):
-        b = super().prefix_budgets(layer, store)                                            # average b per row
-        n = store.rows["prompt_len"].to(b.device)
-        return pyramid_prefix_budgets(b, n, self.window, store.n_layers, self.beta)[layer].clamp_min(0)
+        super().__init__(budget, window, kernel, beta)
+        check_allocation_options(alpha, variant)
+        self.alpha, self.variant = alpha, variant
 
 
 class AdaH2O(H2O):
