@@ -17,30 +17,28 @@ from minikv.tools.common import add_model_args, load_model_and_tokenizer, parse_
 from minikv.tools.eval import plots
 from minikv.tools.eval import records as rec
 from minikv.tools.eval.runner import EvalConfig, build_grid, example_for, parse_budgets, parse_policies, run_grid
-from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, read_longbench
+from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES
 
 DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
 
 
 def register(sub) -> None:
     """Add the `eval` subcommand to minikv's argument parser."""
-    p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl, longbench-local",
+    p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl",
                        description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TASK_NAMES)
     p.add_argument("--policies", default="full,streaming,h2o,snapkv",
                    help="comma-separated; per-policy options after colons, e.g. snapkv:window=16,corm:w=64:r=64")
     p.add_argument("--budgets", default="0.2", help="ratios (0.1,0.2,0.5) or counts (128,256)")
-    p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 2000; ppl 2048; "
-                                                   "longbench-local: truncation length, default the model context)")
+    p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 2000; ppl 2048)")
     p.add_argument("--depths", default="0.5", help="needle depths in [0, 1] (passkey, needle, ruler multikey/value)")
     p.add_argument("--question-agnostic", action="store_true",
                    help="compress the context first, then append the question (default: question-aware)")
-    p.add_argument("--samples", type=int, default=None, help="prompts per cell (default 1; longbench-local: all rows)")
+    p.add_argument("--samples", type=int, default=1, help="prompts per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<task>); re-running resumes")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="option given to every policy (repeatable); per-policy options go in --policies")
-    p.add_argument("--data", default=None, help="longbench-local: a LongBench-format JSONL file")
     p.add_argument("--subtasks", default=",".join(RULER_SUBTASKS), help="ruler-lite subtasks")
     p.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
                    help="wrap prompts in the chat template (auto: the task's default)")
@@ -66,13 +64,11 @@ def _numbers(text: str, what: str, cast, kind: str, example: str) -> list:
 
 
 def check_plain_args(args) -> None:
-    """Options that need neither the model nor the grid: --threads, --data's task, --view-layer/--view-head's sign."""
+    """Options that need neither the model nor the grid: --threads, --view-layer/--view-head's sign."""
     cpus = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= cpus:
         raise BadInput(f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), "
                        f"or leave it out")
-    if args.data is not None and args.task != "longbench-local":
-        raise BadInput(f"--data {args.data} is only read by --task longbench-local, not --task {args.task}")
     for flag, value in (("--view-layer", args.view_layer), ("--view-head", args.view_head)):
         if value is not None and value < 0:
             raise BadInput(f"{flag} {value}: give a layer / KV head index from 0 (default: the middle layer, head 0)")
@@ -91,10 +87,9 @@ def config_from_args(args, model_name: str) -> EvalConfig:
         raise BadInput(f"--subtasks {args.subtasks!r} lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
     return EvalConfig(
         task=args.task, policies=specs, budgets=budgets, lengths=lengths, depths=depths,
-        samples=args.samples if args.samples is not None else (None if args.task == "longbench-local" else 1),
-        seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
+        samples=args.samples, seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
         chat={"auto": None, "on": True, "off": False}[args.chat], ppl_prefix=args.ppl_prefix,
-        subtasks=subtasks, data=args.data, model_name=model_name, dtype=args.dtype)
+        subtasks=subtasks, model_name=model_name, dtype=args.dtype)
 
 
 def check_model_args(args, model) -> None:
@@ -165,8 +160,6 @@ def cmd_eval(args) -> int:
     folder; Ctrl-C keeps every finished cell and prints the command that resumes (exit status 130)."""
     model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
     cfg = config_from_args(args, model_name)
-    if cfg.task == "longbench-local":
-        read_longbench(cfg.data)                              # a missing or malformed file fails before loading
     out = output_folder(args)
     command = command_line(args)
     with rec.OutputLock(out, command):

@@ -14,8 +14,8 @@ that ratio of the prefix. The measured cache ratio at the end is recorded either
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,15 +23,17 @@ from datetime import datetime, timezone
 import torch
 
 from minikv.budgets import parse_budget
+from minikv.errors import BadInput
 from minikv.generate import decode_step, generate, prefill
+from minikv.io.tokenizer import chat_stop_ids
 from minikv.policies import REGISTRY, get_policy
 from minikv.policies.base import Policy
-from minikv.io.tokenizer import chat_stop_ids
 from minikv.tools.common import note, parse_options, progress_bar
 from minikv.tools.eval import records as rec
-from minikv.tools.eval.metrics import longbench_dataset, longbench_score, string_match_all
-from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, longbench_example, make_example, read_longbench
-from minikv.errors import BadInput
+from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, make_example
+
+MAX_CELLS = 1_000_000                             # far beyond any useful grid; more is a typo (e.g. --samples 1e9)
+MAX_SEED = 2**64 - 1                              # the largest seed torch.Generator.manual_seed takes
 
 
 # ---- what to run -----------------------------------------------------------------------------------------------------
@@ -56,21 +58,22 @@ def accepts_option(name: str, key: str) -> bool:
 
 def parse_policies(text: str, common: dict | None = None, probe_budget: str | None = "0.5") -> list[PolicySpec]:
     """'full,h2o,snapkv:window=16:kernel=5' -> specs. Options after ':' apply to that policy only; `common`
-    (--option) to every listed policy that takes that keyword. Raises ValueError naming an unknown policy, an
-    option no listed policy takes, or a bad option."""
-    labels = [s.strip() for s in text.split(",") if s.strip()]
+    (--option) to every listed policy that takes that keyword. Refuses an unknown policy, an option no listed policy
+    takes, or a bad option, naming it."""
+    labels, known = [s.strip() for s in text.split(",") if s.strip()], ", ".join(sorted(REGISTRY))
+    common = common or {}
     if not labels:
-        raise BadInput(f"--policies {text!r} lists no policy; known policies: {', '.join(sorted(REGISTRY))}")
+        raise BadInput(f"--policies {text!r} lists no policy; known policies: {known}")
     for label in labels:
         if label.split(":")[0] not in REGISTRY:
-            raise BadInput(f"unknown policy {label.split(':')[0]!r}; known policies: {', '.join(sorted(REGISTRY))}")
-    for key in common or {}:
+            raise BadInput(f"unknown policy {label.split(':')[0]!r}; known policies: {known}")
+    for key in common:
         if not any(accepts_option(label.split(":")[0], key) for label in labels):
             raise BadInput(f"--option {key}: none of the policies {', '.join(labels)} takes that option")
     specs = []
     for label in labels:
         name, *pairs = label.split(":")
-        opts = {k: v for k, v in (common or {}).items() if accepts_option(name, k)}
+        opts = {k: v for k, v in common.items() if accepts_option(name, k)}
         for pair in pairs:
             if "=" not in pair:
                 raise BadInput(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
@@ -99,10 +102,9 @@ def _takes_budget(name: str, opts: dict, probe: str | None) -> bool:
 
 def parse_budgets(text: str) -> list[str]:
     """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget; none twice."""
-    out = [s.strip() for s in str(text).split(",") if s.strip()]
+    out, seen = [s.strip() for s in str(text).split(",") if s.strip()], {}
     if not out:
         raise BadInput(f"--budgets {text!r} lists no budget; give ratios (0.1,0.2) or counts (128,256)")
-    seen: dict = {}
     for b in out:
         value = parse_budget(b)
         if value in seen:                         # '0.2,0.20' would run every cell twice
@@ -112,12 +114,15 @@ def parse_budgets(text: str) -> list[str]:
     return out
 
 
-MAX_CELLS = 1_000_000                             # far beyond any useful grid; more is a typo (e.g. --samples 1e9)
-MAX_SEED = 2**64 - 1                              # the largest seed torch.Generator.manual_seed takes
-
-
 def _whole(v, lo: int, hi: float = math.inf) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi
+
+
+def _first(problems) -> None:
+    """Raise BadInput with the message of the first (bad, message) pair that is bad."""
+    for bad, message in problems:
+        if bad:
+            raise BadInput(message)
 
 
 def no_duplicates(values: list, flag: str) -> None:
@@ -128,35 +133,26 @@ def no_duplicates(values: list, flag: str) -> None:
             raise BadInput(f"{flag} lists {shown} twice; give each value once")
 
 
-def check_lengths(task: str, lengths: list, ppl_prefix: int) -> None:
-    """Prompt lengths: at least one, none twice, each >= 2 tokens; for ppl each above the prefix."""
-    if not lengths:
-        raise BadInput("--lengths lists no length; give prompt lengths in tokens, e.g. --lengths 1000,2000")
-    if task == "longbench-local" and lengths == [None]:
-        return                                    # truncate to the model's context
+def check_lists(task: str, lengths: list, depths: list, subtasks: tuple, ppl_prefix: int) -> None:
+    """Prompt lengths (each >= 2 tokens; for ppl each above the prefix), needle depths (each in [0, 1]) and ruler-lite
+    subtasks (each known): at least one of each, none twice."""
+    _first([(not lengths, "--lengths lists no length; give prompt lengths in tokens, e.g. --lengths 1000,2000")])
     for n in lengths:
         if not _whole(n, 2):
             raise BadInput(f"--lengths {n!r}: a prompt length must be a whole number of tokens >= 2")
         if task == "ppl" and not 1 <= ppl_prefix < n:
-            raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and "
-                           f"below the length, or no token is left to score; give --ppl-prefix below {n} "
-                           f"(e.g. --ppl-prefix {n // 2}) or lengths above {ppl_prefix}")
+            raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and below the "
+                           f"length, or no token is left to score; give --ppl-prefix below {n} (e.g. --ppl-prefix "
+                           f"{n // 2}) or lengths above {ppl_prefix}")
     no_duplicates(lengths, "--lengths")
-
-
-def check_lists(depths: list, subtasks: tuple) -> None:
-    """Needle depths (at least one, each in [0, 1]) and ruler-lite subtasks (at least one, each known); none twice."""
-    if not depths:
-        raise BadInput("--depths lists no depth; give fractions of the context in [0, 1], e.g. --depths 0,0.5,1")
+    _first([(not depths, "--depths lists no depth; give fractions of the context in [0, 1], e.g. --depths 0,0.5,1")])
     for d in depths:
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
-            raise BadInput(f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")
+        _first([(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1,
+                 f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")])
     bad = [s for s in subtasks if s not in RULER_SUBTASKS]
-    if bad:
-        raise BadInput(f"unknown ruler-lite subtask(s) {', '.join(map(repr, bad))}; subtasks: "
-                       f"{', '.join(RULER_SUBTASKS)}")
-    if not subtasks:
-        raise BadInput(f"--subtasks lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
+    _first([(bad, f"unknown ruler-lite subtask(s) {', '.join(map(repr, bad))}; subtasks: "
+                  f"{', '.join(RULER_SUBTASKS)}"),
+            (not subtasks, f"--subtasks lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")])
     no_duplicates(depths, "--depths")
     no_duplicates(list(subtasks), "--subtasks")
 
@@ -167,48 +163,42 @@ class EvalConfig:
     task: str
     policies: list[PolicySpec]
     budgets: list[str]
-    lengths: list[int | None] = field(default_factory=lambda: [2000])
+    lengths: list[int] = field(default_factory=lambda: [2000])
     depths: list[float] = field(default_factory=lambda: [0.5])
-    samples: int | None = 1
+    samples: int = 1
     seed: int = 0
     question: str = "aware"                  # "aware" | "agnostic"
     chat: bool | None = None                 # None: the task's default
     ppl_prefix: int = 512
     subtasks: tuple = RULER_SUBTASKS
-    data: str | None = None                  # longbench-local JSONL
     model_name: str = "model"
     dtype: str = "float32"
 
     def __post_init__(self):
-        problems = [
+        _first([
             (self.task not in TASK_NAMES, f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}"),
             (self.question not in ("aware", "agnostic"),
              f"question mode must be 'aware' or 'agnostic', got {self.question!r}"),
-            (self.task == "longbench-local" and not self.data,
-             "longbench-local needs --data FILE.jsonl (LongBench-format rows you already have)"),
-            (self.samples is not None and not _whole(self.samples, 1),
-             f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it out: 1; longbench-local: "
-             f"every row)"),
+            (not _whole(self.samples, 1), f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it "
+                                          f"out: 1)"),
             (not _whole(self.seed, 0, MAX_SEED), f"--seed {self.seed!r}: give a whole number in [0, {MAX_SEED}]"),
             (not _whole(self.ppl_prefix, 1),
-             f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")]
-        for bad, message in problems:
-            if bad:
-                raise BadInput(message)
-        check_lengths(self.task, list(self.lengths), self.ppl_prefix)
-        check_lists(list(self.depths), tuple(self.subtasks))
-        if not self.budgets:
-            raise BadInput("--budgets lists no budget; give ratios (0.1,0.2) or counts (128,256)")
-        if self.max_cells() > MAX_CELLS:
-            raise BadInput(f"this grid has {self.max_cells()} cells (tasks × lengths × depths × samples × policy "
-                           f"budgets), more than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")
+             f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")])
+        check_lists(self.task, list(self.lengths), list(self.depths), tuple(self.subtasks), self.ppl_prefix)
+        _first([(not self.budgets, "--budgets lists no budget; give ratios (0.1,0.2) or counts (128,256)"),
+                (self.max_cells() > MAX_CELLS,
+                 f"this grid has {self.max_cells()} cells (tasks × lengths × depths × samples × policy budgets), "
+                 f"more than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")])
+
+    def tasks(self) -> list[str]:
+        """The task names of the grid, ruler-lite with each subtask ("ruler-lite/vt")."""
+        return [f"ruler-lite/{s}" for s in self.subtasks] if self.task == "ruler-lite" else [self.task]
 
     def max_cells(self) -> int:
-        """The number of cells of the grid (longbench-local: per row of --data)."""
-        tasks = [f"ruler-lite/{s}" for s in self.subtasks] if self.task == "ruler-lite" else [self.task]
+        """The number of cells of the grid."""
         per_prompt = sum(len(self.budgets) if p.takes_budget else 1 for p in self.policies)
-        per_task = sum(len(self.depths) if t in DEPTH_TASKS else 1 for t in tasks)
-        return per_task * len(self.lengths) * (self.samples or 1) * per_prompt
+        per_task = sum(len(self.depths) if t in DEPTH_TASKS else 1 for t in self.tasks())
+        return per_task * len(self.lengths) * self.samples * per_prompt
 
 
 @dataclass
@@ -217,72 +207,55 @@ class Cell:
     task: str                   # with the subtask: "ruler-lite/vt"
     policy: PolicySpec
     budget: str | None
-    length: int | None
+    length: int
     depth: float | None
     sample: int
     question: str               # "aware" | "agnostic" | "none" (ppl)
-    row: dict | None = None     # longbench-local: the JSONL row
     id: str = ""
     key: dict = field(default_factory=dict)
 
 
 def build_grid(cfg: EvalConfig) -> list[Cell]:
     """Every cell of the run, in a stable order (prompt-major, so policies compare on the same prompt in turn)."""
-    if cfg.task == "ruler-lite":
-        tasks = [f"ruler-lite/{s}" for s in cfg.subtasks]
-    else:
-        tasks = [cfg.task]
-    rows: list[dict | None] = [None]
-    if cfg.task == "longbench-local":
-        rows = read_longbench(cfg.data)
-        rows = rows[: cfg.samples] if cfg.samples else rows
     cells = []
-    for task in tasks:
-        depths = cfg.depths if task in DEPTH_TASKS else [None]
-        qmode = "none" if task == "ppl" else cfg.question
-        n_samples = len(rows) if cfg.task == "longbench-local" else (cfg.samples or 1)
-        for length in cfg.lengths:
-            for depth in depths:
-                for sample in range(n_samples):
-                    for spec in cfg.policies:
-                        for budget in (cfg.budgets if spec.takes_budget else [None]):
-                            row = rows[sample] if cfg.task == "longbench-local" else None
-                            name = task if row is None else \
-                                f"{task}/{longbench_dataset(str(row.get('dataset', ''))) or 'unknown'}"
-                            c = Cell(name, spec, budget, length, depth, sample, qmode, row)
-                            c.key = _cell_key(c, cfg)
-                            c.id = rec.cell_id(c.key)
-                            cells.append(c)
+    for task in cfg.tasks():
+        depths, qmode = cfg.depths if task in DEPTH_TASKS else [None], "none" if task == "ppl" else cfg.question
+        for length, depth, sample, spec in itertools.product(cfg.lengths, depths, range(cfg.samples), cfg.policies):
+            for budget in (cfg.budgets if spec.takes_budget else [None]):
+                c = Cell(task, spec, budget, length, depth, sample, qmode)
+                c.key = {"task": task, "policy": spec.label, "options": dict(spec.options), "budget": budget,
+                         "length": length, "depth": depth, "sample": sample, "question": qmode, "seed": cfg.seed,
+                         "chat": cfg.chat, "model": cfg.model_name, "dtype": cfg.dtype,
+                         **({"ppl_prefix": cfg.ppl_prefix} if task == "ppl" else {})}
+                c.id = rec.cell_id(c.key)
+                cells.append(c)
     return cells
 
 
-def _cell_key(c: Cell, cfg: EvalConfig) -> dict:
-    key = {"task": c.task, "policy": c.policy.label, "options": dict(c.policy.options), "budget": c.budget,
-           "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question, "seed": cfg.seed,
-           "chat": cfg.chat, "model": cfg.model_name, "dtype": cfg.dtype}
-    if c.task == "ppl":
-        key["ppl_prefix"] = cfg.ppl_prefix
-    if c.row is not None:
-        key["data"] = str(cfg.data)
-        key["row"] = c.row.get("_id") or c.sample
-    return key
-
-
 # ---- running one cell ------------------------------------------------------------------------------------------------
-def example_for(tok, cell: Cell, cfg: EvalConfig, model_ctx: int) -> Example:
-    """The prompt of a cell (the same for every policy and budget)."""
-    if cell.row is not None:
-        return longbench_example(tok, cell.row, cell.length, cfg.chat, model_ctx)
-    return make_example(tok, cell.task, cell.length, cell.depth, cell.sample, cfg.seed, cfg.chat, cfg.ppl_prefix)
+def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Example:
+    """The prompt of a cell (the same for every policy and budget); refused when it does not fit a context `ctx`."""
+    ex = make_example(tok, cell.task, cell.length, cell.depth, cell.sample, cfg.seed, cfg.chat, cfg.ppl_prefix)
+    if ctx is not None and len(ex.ids) + ex.max_new_tokens > ctx:
+        raise BadInput(f"--lengths {cell.length}: {cell.task} prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} "
+                       f"answer tokens exceeds the model's context ({ctx} tokens); give lengths up to "
+                       f"{ctx - ex.max_new_tokens}")
+    return ex
 
 
 def score_text(ex: Example, text: str) -> float:
-    """The example's metric on the generated text, in [0, 1]."""
+    """The example's metric on the generated text, in [0, 1]: "contains" (any answer in the text) or RULER's
+    string_match_all (the fraction of the answers found, case-insensitive)."""
     if ex.metric == "contains":
         return float(any(a in text for a in ex.answers))
-    if ex.metric == "string_match_all":
-        return string_match_all(text, ex.answers)
-    return longbench_score(ex.meta.get("dataset", ""), text, ex.answers, ex.meta.get("all_classes"))
+    return string_match_all(text, ex.answers)
+
+
+def string_match_all(pred: str, refs: list[str]) -> float:
+    """RULER string_match_all: fraction of the references found (case-insensitive) in the prediction."""
+    if not refs:
+        raise BadInput("string_match_all needs at least one reference")
+    return sum(r.lower() in pred.lower() for r in refs) / len(refs)
 
 
 def evicts_while_decoding(policy: Policy) -> bool:
@@ -307,13 +280,12 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
     """Sum of -log p(ids[t] | ids[:t]) for t = prefix .. len-1, the prefix prefilled with the policy and the rest
     fed one token at a time with policy.after_step (or in chunks when the policy never evicts while decoding).
     Returns (nll sum, tokens scored, cache, prefill seconds)."""
-    dev = model.device
     t0 = time.perf_counter()
     logits, cache = prefill(model, [ids[:prefix]], policy)                 # (1, vocab) predicts ids[prefix]
     t_prefill = time.perf_counter() - t0
-    target = torch.tensor(ids[prefix:], device=dev)
+    target = torch.tensor(ids[prefix:], device=model.device)
     nll = -torch.log_softmax(logits.double(), -1)[0, target[0]]
-    rest = torch.tensor(ids[prefix:-1], device=dev)[None]                  # (1, n-1) inputs after the prefix
+    rest = torch.tensor(ids[prefix:-1], device=model.device)[None]         # (1, n-1) inputs after the prefix
     if evicts_while_decoding(policy):
         for t in range(rest.shape[1]):
             out = decode_step(model, cache, rest[:, t], policy)[0]          # (vocab,)
@@ -328,27 +300,25 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
 
 def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = None) -> dict:
     """Run one cell and return its record (not yet written)."""
-    ex = example or example_for(tok, cell, cfg, model.cfg.max_position_embeddings)
+    ex = example or example_for(tok, cell, cfg)
     dev = model.device
     rec.reset_peak_memory(dev)
     t0 = time.perf_counter()
-    out: dict = {}
     if ex.metric == "ppl":
         policy, resolved = ppl_policy(cell, ex)
         nll, n, cache, t_pre = teacher_forced_nll(model, ex.context, ex.prefix, policy)
-        out.update(score=math.exp(nll / n), nll_sum=nll, scored_tokens=n, prefix=ex.prefix,
+        out = dict(score=math.exp(nll / n), nll_sum=nll, scored_tokens=n, prefix=ex.prefix,
                    cache_ratio=cache.cache_ratio(), kv_bytes_live=cache.nbytes_live(),
                    kv_bytes_allocated=cache.nbytes_allocated(), prefill_s=t_pre, new_tokens=0,
                    budget_entries=resolved, prediction=None, policy_decodes=evicts_while_decoding(policy))
     else:
-        policy = cell.policy.build(cell.budget)
         agnostic = cell.question == "agnostic" and ex.question
         prompt = ex.context if agnostic else ex.ids
-        res = generate(model, [prompt], policy, max_new_tokens=ex.max_new_tokens,
+        res = generate(model, [prompt], cell.policy.build(cell.budget), max_new_tokens=ex.max_new_tokens,
                        stop_ids=chat_stop_ids(tok) if ex.chat else None,
                        question=[ex.question] if agnostic else None, seed=cfg.seed)
         text = tok.decode(res.tokens[0], skip_special_tokens=True)
-        out.update(score=score_text(ex, text), prediction=text, cache_ratio=res.cache_ratio,
+        out = dict(score=score_text(ex, text), prediction=text, cache_ratio=res.cache_ratio,
                    kv_bytes_live=res.kv_bytes_live, kv_bytes_allocated=res.kv_bytes_allocated,
                    kv_bytes_full=res.kv_bytes_full, prefill_s=res.prefill_seconds, decode_s=res.decode_seconds,
                    new_tokens=len(res.tokens[0]),
@@ -356,7 +326,6 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
                                    int(parse_budget(cell.budget).entries(torch.tensor([len(prompt)]))[0])))
     wall = time.perf_counter() - t0
     peak, peak_kind = rec.peak_memory(dev)
-    meta = {k: v for k, v in ex.meta.items() if k not in ("all_classes",)}
     return {
         "id": cell.id, "task": cell.task, "policy": cell.policy.label, "policy_name": cell.policy.name,
         "options": dict(cell.policy.options), "budget": cell.budget, "length": cell.length, "depth": cell.depth,
@@ -365,7 +334,7 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
         "question_tokens": len(ex.question), **out, "wall_s": wall, "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind, "model": cfg.model_name, "dtype": cfg.dtype, "device": str(dev),
         "minikv_version": rec.minikv_version(), "torch_version": torch.__version__,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": meta,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": ex.meta,
     }
 
 
@@ -374,23 +343,12 @@ def check_fits(tok, cfg: EvalConfig, cells: list[Cell], ctx: int) -> None:
     """Refuse, before any cell runs, a grid whose prompts cannot be built or do not fit the model's context: every
     length within the context, and the shortest and the longest prompt of each task buildable and fitting."""
     for n in cfg.lengths:
-        if n is not None and n > ctx:
-            raise BadInput(f"--lengths {n} exceeds the model's context ({ctx} tokens); give lengths up to {ctx} "
-                           f"(less the answer's tokens for generated tasks)")
-    by_task: dict[str, list[Cell]] = {}
-    for c in cells:
-        by_task.setdefault(c.task, []).append(c)
-
-    def size(c: Cell) -> int:
-        return ctx if c.length is None else c.length                       # longbench-local: the context
-    for group in by_task.values():
-        shortest, longest = min(group, key=size), max(group, key=size)
-        for c in [shortest] if size(shortest) == size(longest) else [shortest, longest]:
-            ex = example_for(tok, c, cfg, ctx)
-            if len(ex.ids) + ex.max_new_tokens > ctx:
-                raise BadInput(f"--lengths {c.length}: {c.task} prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} "
-                               f"answer tokens exceeds the model's context ({ctx} tokens); give lengths up to "
-                               f"{ctx - ex.max_new_tokens}")
+        _first([(n > ctx, f"--lengths {n} exceeds the model's context ({ctx} tokens); give lengths up to {ctx} (less "
+                          f"the answer's tokens for generated tasks)")])
+    for task in dict.fromkeys(c.task for c in cells):
+        lo, hi = (f([c for c in cells if c.task == task], key=lambda c: c.length) for f in (min, max))
+        for c in [lo] if lo.length == hi.length else [lo, hi]:
+            example_for(tok, c, cfg, ctx)
 
 
 def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells: list[Cell] | None = None) -> dict:
@@ -403,33 +361,26 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells:
     done = rec.finished_ids(rec.read_records(out_dir, warn=True))
     todo = [c for c in cells if c.id not in done]
     bar = progress_bar(len(cells), len(cells) - len(todo), f"eval {cfg.task}", progress)
-    examples: dict[tuple, Example] = {}
-    ran = 0
+    prompt, ex = None, None                           # one prompt at a time: cells are prompt-major
     try:
         for c in todo:
             if bar is not None:
                 bar.set_postfix_str(f"{c.policy.label} b={c.budget} n={c.length} d={c.depth} s={c.sample}")
-            pk = (c.task, c.length, c.depth, c.sample)
-            if pk not in examples:                    # a prompt that cannot be built stops the run (bad grid)
-                examples = {pk: example_for(tok, c, cfg, ctx)}               # keep one prompt at a time
-                ex = examples[pk]
-                if len(ex.ids) + ex.max_new_tokens > ctx:
-                    raise BadInput(f"{c.task}: prompt of {len(ex.ids)} tokens + {ex.max_new_tokens} new tokens "
-                                   f"exceeds the model's context ({ctx} tokens)")
+            if prompt != (c.task, c.length, c.depth, c.sample):   # a prompt that cannot be built stops the run
+                prompt, ex = (c.task, c.length, c.depth, c.sample), example_for(tok, c, cfg, ctx)
             try:
-                record = run_cell(model, tok, c, cfg, examples[pk])
+                record = run_cell(model, tok, c, cfg, ex)
             except ValueError as e:                   # a policy/budget combination that cannot run: record it
                 record = {"id": c.id, "task": c.task, "policy": c.policy.label, "budget": c.budget,
                           "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question,
                           "error": str(e), "score": None, "cache_ratio": None}
                 note(bar, f"minikv eval: cell {c.id}: {e}")
             rec.append_record(out_dir, record)
-            ran += 1
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     latest = {r["id"]: r for r in rec.read_records(out_dir)}
-    mine = [latest[c.id] for c in cells if c.id in latest]
-    return {"cells": cells, "ran": ran, "skipped": len(cells) - len(todo), "records": mine}
+    return {"cells": cells, "ran": len(todo), "skipped": len(cells) - len(todo),
+            "records": [latest[c.id] for c in cells if c.id in latest]}
