@@ -40,5 +40,4 @@ class Streaming(Policy):
     def after_prefill(self, layer, store, stats):
         self._compress(store)
 
-    def after_step(self, layer, store, stats):
-        self._compress(store)
+    after_step = after_prefill                 # the same rule after every decode step
