@@ -1,9 +1,6 @@
-"""Load a Llama-family checkpoint in the Hugging Face layout (config.json + safetensors), with named errors.
-
-Only safetensors are read (never pickle). Weights may be bf16/fp16/fp32/fp64 and sharded through
-`model.safetensors.index.json`, whose "weight_map" maps each tensor name to its shard file. Any missing tensor,
-unexpected tensor, shape mismatch, non-float dtype (int8, quantized) or non-finite value is an error naming the
-tensor and file.
+"""Load a Llama checkpoint in the Hugging Face layout (config.json + safetensors, maybe sharded through
+`model.safetensors.index.json`), with named errors. Only safetensors are read (never pickle); a missing or unexpected
+tensor, a shape mismatch, a non-float dtype (int8, quantized) or a non-finite value is an error naming tensor and file.
 """
 from __future__ import annotations
 
@@ -22,27 +19,21 @@ from minikv.model import Llama
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 
 
-# ---- devices ----------------------------------------------------------------------------------------------
 def resolve_device(device) -> torch.device:
     """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here; BadInput / NoDevice otherwise."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise BadInput(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise NoDevice(f"device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= n:
-            raise NoDevice(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
-        return dev
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise NoDevice(f"device {device!r}: Apple's MPS backend is not available on this machine; use --device cpu")
-        return dev
-    raise BadInput(f"device {device!r}: minikv runs on cpu, cuda[:N] or mps")
+    require(dev.type in ("cpu", "cuda", "mps"), f"device {device!r}: minikv runs on cpu, cuda[:N] or mps")
+    n = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    require(dev.type != "cuda" or n > 0, f"device {device!r}: no CUDA GPU is available on this machine; use "
+            "--device cpu", NoDevice)
+    require(dev.type != "cuda" or dev.index is None or dev.index < n,
+            f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}", NoDevice)
+    require(dev.type != "mps" or torch.backends.mps.is_available(), f"device {device!r}: Apple's MPS backend is not "
+            "available on this machine; use --device cpu", NoDevice)
+    return dev
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -129,8 +120,7 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: s
     missing = [n for n in want if n not in state]
     if missing:
         raise BadInput(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    if extra:
-        raise BadInput(f"{source}: unexpected tensor {sorted(extra)[0]!r} ({len(extra)} unexpected in all)")
+    require(not extra, f"{source}: unexpected tensor {min(extra, default=None)!r} ({len(extra)} unexpected in all)")
     for name, shape in want.items():
         have = tuple(state[name].shape)
         require(have == shape, f"{source}: tensor {name!r} has shape {have}, config implies {shape}")

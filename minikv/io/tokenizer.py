@@ -1,16 +1,11 @@
 """Tokenizers of a Hugging Face folder: byte-level BPE from `tokenizer.json`, SentencePiece from `tokenizer.model`.
 
-The byte-level BPE reproduces the Hugging Face `tokenizers` pipeline for GPT-2-style models (SmolLM2, the default
-model):
-  1. added/special tokens are cut out of the text as whole tokens,
-  2. `Digits(individual_digits=True)` isolates every numeric character (when the JSON asks for it),
-  3. the GPT-2 regex splits each remaining piece into words,
-  4. each word's UTF-8 bytes are mapped to the GPT-2 printable-unicode alphabet,
-  5. BPE merges are applied by rank.
-`tests/test_tokenizer.py` checks it id-for-id against the `tokenizers` library.
-
-Unicode classes (`\\p{L}`, `\\p{N}`, `\\s`) come from Python's `unicodedata`, so characters assigned in a newer
-Unicode version than the running Python knows can be classified differently from `tokenizers` (Oniguruma).
+The byte-level BPE reproduces the `tokenizers` pipeline of GPT-2-style models (SmolLM2, the default model): 1. added
+tokens are cut out of the text whole, 2. `Digits(individual_digits=True)` isolates every numeric character (when the
+JSON asks for it), 3. the GPT-2 regex splits the rest into words, 4. each word's UTF-8 bytes map to the GPT-2
+printable alphabet, 5. BPE merges apply by rank. `tests/test_tokenizer.py` checks it id-for-id against `tokenizers`.
+Unicode classes (`\\p{L}`, `\\p{N}`, `\\s`) come from Python's `unicodedata`, so characters newer than the running
+Python's Unicode version can be classified differently from `tokenizers` (Oniguruma).
 """
 from __future__ import annotations
 
@@ -31,8 +26,7 @@ SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by
 
 
 class UnsupportedTokenizer(BadInput, NotImplementedError):
-    """A tokenizer feature minikv does not implement: refused input for the CLI (BadInput), and still a
-    NotImplementedError for callers that probe support (e.g. whether a chat format exists)."""
+    """A tokenizer feature minikv does not implement: a BadInput, and a NotImplementedError for callers that probe."""
 
 
 def _is_id(value) -> bool:
@@ -41,7 +35,6 @@ def _is_id(value) -> bool:
 
 
 # ---- the GPT-2 pre-tokenizer, written with the stdlib `re` -----------------------------------------------------------
-
 # Unicode White_Space, which is what `\s` means in Oniguruma (the regex engine of `tokenizers`). Python's `\s` and
 # str.isspace() differ: they also accept U+001C..U+001F, which are not White_Space.
 _WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
@@ -92,7 +85,6 @@ def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> lis
 
 
 # ---- reading tokenizer.json ------------------------------------------------------------------------------------------
-
 def _checked_spec(spec) -> dict:
     """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads have the right kinds."""
     require(isinstance(spec, dict), f"tokenizer.json must hold a JSON object, got {type(spec).__name__}")
@@ -125,11 +117,9 @@ def _checked_spec(spec) -> dict:
 
 def _refuse_unsupported(spec: dict, model: dict) -> None:
     """Refuse BPE options and normalizers whose effect minikv does not reproduce (UnsupportedTokenizer)."""
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "byte_fallback"):
         require(not model.get(key), f"tokenizer.json: BPE option {key}={model.get(key)!r} is not supported",
                 UnsupportedTokenizer)
-    require(not model.get("byte_fallback"),
-            "tokenizer.json: BPE byte_fallback is not supported (not a byte-level BPE)", UnsupportedTokenizer)
     require(spec.get("normalizer") is None, f"tokenizer.json normalizer {(spec.get('normalizer') or {}).get('type')!r}"
                                              " is not supported (only null)", UnsupportedTokenizer)
     for tok in spec.get("added_tokens") or []:
@@ -194,22 +184,19 @@ def _template_bos(post) -> str | None:
 
 
 # ---- the tokenizers --------------------------------------------------------------------------------------------------
-
 class _Tokenizer:
     """What both tokenizers share: `encode` puts BOS (`bos_id`, when `add_bos`) before the ids of `_encode`."""
 
     def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Text -> ids. `add_bos` (Hugging Face spelling: `add_special_tokens`) defaults to what the tokenizer does
-        itself: nothing for SmolLM2, BOS for SentencePiece (Llama-2)."""
+        """Text -> ids; `add_bos` (alias `add_special_tokens`) defaults to the tokenizer's (SmolLM2 no, Llama-2 yes)."""
         add_bos = add_bos if add_special_tokens is None else add_special_tokens
         add_bos = self.add_bos if add_bos is None else add_bos
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self._encode(text)
 
 
 class ByteLevelBPE(_Tokenizer):
-    """GPT-2-style byte-level BPE from a Hugging Face `tokenizer.json` dict (model type BPE). Pre-tokenizers:
-    `ByteLevel` or `Sequence[Digits, ByteLevel]`; anything else is an UnsupportedTokenizer naming it, a malformed
-    spec a BadInput naming the key."""
+    """GPT-2-style byte-level BPE from a `tokenizer.json` dict (pre-tokenizer `ByteLevel` or `Sequence[Digits,
+    ByteLevel]`); anything else is an UnsupportedTokenizer naming it, a malformed spec a BadInput naming the key."""
 
     _CACHE_LIMIT = 200_000  # words; cleared when full so memory stays bounded on huge inputs
 
@@ -328,8 +315,7 @@ class ByteLevelBPE(_Tokenizer):
 
 
 class SentencePieceTokenizer(_Tokenizer):
-    """A `tokenizer.model` (SentencePiece) with the Llama-2 conventions: BOS added by default, control tokens
-    written in the text (`<s>`, `</s>`) are encoded as those tokens, like the Hugging Face Llama tokenizer does."""
+    """A `tokenizer.model` (SentencePiece), Llama-2 style: BOS by default, control tokens in the text as tokens."""
 
     def __init__(self, path: str | Path, add_bos: bool = True):
         self.path = Path(path)
@@ -377,7 +363,6 @@ class SentencePieceTokenizer(_Tokenizer):
 
 
 # ---- loading a folder ------------------------------------------------------------------------------------------------
-
 def _token_text(value, source: str) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}; anything else is refused."""
     text = value.get("content") if isinstance(value, dict) else value
@@ -394,12 +379,9 @@ def _config_token_id(value) -> int | None:
 
 
 def load_tokenizer(folder: str | Path):
-    """The tokenizer of a Hugging Face folder: `tokenizer.json` (byte-level BPE) or `tokenizer.model` (SentencePiece).
-
-    BOS/EOS come from `tokenizer_config.json` (bos_token / eos_token), else from `config.json` (bos_token_id /
-    eos_token_id). When both tokenizer files exist, `tokenizer.json` is used if it is byte-level (Llama-2 folders
-    ship a non-byte-level one next to their `tokenizer.model`). A malformed file is a BadInput naming it.
-    """
+    """The tokenizer of a folder: `tokenizer.json` when byte-level (Llama-2 folders ship a non-byte-level one beside
+    their `tokenizer.model`), else `tokenizer.model`. BOS/EOS: `tokenizer_config.json`'s tokens, else `config.json`'s
+    ids. A malformed file is a BadInput naming it."""
     folder = Path(folder)
     require(not folder.exists() or folder.is_dir(),
             f"model folder {folder} is a file; give the folder that holds the tokenizer files")
@@ -428,10 +410,8 @@ def load_tokenizer(folder: str | Path):
 
 
 # ---- chat formats ----------------------------------------------------------------------------------------------------
-
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render a conversation as the model's prompt text: ChatML (SmolLM2) for byte-level tokenizers that have
-    `<|im_start|>`, `[INST] ... [/INST]` (Llama-2-chat) for SentencePiece tokenizers."""
+    """A conversation as prompt text: ChatML (SmolLM2) with `<|im_start|>`, `[INST] ... [/INST]` with SentencePiece."""
     for m in messages:
         require(isinstance(m, dict) and "role" in m and "content" in m,
                 f"chat message must be a dict with 'role' and 'content', got {m!r}")
@@ -452,8 +432,7 @@ def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str:
-    """Llama-2-chat: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` per turn
-    (the Hugging Face template; the prompt already ends where the answer starts)."""
+    """Llama-2-chat (Hugging Face): `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`."""
     bos, eos = tokenizer.sp.id_to_piece(tokenizer.bos_id), tokenizer.sp.id_to_piece(tokenizer.eos_id)
     system = None
     if messages and messages[0]["role"] == "system":
@@ -479,20 +458,15 @@ def chat_stop_ids(tokenizer) -> list[int]:
 
 
 # ---- writing a standard tokenizer.json from GGUF metadata (used by the converter) ------------------------------------
-
 GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 
 
 def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], bos_id: int, eos_id: int,
                              unk_id: int | None, chat_template: str | None = None,
                              digits_individual: bool = True) -> dict:
-    """A standard Hugging Face `tokenizer.json` dict for a GPT-2-style byte-level BPE from GGUF tokenizer metadata
-    (`tokenizer.ggml.tokens`, `.merges`, `.token_type`).
-
-    Control tokens (GGUF type 3; ids 0-16 for SmolLM2) and the BOS/EOS/UNK tokens become special added tokens.
-    `chat_template` has no place in tokenizer.json (it goes to `build_tokenizer_config`); it is accepted so both
-    builders take the same arguments.
-    """
+    """A standard `tokenizer.json` dict for a byte-level BPE from GGUF metadata (`tokenizer.ggml.tokens`, `.merges`,
+    `.token_type`); control tokens and BOS/EOS/UNK become special added tokens. `chat_template` is unused here (it
+    belongs in `build_tokenizer_config`); it is accepted so both builders take the same arguments."""
     require(len(tokens) == len(token_types), f"{len(tokens)} tokens but {len(token_types)} token types")
     require(len(set(tokens)) == len(tokens), "token list has duplicates")
     for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
