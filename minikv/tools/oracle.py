@@ -97,12 +97,12 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     files) unless `overwrite`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
-    if out_dir.is_dir() and not overwrite:
-        held = sorted(f.name for f in out_dir.iterdir() if f.name == "manifest.json" or f.suffix == ".safetensors")
-        if held:
-            raise BadInput(f"--out {out_dir} already holds golden vectors ({', '.join(held[:3])}"
-                           f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace them, or choose a new "
-                           "or empty folder")
+    held = sorted(f.name for f in out_dir.iterdir() if f.name == "manifest.json" or f.suffix == ".safetensors") \
+        if out_dir.is_dir() and not overwrite else []
+    if held:
+        raise BadInput(f"--out {out_dir} already holds golden vectors ({', '.join(held[:3])}"
+                       f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace them, or choose a new "
+                       "or empty folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:                         # a parent is a file, no permission, read-only file system...
@@ -110,23 +110,19 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def remove_old_set(out_dir: Path) -> None:
-    """Delete the manifest.json in out_dir and the case files it lists (what --overwrite replaces)."""
-    for name in old_case_files(out_dir) + ["manifest.json"]:
+    """Delete the manifest.json in out_dir and the case files it lists (plain names only; none when it cannot be
+    read): what --overwrite replaces."""
+    try:
+        cases = json.loads((out_dir / "manifest.json").read_text()).get("cases") or []
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: only our files get replaced
+        cases = []
+    names = [c["file"] for c in cases if isinstance(c, dict) and isinstance(c.get("file"), str)
+             and Path(c["file"]).name == c["file"]]
+    for name in names + ["manifest.json"]:
         try:
             (out_dir / name).unlink(missing_ok=True)
         except OSError as e:
             raise BadInput(f"--out {out_dir}: cannot remove the old {name} ({e.strerror or e})") from None
-
-
-def old_case_files(out_dir: Path) -> list[str]:
-    """The case files an existing manifest lists (plain names only); none when it cannot be read."""
-    try:
-        manifest = json.loads((out_dir / "manifest.json").read_text())
-    except (OSError, ValueError):                # unreadable or not JSON: only the files we write get replaced
-        return []
-    cases = manifest.get("cases") if isinstance(manifest, dict) else None
-    return [c["file"] for c in cases or [] if isinstance(c, dict) and isinstance(c.get("file"), str)
-            and Path(c["file"]).name == c["file"]]
 
 
 def record_cases(make_policy, seed: int, n_cases: int, real_model: bool, real_layer: int) -> list[tuple]:
@@ -203,81 +199,61 @@ def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict | str, live: tor
     if not golden.is_floating_point():
         diff = (golden != cand).sum().item()
         return float(diff), float(diff), diff == 0
-    g, c = golden.double(), cand.double()
-    if live is not None:
-        g, c = g[live], c[live]
+    g, c = (golden.double(), cand.double()) if live is None else (golden.double()[live], cand.double()[live])
     if g.numel() == 0:
         return 0.0, 0.0, True
     err = (g - c).abs()
-    rel = err / g.abs().clamp_min(1e-30)
     same = (g == c) | (g.isnan() & c.isnan())
     # Only finite pairs go through the tolerance: atol + rtol * |inf| would let any value "match" an infinity.
     close = g.isfinite() & c.isfinite() & (err <= tol["atol"] + tol["rtol"] * g.abs())
-    return err.max().item(), rel.max().item(), bool(torch.all(same | close))
-
-
-def mismatch(golden: torch.Tensor, cand: torch.Tensor) -> str | None:
-    """Why a candidate tensor cannot be compared with the golden one (shape or dtype), or None."""
-    if tuple(golden.shape) != tuple(cand.shape):
-        return f"shape {list(cand.shape)} != golden {list(golden.shape)}"
-    if golden.dtype != cand.dtype:
-        return f"dtype {str(cand.dtype).removeprefix('torch.')} != golden {str(golden.dtype).removeprefix('torch.')}"
-    return None
-
-
-def require(cond: bool, where: Path, what: str) -> None:
-    """Raise BadInput naming the manifest and what it should hold, unless cond."""
-    if not cond:
-        raise BadInput(f"{where}: {what} (is this a manifest written by `minikv oracle export`?)")
+    return err.max().item(), (err / g.abs().clamp_min(1e-30)).max().item(), bool(torch.all(same | close))
 
 
 def read_manifest(golden_dir: Path) -> dict:
     """The golden set's manifest.json, checked for every key check() reads; a named error otherwise."""
+    path, make = golden_dir / "manifest.json", "(make one with `minikv oracle export --out DIR`)"
     if not golden_dir.exists():
-        raise NotFound(f"golden folder {golden_dir} not found (make one with `minikv oracle export --out DIR`)")
+        raise NotFound(f"golden folder {golden_dir} not found {make}")
     if not golden_dir.is_dir():
         raise BadInput(f"golden folder {golden_dir} is a file, not a folder written by `minikv oracle export`")
-    path = golden_dir / "manifest.json"
     if not path.is_file():
-        raise NotFound(f"{golden_dir} has no manifest.json, so it is not a golden set "
-                       "(make one with `minikv oracle export --out DIR`)")
+        raise NotFound(f"{golden_dir} has no manifest.json, so it is not a golden set {make}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInput(f"{path}: not valid JSON ({e})") from None
     except OSError as e:                         # unreadable (permissions, I/O error)
         raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
-    require(isinstance(manifest, dict), path, f"expected a JSON object, got {type(manifest).__name__}")
+
+    def require(cond: bool, what: str) -> None:
+        if not cond:
+            raise BadInput(f"{path}: {what} (is this a manifest written by `minikv oracle export`?)")
+    require(isinstance(manifest, dict), f"expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in ("format_version", "tolerances", "cases") if k not in manifest]
-    require(not missing, path, f"missing key(s) {', '.join(missing)}")
-    require(manifest["format_version"] == FORMAT_VERSION, path,
+    require(not missing, f"missing key(s) {', '.join(missing)}")
+    require(manifest["format_version"] == FORMAT_VERSION,
             f"format_version {manifest['format_version']!r}; this minikv reads format_version {FORMAT_VERSION}")
-    require(isinstance(manifest["cases"], list) and manifest["cases"], path,
+    require(isinstance(manifest["cases"], list) and manifest["cases"],
             "'cases' must be a non-empty list; a golden set with no cases checks nothing")
-    for i, case in enumerate(manifest["cases"]):
-        check_case_entry(case, i, manifest["tolerances"], path)
+    tolerances = manifest["tolerances"] if isinstance(manifest["tolerances"], dict) else {}
+    for i, case in enumerate(manifest["cases"]):         # a plain file name, numeric tolerances, tensors with roles
+        require(isinstance(case, dict), f"cases[{i}] must be an object, got {type(case).__name__}")
+        missing = [k for k in ("file", "dtype", "tensors") if k not in case]
+        require(not missing, f"cases[{i}] is missing key(s) {', '.join(missing)}")
+        f = case["file"]
+        require(isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f,
+                f"cases[{i}].file {f!r} must be a file name ending in .safetensors, inside the golden folder")
+        tol = tolerances.get(case["dtype"]) if isinstance(case["dtype"], str) else None
+        require(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) and tol[k] >= 0
+                                              for k in ("atol", "rtol")),
+                f"tolerances for cases[{i}].dtype {case['dtype']!r} must be an object with numbers atol, rtol >= 0")
+        require(isinstance(case["tensors"], dict), f"cases[{i}].tensors must be an object")
+        for name, meta in case["tensors"].items():
+            require(isinstance(meta, dict) and isinstance(meta.get("role"), str),
+                    f"cases[{i}].tensors[{name!r}] must be an object with a 'role'")
+        require(any(m["role"] in CHECKED_ROLES for m in case["tensors"].values()),
+                f"cases[{i}] ({f}) lists no out/ or probe/ tensor, so it checks nothing")
     return manifest
-
-
-def check_case_entry(case, i: int, tolerances, path: Path) -> None:
-    """One manifest case: a plain file name, a dtype with numeric tolerances, and tensors with roles."""
-    require(isinstance(case, dict), path, f"cases[{i}] must be an object, got {type(case).__name__}")
-    missing = [k for k in ("file", "dtype", "tensors") if k not in case]
-    require(not missing, path, f"cases[{i}] is missing key(s) {', '.join(missing)}")
-    f = case["file"]
-    require(isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f, path,
-            f"cases[{i}].file {f!r} must be a file name ending in .safetensors, inside the golden folder")
-    tol = tolerances.get(case["dtype"]) if isinstance(tolerances, dict) and isinstance(case["dtype"], str) else None
-    require(isinstance(tol, dict) and all(isinstance(tol.get(k), (int, float)) and tol[k] >= 0
-                                          for k in ("atol", "rtol")), path,
-            f"tolerances for cases[{i}].dtype {case['dtype']!r} must be an object with numbers atol, rtol >= 0")
-    tensors = case["tensors"]
-    require(isinstance(tensors, dict), path, f"cases[{i}].tensors must be an object")
-    for name, meta in tensors.items():
-        require(isinstance(meta, dict) and isinstance(meta.get("role"), str), path,
-                f"cases[{i}].tensors[{name!r}] must be an object with a 'role'")
-    require(any(m["role"] in CHECKED_ROLES for m in tensors.values()), path,
-            f"cases[{i}] ({f}) lists no out/ or probe/ tensor, so it checks nothing")
 
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -290,24 +266,17 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise BadInput(f"{what} file {path} is not a readable safetensors file ({e})") from None
 
 
-def check_golden_file(gold: dict, case: dict, path: Path) -> None:
-    """The golden file holds every checked tensor the manifest lists, with the listed shape."""
-    for name, meta in case["tensors"].items():
-        if meta["role"] not in CHECKED_ROLES:
-            continue
-        if name not in gold:
-            raise BadInput(f"golden file {path} lacks tensor {name!r} that manifest.json lists; re-export the set")
-        if "shape" in meta and list(gold[name].shape) != meta["shape"]:
-            raise BadInput(f"golden file {path}: tensor {name!r} has shape {list(gold[name].shape)}, manifest.json "
-                           f"says {meta['shape']}; re-export the set")
-
-
 def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_missing: bool):
-    """Rows (tensor, abs, rel, result) and a Counter-like dict for one case; a missing candidate file is one row."""
+    """Rows (tensor, abs, rel, result) and counts for one case; a missing candidate file is one row."""
     gpath, cpath = golden_dir / case["file"], cand_dir / case["file"]
     gold = load_tensors(gpath, "golden")
-    check_golden_file(gold, case, gpath)
     names = [n for n, m in case["tensors"].items() if m["role"] in CHECKED_ROLES]
+    for name in names:                           # the golden file holds every checked tensor, with the listed shape
+        if name not in gold:
+            raise BadInput(f"golden file {gpath} lacks tensor {name!r} that manifest.json lists; re-export the set")
+        if "shape" in case["tensors"][name] and list(gold[name].shape) != case["tensors"][name]["shape"]:
+            raise BadInput(f"golden file {gpath}: tensor {name!r} has shape {list(gold[name].shape)}, manifest.json "
+                           f"says {case['tensors'][name]['shape']}; re-export the set")
     counts = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
     if not cpath.exists():
         counts["missing"] = len(names)
@@ -319,46 +288,28 @@ def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_
     for name in names:
         if name not in cand:
             counts["missing"] += 1
-            if not allow_missing:
-                rows.append((name, None, None, "FAIL (missing)"))
+            rows += [] if allow_missing else [(name, None, None, "FAIL (missing)")]
             continue
         g, c = gold[name], cand[name]
-        why = mismatch(g, c)
+        dt = lambda t: str(t.dtype).removeprefix("torch.")
+        why = (f"shape {list(c.shape)} != golden {list(g.shape)}" if tuple(g.shape) != tuple(c.shape) else
+               f"dtype {dt(c)} != golden {dt(g)}" if g.dtype != c.dtype else None)
         if why:
             counts["fail"] += 1
             rows.append((name, None, None, f"FAIL ({why})"))
             continue
-        live = None
         pos = gold.get(name.rsplit("/", 1)[0] + "/pos")
-        if (name.endswith("/k") or name.endswith("/v")) and pos is not None:
-            live = pos >= 0                      # empty slots hold garbage a kernel need not reproduce
+        live = pos >= 0 if name.endswith(("/k", "/v")) and pos is not None else None   # empty slots: garbage
         a, r, ok = compare(g, c, tol if g.is_floating_point() else "exact", live)
         counts["pass" if ok else "fail"] += 1
-        compared = c if live is None else c[live]
-        nan = int(compared.isnan().sum()) if c.is_floating_point() and not ok else 0
+        nan = int((c if live is None else c[live]).isnan().sum()) if c.is_floating_point() and not ok else 0
         rows.append((name, a, r, "PASS" if ok else f"FAIL ({nan} NaN)" if nan else "FAIL"))
     return rows, counts
 
 
-def summary(counts: dict, allow_missing: bool) -> tuple[str, bool]:
-    """The closing lines of a check and whether it passed: at least one tensor compared, none failed or missing."""
-    compared = counts["pass"] + counts["fail"]
-    line = f"{compared} tensors compared: {counts['pass']} PASS, {counts['fail']} FAIL"
-    if counts["missing"]:
-        line += (f"; {counts['missing']} not in the candidate (" +
-                 ("skipped: --allow-missing)" if allow_missing else "FAIL)"))
-    if counts["ignored"]:
-        line += f"; {counts['ignored']} candidate tensors not in the golden set ignored (misnamed?)"
-    if compared == 0:
-        return line + "\nNOTHING COMPARED: the candidate holds none of the golden out/ and probe/ tensors", False
-    ok = counts["fail"] == 0 and (allow_missing or counts["missing"] == 0)
-    return line + ("\nALL PASS" if ok else "\nSOME FAILED"), ok
-
-
 def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = False, out=None) -> bool:
-    """Compare every output tensor of the golden files with the candidate's; print a table; True if all pass
-    (and at least one tensor was compared)."""
-    out = out or sys.stdout                      # looked up now, not at import: callers may redirect sys.stdout
+    """Compare every output tensor of the golden files with the candidate's; print a table and a summary; True if
+    all pass: at least one tensor compared, none failed, none missing (unless allow_missing)."""
     golden_dir, cand_dir = Path(golden_dir), Path(cand_dir)
     manifest = read_manifest(golden_dir)
     if not cand_dir.exists():
@@ -366,16 +317,24 @@ def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = Fa
                        f"{manifest['cases'][0]['file']} and the other case files)")
     if not cand_dir.is_dir():
         raise BadInput(f"candidate folder {cand_dir} is a file; give the folder that holds the .safetensors files")
-    totals = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
+    n = {"pass": 0, "fail": 0, "missing": 0, "ignored": 0}
     table = []
     for case in manifest["cases"]:            # every file is read before anything is printed: an error stands alone
         rows, counts = compare_case(golden_dir, cand_dir, case, manifest["tolerances"][case["dtype"]], allow_missing)
         table += [{"case": case["file"], "tensor": name, "max abs err": "-" if a is None else f"{a:.3g}",
                    "max rel err": "-" if r is None else f"{r:.3g}", "result": result} for name, a, r, result in rows]
-        totals = {k: totals[k] + counts[k] for k in totals}
-    text, ok = summary(totals, allow_missing)
-    keys = ["case", "tensor", "max abs err", "max rel err", "result"]
-    print(format_rows(table, keys), text, sep="\n", file=out)
+        n = {k: n[k] + counts[k] for k in n}
+    compared = n["pass"] + n["fail"]
+    text = f"{compared} tensors compared: {n['pass']} PASS, {n['fail']} FAIL"
+    if n["missing"]:
+        text += f"; {n['missing']} not in the candidate ({'skipped: --allow-missing' if allow_missing else 'FAIL'})"
+    if n["ignored"]:
+        text += f"; {n['ignored']} candidate tensors not in the golden set ignored (misnamed?)"
+    ok = compared > 0 and n["fail"] == 0 and (allow_missing or n["missing"] == 0)
+    text += ("\nNOTHING COMPARED: the candidate holds none of the golden out/ and probe/ tensors" if compared == 0 else
+             "\nALL PASS" if ok else "\nSOME FAILED")
+    print(format_rows(table, ["case", "tensor", "max abs err", "max rel err", "result"]), text, sep="\n",
+          file=out or sys.stdout)                # sys.stdout looked up now: callers may redirect it
     return ok
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -63,8 +64,9 @@ def _numbers(text: str, what: str, cast, kind: str, example: str) -> list:
     return values
 
 
-def check_plain_args(args) -> None:
-    """Options that need neither the model nor the grid: --threads, --view-layer/--view-head's sign."""
+def config_from_args(args, model_name: str) -> EvalConfig:
+    """The grid the arguments describe, checked (with --threads and the sign of --view-layer/--view-head) before any
+    model is loaded."""
     cpus = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= cpus:
         raise BadInput(f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), "
@@ -72,11 +74,6 @@ def check_plain_args(args) -> None:
     for flag, value in (("--view-layer", args.view_layer), ("--view-head", args.view_head)):
         if value is not None and value < 0:
             raise BadInput(f"{flag} {value}: give a layer / KV head index from 0 (default: the middle layer, head 0)")
-
-
-def config_from_args(args, model_name: str) -> EvalConfig:
-    """The grid the arguments describe, checked before any model is loaded."""
-    check_plain_args(args)
     budgets = parse_budgets(args.budgets)
     specs = parse_policies(args.policies, parse_options(args.option), probe_budget=budgets[0])
     lengths = [DEFAULT_LENGTH.get(args.task)] if args.lengths is None else \
@@ -90,14 +87,6 @@ def config_from_args(args, model_name: str) -> EvalConfig:
         samples=args.samples, seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
         chat={"auto": None, "on": True, "off": False}[args.chat], ppl_prefix=args.ppl_prefix,
         subtasks=subtasks, model_name=model_name, dtype=args.dtype)
-
-
-def check_model_args(args, model) -> None:
-    """--view-layer and --view-head within the loaded model (checked before the grid runs, not at plot time)."""
-    for flag, value, n, what in (("--view-layer", args.view_layer, model.cfg.num_hidden_layers, "layers"),
-                                 ("--view-head", args.view_head, model.cfg.num_key_value_heads, "KV heads")):
-        if value is not None and not 0 <= value < n:
-            raise BadInput(f"{flag} {value} is out of range: the model has {n} {what} (0 to {n - 1})")
 
 
 def output_folder(args) -> Path:
@@ -115,43 +104,21 @@ def output_folder(args) -> Path:
     return out
 
 
-def command_line(args) -> str:
-    """The `minikv eval` command that reproduces this run (options that differ from their defaults)."""
-    parts = ["minikv", "eval"]
+def command_line(args, resume: Path | None = None) -> str:
+    """The `minikv eval` command that reproduces this run (options that differ from their defaults); with `resume`
+    (the output folder), the command that resumes it, as it was invoked (`python3 -m minikv` or `minikv`)."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parts = ["python3 -m minikv" if resume and main is not None and main.name == "minikv.__main__" else "minikv", "eval"]
     for action in args.eval_parser._actions:
-        if not action.option_strings or action.dest in ("help", "no_progress", "device"):
-            continue
         value = getattr(args, action.dest, None)
-        if value == action.default or value in (None, [], False) and action.dest != "task":
+        if not action.option_strings or action.dest in ("help", "no_progress") or \
+                value == action.default or value in (None, [], False) and action.dest != "task" or \
+                action.dest == "device" and not resume:
             continue
         flag = action.option_strings[-1]
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts += [x for v in value for x in (flag, shlex.quote(str(v)))]
-        else:
-            parts += [flag, shlex.quote(str(value))]
-    return " ".join(parts)
-
-
-def resume_command(args, out: Path) -> str:
-    """The exact command that resumes this run: as it was invoked (`python3 -m minikv` or `minikv`), with --out."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    prog = "python3 -m minikv" if spec is not None and spec.name == "minikv.__main__" else "minikv"
-    cmd = prog + command_line(args)[len("minikv"):]
-    if not args.out:
-        cmd += f" --out {shlex.quote(str(out))}"
-    device = next(a.default for a in args.eval_parser._actions if a.dest == "device")
-    if args.device != device:
-        cmd += f" --device {shlex.quote(args.device)}"
-    return cmd
-
-
-def finished_count(out: Path, cfg: EvalConfig) -> tuple[int, int]:
-    """(finished cells of this grid in out/records.jsonl, cells in the grid)."""
-    ids = {c.id for c in build_grid(cfg)}
-    return len(ids & rec.finished_ids(rec.read_records(out))), len(ids)
+        parts += [flag] if value is True else [x for v in (value if isinstance(value, list) else [value])
+                                               for x in (flag, shlex.quote(str(v)))]
+    return " ".join(parts) + (f" --out {shlex.quote(str(resume))}" if resume and not args.out else "")
 
 
 def cmd_eval(args) -> int:
@@ -166,9 +133,10 @@ def cmd_eval(args) -> int:
         try:
             return run_and_report(args, cfg, out, command, model_name)
         except KeyboardInterrupt:
-            done, total = finished_count(out, cfg)
-            print(f"minikv eval: interrupted; {done} of {total} cells finished, kept in {out / rec.RECORDS}; "
-                  f"resume with: {resume_command(args, out)}", file=sys.stderr)
+            ids = {c.id for c in build_grid(cfg)}
+            print(f"minikv eval: interrupted; {len(ids & rec.finished_ids(rec.read_records(out)))} of {len(ids)} "
+                  f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}",
+                  file=sys.stderr)
             return 130
 
 
@@ -177,7 +145,10 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args)
-    check_model_args(args, model)
+    for flag, value, n, what in (("--view-layer", args.view_layer, model.cfg.num_hidden_layers, "layers"),
+                                 ("--view-head", args.view_head, model.cfg.num_key_value_heads, "KV heads")):
+        if value is not None and not 0 <= value < n:        # checked before the grid runs, not at plot time
+            raise BadInput(f"{flag} {value} is out of range: the model has {n} {what} (0 to {n - 1})")
     result = run_grid(model, tok, cfg, out, progress=not args.no_progress)
     print(f"{len(result['cells'])} cells: ran {result['ran']}, skipped {result['skipped']} already in "
           f"{out / rec.RECORDS}", file=sys.stderr)
@@ -186,9 +157,8 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     (out / "table.md").write_text(header + table)
     print(table)
     print(f"table: {out / 'table.md'}", file=sys.stderr)
-    if args.plot:
-        for path in make_plots(model, tok, cfg, result, out, args.view_layer, args.view_head):
-            print(f"plot: {path}", file=sys.stderr)
+    for path in make_plots(model, tok, cfg, result, out, args.view_layer, args.view_head) if args.plot else []:
+        print(f"plot: {path}", file=sys.stderr)
     return 0
 
 
@@ -213,30 +183,24 @@ def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer:
 def policy_views(model, tok, cfg, first, out: Path, view_layer, view_head) -> list[Path]:
     """Teaching views on the grid's first prompt at the first budget: surviving positions per policy, and the
     reports of D2O (per-layer ratios, evictions, tau: a PNG and a markdown table) and Ada-KV (per-head budgets)."""
-    ex = example_for(tok, first, cfg, model.cfg.max_position_embeddings)
+    ex = example_for(tok, first, cfg)
     ids = ex.context[:ex.prefix] if ex.metric == "ppl" else ex.context if cfg.question == "agnostic" else ex.ids
     question = ex.question if (cfg.question == "agnostic" and ex.question and ex.metric != "ppl") else None
-    layer = model.cfg.num_hidden_layers // 2 if view_layer is None else view_layer
-    budget = cfg.budgets[0]
+    layer, budget = model.cfg.num_hidden_layers // 2 if view_layer is None else view_layer, cfg.budgets[0]
     rows, made = [], []
     for spec in cfg.policies:
         rows.append((spec.label + (f" @ {budget}" if spec.takes_budget else ""),
                      plots.surviving_positions(model, ids, spec.build(budget), layer, view_head, question)))
         if spec.name == "d2o" or spec.name.startswith("adakv"):
-            policy = spec.build(budget)
-            report = generate(model, [ids], policy, max_new_tokens=4 if spec.name == "d2o" else 1).policy_report
-            name = f"{'d2o_layers' if spec.name == 'd2o' else 'adakv_heads'}_{_safe(spec.label)}"
-            view, table = ((plots.plot_d2o_report, plots.format_d2o_report) if spec.name == "d2o" else
-                           (plots.plot_head_budgets, plots.format_head_budgets))
-            made.append(view(report, out / f"{name}.png"))
-            (out / f"{name}.md").write_text(table(report) + "\n")
+            d2o = spec.name == "d2o"
+            report = generate(model, [ids], spec.build(budget), max_new_tokens=4 if d2o else 1).policy_report
+            name = ("d2o_layers_" if d2o else "adakv_heads_") + re.sub(r"[^\w.-]", "_", spec.label)
+            made.append((plots.plot_d2o_report if d2o else plots.plot_head_budgets)(report, out / f"{name}.png"))
+            (out / f"{name}.md").write_text((plots.format_d2o_report if d2o else plots.format_head_budgets)(report)
+                                            + "\n")
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
     made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,
                                      f"{ex.task}, {n} tokens: positions kept in layer {layer}, KV head {view_head} "
                                      f"after prefill + 1 decode step (budget {budget})"))
     return made
-
-
-def _safe(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)

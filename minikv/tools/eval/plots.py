@@ -12,6 +12,7 @@ Batch row 0 is shown where a report's values differ per row.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -30,46 +31,41 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def quality_points(records: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
-    """policy -> [(mean measured ratio, mean score, budget label)] sorted by ratio."""
-    cells = defaultdict(list)
-    for r in _ok(records):
-        cells[(r["policy"], r["budget"])].append(r)
+def _by(records, *keys) -> dict[tuple, list[dict]]:
+    """Records grouped by the values of `keys`, in first-seen order."""
     out = defaultdict(list)
-    for (p, b), rs in cells.items():
-        out[p].append((_mean(r["cache_ratio"] for r in rs), _mean(r["score"] for r in rs), b or "-"))
-    return {p: sorted(v) for p, v in out.items()}
+    for r in records:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
 
 
 def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode)."""
-    plt = _plt()
-    groups = defaultdict(list)
-    for r in _ok(records):
-        groups[(r["task"], r["question"])].append(r)
+    plt, groups = _plt(), _by(_ok(records), "task", "question")
     if not groups:
         raise BadInput("no finished records to plot")
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((task, qmode), recs) in zip(axes[0], groups.items()):
-        for p, pts in quality_points(recs).items():
-            xs, ys, labels = zip(*pts)
+        points = defaultdict(list)                    # policy -> [(mean measured ratio, mean score, budget)]
+        for (p, b), rs in _by(recs, "policy", "budget").items():
+            points[p].append((_mean(r["cache_ratio"] for r in rs), _mean(r["score"] for r in rs), b or "-"))
+        for p, pts in points.items():
+            xs, ys, labels = zip(*sorted(pts))
             style = dict(marker="*", ms=12, ls="none") if len(pts) == 1 else dict(marker="o")
             ax.plot(xs, ys, label=p, **style)
-            for x, y, b in pts:
+            for x, y, b in zip(xs, ys, labels):
                 if b != "-":
                     ax.annotate(b, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ppl = task == "ppl"
         ax.set(xlabel="measured cache ratio (live entries / full cache)",
-               ylabel="perplexity (lower is better)" if ppl else "score",
+               ylabel="perplexity (lower is better)" if task == "ppl" else "score",
                title=task if qmode == "none" else f"{task} (question-{qmode})", xlim=(0, 1.05))
-        if not ppl:                                   # perplexity keeps a linear axis fitted to its values
+        if task != "ppl":                             # perplexity keeps a linear axis fitted to its values
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     legend = {}                                       # one entry per policy over all panels
     for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)   # beside, not on, the data
+        legend.update({lab: h for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in legend})
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -82,22 +78,16 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     recs = [r for r in _ok(records) if r.get("depth") is not None]
     if not recs:
         raise BadInput("no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
-    panels = list(dict.fromkeys((r["task"], r["policy"], r["budget"]) for r in recs))
-    lengths = sorted({r["length"] for r in recs})
-    depths = sorted({r["depth"] for r in recs})
+    panels = _by(recs, "task", "policy", "budget")
+    lengths, depths = sorted({r["length"] for r in recs}), sorted({r["depth"] for r in recs})
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.2, 2.8 * rows + 0.4), squeeze=False,
                              constrained_layout=True)
     im = None
-    for ax, (task, p, b) in zip(axes.flat, panels):
-        grid = [[float("nan")] * len(lengths) for _ in depths]
-        for i, d in enumerate(depths):
-            for j, n in enumerate(lengths):
-                vals = [r["score"] for r in recs if (r["task"], r["policy"], r["budget"], r["length"], r["depth"])
-                        == (task, p, b, n, d)]
-                if vals:
-                    grid[i][j] = _mean(vals)
+    for ax, ((task, p, b), rs) in zip(axes.flat, panels.items()):
+        cell = _by(rs, "depth", "length")
+        grid = [[_mean(r["score"] for r in cell.get((d, n), [])) for n in lengths] for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
@@ -105,10 +95,9 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
                      fontsize=9)
         ax.set_xlabel("length (tokens)", fontsize=8)
         ax.set_ylabel("depth", fontsize=8)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if grid[i][j] == grid[i][j]:
-                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
+        for i, j in itertools.product(range(len(depths)), range(len(lengths))):
+            if grid[i][j] == grid[i][j]:
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score")

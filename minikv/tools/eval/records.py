@@ -28,7 +28,7 @@ import torch
 from minikv.errors import BadInput
 from minikv.tools.common import format_rows
 
-RECORDS = "records.jsonl"
+RECORDS, LOCK = "records.jsonl", "eval.lock"
 
 
 # ---- ids and provenance -------------------------------------------------------------------------------------------
@@ -46,9 +46,8 @@ def minikv_version() -> str:
         return version("minikv")
     except PackageNotFoundError:
         pass
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
-        for line in pyproject.read_text().splitlines():
+        for line in (Path(__file__).resolve().parents[3] / "pyproject.toml").read_text().splitlines():
             if line.strip().startswith("version"):
                 return line.split("=", 1)[1].strip().strip('"') + "+src"
     except OSError:
@@ -62,10 +61,9 @@ _rss_peak_was_reset = False                    # set once /proc/self/clear_refs 
 def reset_peak_memory(device) -> None:
     """Start a new peak-memory window: CUDA's peak counter, or on Linux the process's peak RSS (VmHWM), which
     writing "5" to /proc/self/clear_refs resets; elsewhere the process RSS peak cannot be reset."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
     global _rss_peak_was_reset
+    if torch.device(device).type == "cuda":
+        return torch.cuda.reset_peak_memory_stats(device)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -74,27 +72,20 @@ def reset_peak_memory(device) -> None:
         _rss_peak_was_reset = False            # not Linux, or not allowed: peak_memory says it is the process peak
 
 
-def _linux_rss_peak_since_reset() -> int | None:
-    """VmHWM of /proc/self/status in bytes, or None when unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def peak_memory(device) -> tuple[int, str]:
     """(bytes, kind) since the last reset_peak_memory: torch.cuda.max_memory_allocated on GPU ("cuda_max_allocated");
-    on Linux the process's peak RSS (whole process: weights and Python included, "rss_peak_since_reset"); else the
-    process's lifetime peak RSS (resource.getrusage, "process_peak_rss": the largest of all cells so far)."""
+    on Linux the process's peak RSS (VmHWM: whole process, weights and Python included, "rss_peak_since_reset"); else
+    the process's lifetime peak RSS (resource.getrusage, "process_peak_rss": the largest of all cells so far)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    hwm = _linux_rss_peak_since_reset() if _rss_peak_was_reset else None
-    if hwm is not None:
-        return hwm, "rss_peak_since_reset"
+    try:
+        if _rss_peak_was_reset:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024, "rss_peak_since_reset"
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
@@ -102,9 +93,8 @@ def peak_memory(device) -> tuple[int, str]:
 # ---- records.jsonl ---------------------------------------------------------------------------------------------------
 # What a record must hold for the resume logic and the table to use it: key -> accepted types. A record that is JSON
 # but breaks this (hand-edited, or written by something else) is skipped with a warning and its cell runs again.
-_NUMBER = (int, float)
 RECORD_FIELDS = {"id": (str,), "task": (str,), "policy": (str,), "question": (str,), "budget": (str, type(None))}
-RESULT_FIELDS = {"score": _NUMBER + (type(None),), "cache_ratio": _NUMBER}        # records without an error
+RESULT_FIELDS = {"score": (int, float, type(None)), "cache_ratio": (int, float)}        # records without an error
 
 
 def record_problem(rec) -> str | None:
@@ -115,13 +105,11 @@ def record_problem(rec) -> str | None:
     missing = [k for k in fields if k not in rec]
     if missing:
         return f"missing key(s) {', '.join(missing)}"
-    for key, types in fields.items():
-        value = rec[key]
+    for key, types in dict(fields, error=(str, type(None))).items():
+        value = rec.get(key)
         if isinstance(value, bool) or not isinstance(value, types) or (key == "id" and not value):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             return f"{key} is {json.dumps(value, default=str)[:40]}, expected {want}"
-    if rec.get("error") is not None and not isinstance(rec["error"], str):
-        return f"error is {json.dumps(rec['error'], default=str)[:40]}, expected a string"
     return None
 
 
@@ -137,30 +125,28 @@ def scan_records(out_dir: str | Path) -> tuple[list[dict], list[str]]:
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
     out, notes = [], []
-    for i, raw in enumerate(lines):
+    for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            notes.append(f"{path}:{i + 1}: not valid JSON, e.g. cut off by an interrupted run ({e}); skipped, "
-                         f"its cell runs again")
+            notes.append(f"{path}:{i}: not valid JSON, e.g. cut off by an interrupted run ({e}); skipped, its cell "
+                         f"runs again")
             continue
         problem = record_problem(rec)
         if problem:
-            notes.append(f"{path}:{i + 1}: not a minikv eval record ({problem}); skipped, its cell runs again")
-            continue
-        out.append(rec)
+            notes.append(f"{path}:{i}: not a minikv eval record ({problem}); skipped, its cell runs again")
+        else:
+            out.append(rec)
     return out, notes
 
 
 def read_records(out_dir: str | Path, warn: bool = False) -> list[dict]:
-    """Every usable record in DIR/records.jsonl; a line cut short by an interruption, or one that is not a record,
-    is skipped (with a warning line on stderr naming the file and line when `warn`)."""
+    """Every usable record in DIR/records.jsonl (warning on stderr about each skipped line when `warn`)."""
     records, notes = scan_records(out_dir)
-    if warn:
-        for note in notes:
-            print(f"minikv eval: warning: {note}", file=sys.stderr)
+    for note in notes if warn else ():
+        print(f"minikv eval: warning: {note}", file=sys.stderr)
     return records
 
 
@@ -170,12 +156,8 @@ def append_record(out_dir: str | Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
-        if f.tell() > 0:                              # a previous run died mid-line: start a fresh line
-            f.seek(-1, os.SEEK_END)
-            needs_newline = f.read(1) != b"\n"
-        else:
-            needs_newline = False
-        f.write((("\n" if needs_newline else "") + json.dumps(record, default=str) + "\n").encode("utf-8"))
+        cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"   # a run died mid-line
+        f.write((("\n" if cut else "") + json.dumps(record, default=str) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -240,24 +222,8 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
 
 
 # ---- one run per output folder ---------------------------------------------------------------------------------------
-LOCK = "eval.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (one we may not signal still exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
 def _read_lock(path: Path) -> tuple[str | None, dict | None]:
-    """(raw text, parsed holder or None when unreadable) of a lock file; (None, None) when it has vanished."""
+    """(raw text, holder or None when it names none) of a lock file; (None, None) when it has vanished."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text:                                    # just created by a run that has not written it yet
@@ -275,7 +241,15 @@ def _read_lock(path: Path) -> tuple[str | None, dict | None]:
 
 def _is_stale(holder: dict) -> bool:
     """A lock taken on this host by a process that no longer exists (killed, machine crash before a release)."""
-    return holder["host"] == socket.gethostname() and not _pid_alive(holder["pid"])
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except PermissionError:                             # exists, but not ours to signal
+        return False
+    except (ProcessLookupError, OverflowError, ValueError):
+        return True
+    return False
 
 
 def _take_over(path: Path, stale_text: str) -> None:
@@ -302,19 +276,9 @@ class OutputLock:
     twice. A lock left by a process that no longer exists on this host is taken over with a one-line note."""
 
     def __init__(self, folder: str | Path, command: str):
-        self.path = Path(folder) / LOCK
-        self.command = command
-        self.mine: str | None = None
+        self.path, self.command, self.mine = Path(folder) / LOCK, command, None
 
     def __enter__(self) -> "OutputLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def acquire(self) -> None:
-        """Create the lock, or raise BadInput naming the run that holds it."""
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": datetime.now().astimezone().isoformat(timespec="seconds"),
                          "command": self.command}) + "\n"
@@ -322,41 +286,42 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                text, holder = _read_lock(self.path)
-                if text is None:
-                    continue                            # released between our open and our read
-                if holder is None:
-                    raise BadInput(f"{self.path} exists but does not name its holder (content {text[:60]!r}); "
-                                   f"if no other `minikv eval` writes to {self.path.parent}, delete it and run "
-                                   f"again") from None
-                if not _is_stale(holder):
-                    raise BadInput(self._held_message(holder)) from None
-                print(f"minikv eval: note: taking over the stale lock {self.path} of pid {holder['pid']} "
-                      f"(since {holder.get('started', '?')}), which no longer runs", file=sys.stderr)
-                _take_over(self.path, text)
-                continue
+                fd = None
             except OSError as e:
                 raise BadInput(f"cannot create {self.path}: {e.strerror or e} (--out must be a folder you can "
                                f"write to)") from None
+            if fd is None:
+                self._refuse_or_take_over()
+                continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(me)
             self.mine = me
-            return
+            return self
         raise BadInput(f"could not take {self.path}: other runs keep taking it; check that no other `minikv eval` "
                        f"writes to {self.path.parent}")
 
-    def _held_message(self, holder: dict) -> str:
-        where = "" if holder["host"] == socket.gethostname() else f" on host {holder['host']}"
-        return (f"{self.path.parent} is in use by another minikv eval: pid {holder['pid']}{where}, running since "
-                f"{holder.get('started', '?')} ({holder.get('command', '?')}); wait for it to finish (a re-run then "
-                f"skips the cells it finished), use another --out, or, if that process is gone, delete {self.path}")
+    def _refuse_or_take_over(self) -> None:
+        """Raise BadInput naming the run that holds the lock, or take over a stale one."""
+        text, holder = _read_lock(self.path)
+        if text is None:
+            return                                      # released between our open and our read
+        if holder is None:
+            raise BadInput(f"{self.path} exists but does not name its holder (content {text[:60]!r}); if no other "
+                           f"`minikv eval` writes to {self.path.parent}, delete it and run again")
+        if not _is_stale(holder):
+            where = "" if holder["host"] == socket.gethostname() else f" on host {holder['host']}"
+            raise BadInput(f"{self.path.parent} is in use by another minikv eval: pid {holder['pid']}{where}, running "
+                           f"since {holder.get('started', '?')} ({holder.get('command', '?')}); wait for it to finish "
+                           f"(a re-run then skips the cells it finished), use another --out, or, if that process is "
+                           f"gone, delete {self.path}")
+        print(f"minikv eval: note: taking over the stale lock {self.path} of pid {holder['pid']} "
+              f"(since {holder.get('started', '?')}), which no longer runs", file=sys.stderr)
+        _take_over(self.path, text)
 
-    def release(self) -> None:
+    def __exit__(self, *exc) -> None:
         """Remove the lock if it is still ours (never another run's)."""
-        if self.mine is None:
-            return
         try:
-            if self.path.read_text(encoding="utf-8") == self.mine:
+            if self.mine is not None and self.path.read_text(encoding="utf-8") == self.mine:
                 self.path.unlink()
         except OSError:
             pass
