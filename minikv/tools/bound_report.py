@@ -16,8 +16,7 @@ from minikv.generate import check_token_row, prefill
 def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> dict:
     """One layer's true L1 error and both bounds of Theorem 3.1 (float64), for one query."""
     A, V, W = (t.to(torch.float64) for t in (A, V, W_o_blocks))
-    C = projected_value_norms(V, W)
-    F = kept_mass(A, mask)
+    C, F = projected_value_norms(V, W), kept_mass(A, mask)
     return {"true_l1": float(true_l1_error(A, V, W, mask)), "per_head_bound": float(per_head_bound(A, mask, C)),
             "global_bound": float(global_bound(A, mask, C)), "kept_mass_min": float(F.min()),
             "kept_mass_mean": float(F.mean())}
@@ -25,13 +24,9 @@ def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, 
 
 @torch.no_grad()
 def record_prefill(model, ids: list[int], policy) -> list[dict]:
-    """Prefill one prompt with `policy`, recording per layer the last query's full probabilities, values and keep mask.
-
-    A copy of the policy runs through generate.prefill with its after_prefill wrapped: the wrapper copies the
-    attention row of the last prompt query over the uncompressed store ("last_rows" with at least one row is added to
-    what the policy needs) and calls the policy. Once the prompt is done (after_prompt included), the positions before
-    and after give the kept set of each KV head.
-    """
+    """Prefill one prompt with `policy`, recording per layer the last query's full probabilities, values and keep mask:
+    a copy of the policy (also needing "last_rows") has its after_prefill wrapped to copy the last query's attention
+    row over the uncompressed store; the positions before and after the prompt give each KV head's kept set."""
     ids = check_token_row(ids, model.cfg.vocab_size, "bound report prompt")
     if len(ids) > model.cfg.max_position_embeddings:
         raise BadInput(f"bound report prompt of {len(ids)} tokens is longer than the model's context "
@@ -55,17 +50,12 @@ def record_prefill(model, ids: list[int], policy) -> list[dict]:
 
 @torch.no_grad()
 def bound_report(model, tokenizer_ids: list[int], policy) -> list[dict]:
-    """Per layer, the true L1 error of the last prompt query's attention output vs the Theorem 3.1 bounds.
-
-    The attention before compression (full cache) is compared with the renormalised attention over the entries the
-    policy kept in that layer; C_i uses the layer's o_proj blocks. Returns one row (a dict) per layer.
-    """
+    """Per layer (one row each), the true L1 error of the last prompt query's attention output (full cache vs the
+    renormalised attention over the entries the policy kept, C_i from the layer's o_proj blocks) vs the Theorem 3.1
+    bounds."""
     rows = []
-    n_heads = model.cfg.num_attention_heads
     for layer, rec in enumerate(record_prefill(model, tokenizer_ids, policy)):
-        W = o_proj_blocks(model.layers[layer].self_attn.o_proj.weight, n_heads)
-        row = {"layer": layer, **layer_bound_row(rec["A"], rec["V"], W, rec["mask"])}
-        row["kept_entries"] = rec["mask"].sum(-1).tolist()
-        rows.append(row)
+        W = o_proj_blocks(model.layers[layer].self_attn.o_proj.weight, model.cfg.num_attention_heads)
+        rows.append({"layer": layer, **layer_bound_row(rec["A"], rec["V"], W, rec["mask"]),
+                     "kept_entries": rec["mask"].sum(-1).tolist()})
     return rows
-

@@ -202,26 +202,20 @@ class Counter:
     time left; rewritten in place on a terminal, one line per step otherwise (logs, CI)."""
 
     def __init__(self, total: int, initial: int, desc: str):
-        self.n, self.total, self.desc, self.initial = initial, total, desc, initial
-        self.start, self._note = time.perf_counter(), ""
-        self._print()
-
-    def _print(self) -> None:
-        elapsed = time.perf_counter() - self.start
-        ran = self.n - self.initial
-        left = f", ~{duration(elapsed / ran * (self.total - self.n))} left" if ran else ""
-        text = f"{self.desc}: {self.n}/{self.total} [{duration(elapsed)}{left}] {self._note}".rstrip()
-        if sys.stderr.isatty():
-            print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)     # \x1b[K: erase the longer old line
-        else:
-            print(text, file=sys.stderr, flush=True)
+        self.n, self.total, self.desc, self.initial, self.note = initial, total, desc, initial, ""
+        self.start = time.perf_counter()
+        self.update(0)
 
     def set_postfix_str(self, s: str) -> None:
-        self._note = s
+        self.note = s
 
     def update(self, k: int = 1) -> None:
         self.n += k
-        self._print()
+        elapsed, ran = time.perf_counter() - self.start, self.n - self.initial
+        left = f", ~{duration(elapsed / ran * (self.total - self.n))} left" if ran else ""
+        text = f"{self.desc}: {self.n}/{self.total} [{duration(elapsed)}{left}] {self.note}".rstrip()
+        tty = sys.stderr.isatty()                     # \x1b[K: erase the longer old line
+        print(f"\r{text}\x1b[K" if tty else text, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if sys.stderr.isatty():

@@ -1,17 +1,9 @@
-"""Golden vectors for kernel authors: `minikv oracle export` and `minikv oracle check`.
-
-export writes, for small seeded cases (a tiny random Llama in float64) and for one layer of the real default model,
-every input and output of each policy step: the store before the step (keys, values, positions, statistics),
-the attention statistics the policy was given (scores come from these), the store after the step (kept positions
-per head, merged keys/values, updated statistics) and the attention output of a fixed probe query before and after.
-One safetensors file per case plus manifest.json (shapes, dtypes, roles, tie-break rule, tolerances).
-
-check compares a candidate directory holding safetensors files of the same names (with at least the `out/` and
-`probe/` tensors) and prints per-tensor max abs / rel error and PASS/FAIL against the manifest's tolerances, then how
-many tensors it compared. It passes only when at least one tensor was compared and every compared tensor passed;
-a golden set or candidate that cannot be read (missing folder, no or broken manifest, corrupt safetensors) is a
-named error (`minikv.errors`), never a pass.
-"""
+"""Golden vectors for kernel authors (train_free.md §11): `minikv oracle export` writes every input and
+output of each policy step (store before and after, the attention statistics given, a fixed probe query's attention
+output before and after) for small seeded float64 cases and one layer of the default model, one safetensors file per
+case plus manifest.json; `minikv oracle check` compares a candidate's files against the manifest's tolerances. It
+passes only when at least one tensor was compared and all passed; an unreadable golden set or candidate is a named
+error, never a pass."""
 from __future__ import annotations
 
 import json
@@ -93,8 +85,7 @@ def check_export_args(seed: int, n_cases: int, real_model: bool) -> None:
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create out_dir; refuse a file, or a folder already holding golden vectors (a manifest.json or .safetensors
-    files) unless `overwrite`."""
+    """Create out_dir; refuse a file, or a folder holding golden vectors unless `overwrite`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
     held = sorted(f.name for f in out_dir.iterdir() if f.name == "manifest.json" or f.suffix == ".safetensors") \
@@ -110,8 +101,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def remove_old_set(out_dir: Path) -> None:
-    """Delete the manifest.json in out_dir and the case files it lists (plain names only; none when it cannot be
-    read): what --overwrite replaces."""
+    """Delete out_dir's manifest.json and the plain-named case files it lists (what --overwrite replaces)."""
     try:
         cases = json.loads((out_dir / "manifest.json").read_text()).get("cases") or []
     except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: only our files get replaced

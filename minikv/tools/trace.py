@@ -20,17 +20,13 @@ from minikv.tools.record import Recorder, head_changes
 
 def _compact(positions: list[int], limit: int = 24) -> str:
     """'0-3,7,9-12' style ranges, cut after `limit` numbers."""
-    if not positions:
-        return "-"
-    runs, start, prev = [], positions[0], positions[0]
-    for p in positions[1:] + [None]:
-        if p is not None and p == prev + 1:
-            prev = p
-            continue
-        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if p is not None:
-            start = prev = p
-    text = ",".join(runs)
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "-"
     return text if len(positions) <= limit or len(text) < 120 else text[:117] + "..."
 
 
@@ -44,11 +40,9 @@ def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str
         err = (ev.probe_out_after - ev.probe_out_before).abs().max().item()
         lines.append(f"[{ev.phase}] layer {ev.layer}: probe-query attention change max|Δ| = {err:.3g}")
         for c in changes:
-            line = (f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]"
-                    f"  evicted [{_compact(c['evicted'])}]")
-            if c["merged_into"]:
-                line += f"  merged into [{_compact(c['merged_into'])}]"
-            lines.append(line)
+            lines.append(f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]  evicted "
+                         f"[{_compact(c['evicted'])}]" + (f"  merged into [{_compact(c['merged_into'])}]"
+                                                          if c["merged_into"] else ""))
             if tokens and c["evicted"] and len(c["evicted"]) <= 8:
                 lines.append("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]
                                                                   if p < len(tokens)))
@@ -56,39 +50,25 @@ def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str
 
 
 def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
-    """Generate with a recording policy; returns (recorder, generated text, token strings)."""
+    """Generate with a recording policy; returns (recorder, generated text, token strings, result)."""
     rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
     ids = tokenizer.encode(prompt)
     res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
-    all_ids = ids + res.tokens[0]
-    pieces = [tokenizer.decode([i]) for i in all_ids]
-    return rec, tokenizer.decode(res.tokens[0]), pieces, res
+    return rec, tokenizer.decode(res.tokens[0]), [tokenizer.decode([i]) for i in ids + res.tokens[0]], res
 
 
 def layers_arg(text: str) -> set[int] | None:
-    """--layers: 'all' (None) or comma-separated layer numbers >= 0; the upper bound is checked once the model is
-    loaded (check_layers)."""
+    """--layers: 'all' (None) or comma-separated layer numbers >= 0 (the upper bound is checked in cmd_trace)."""
     if text.strip() == "all":
         return None
-    out = set()
-    for item in text.split(","):
-        try:
-            layer = int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer numbers (e.g. 0,2), "
-                                             f"got {text!r}") from None
-        if layer < 0:
-            raise argparse.ArgumentTypeError(f"layer {layer} in {text!r} is negative; layers are numbered from 0")
-        out.add(layer)
+    try:
+        out = {int(item) for item in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer numbers (e.g. 0,2), "
+                                         f"got {text!r}") from None
+    if min(out) < 0:
+        raise argparse.ArgumentTypeError(f"layer {min(out)} in {text!r} is negative; layers are numbered from 0")
     return out
-
-
-def check_layers(layers: set[int] | None, n_layers: int) -> None:
-    """Refuse layers the model does not have (otherwise the trace would silently print nothing)."""
-    bad = sorted(l for l in layers or () if l >= n_layers)
-    if bad:
-        raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, "
-                       f"0..{n_layers - 1}")
 
 
 def print_run_notes(policy, res, max_new_tokens: int) -> None:
@@ -103,23 +83,20 @@ def print_run_notes(policy, res, max_new_tokens: int) -> None:
 def cmd_trace(args) -> int:
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
     model, tok = load_model_and_tokenizer(args)
-    check_layers(args.layers, model.cfg.num_hidden_layers)
+    n_layers = model.cfg.num_hidden_layers           # a layer the model lacks would silently print nothing
+    bad = sorted(l for l in args.layers or () if l >= n_layers)
+    if bad:
+        raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, "
+                       f"0..{n_layers - 1}")
     rec, text, pieces, res = run_trace(model, tok, policy, args.prompt, args.max_new_tokens, args.layers)
     print_run_notes(policy, res, args.max_new_tokens)
     print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
     print("\n".join(trace_lines(rec, pieces)))
     print(f"generated: {text!r}")
     print(result_summary(res))
-    print("policy report:", json.dumps(res.policy_report, default=_jsonable))
+    print("policy report:", json.dumps(res.policy_report, default=lambda x: x.tolist() if isinstance(x, torch.Tensor)
+                                       else sorted(x) if isinstance(x, set) else str(x)))
     return 0
-
-
-def _jsonable(x):
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, set):
-        return sorted(x)
-    return str(x)
 
 
 def register(sub) -> None:

@@ -65,8 +65,7 @@ def _numbers(text: str, what: str, cast, kind: str, example: str) -> list:
 
 
 def config_from_args(args, model_name: str) -> EvalConfig:
-    """The grid the arguments describe, checked (with --threads and the sign of --view-layer/--view-head) before any
-    model is loaded."""
+    """The grid the arguments describe (and --threads, --view-layer/--view-head), checked before loading."""
     cpus = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= cpus:
         raise BadInput(f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), "
@@ -107,8 +106,8 @@ def output_folder(args) -> Path:
 def command_line(args, resume: Path | None = None) -> str:
     """The `minikv eval` command that reproduces this run (options that differ from their defaults); with `resume`
     (the output folder), the command that resumes it, as it was invoked (`python3 -m minikv` or `minikv`)."""
-    main = getattr(sys.modules.get("__main__"), "__spec__", None)
-    parts = ["python3 -m minikv" if resume and main is not None and main.name == "minikv.__main__" else "minikv", "eval"]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parts = ["python3 -m minikv" if resume and getattr(spec, "name", "") == "minikv.__main__" else "minikv", "eval"]
     for action in args.eval_parser._actions:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest in ("help", "no_progress") or \

@@ -1,15 +1,6 @@
-"""Plots of evaluation records (matplotlib, an optional extra: pip install minikv[plot]).
-
-  quality_vs_ratio(records, path)      the main plot: mean score vs mean measured cache ratio, one line per policy
-  depth_heatmaps(records, path)        needle / passkey score over length × depth, one panel per (policy, budget)
-  survival_strip(rows, path)           which positions survive in one layer / KV head, per policy
-  surviving_positions(model, ids, policy, layer, head)   the data of that strip: the cache's `pos` after prefill
-                                       and the first decode step
-  format_d2o_report / plot_d2o_report  what D2O did, from its report(): per-layer F_l, L*w_l, ratio, S_h / S_r,
-                                       merged vs dropped, final tau (a table), and ratio / evictions / tau (a figure)
-  format_head_budgets / plot_head_budgets   Ada-KV's per-head budgets from its report(): a table and a heatmap
-Batch row 0 is shown where a report's values differ per row.
-"""
+"""Plots of evaluation records and policy reports (matplotlib, an optional extra: pip install minikv[plot]): quality
+vs measured cache ratio, depth heatmaps, surviving positions, D2O's per-layer report, Ada-KV's per-head budgets.
+Batch row 0 is shown where a report's values differ per row."""
 from __future__ import annotations
 
 import itertools

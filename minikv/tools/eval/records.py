@@ -59,8 +59,7 @@ _rss_peak_was_reset = False                    # set once /proc/self/clear_refs 
 
 
 def reset_peak_memory(device) -> None:
-    """Start a new peak-memory window: CUDA's peak counter, or on Linux the process's peak RSS (VmHWM), which
-    writing "5" to /proc/self/clear_refs resets; elsewhere the process RSS peak cannot be reset."""
+    """Start a new peak-memory window: CUDA's counter, or Linux's peak RSS (VmHWM, reset via clear_refs)."""
     global _rss_peak_was_reset
     if torch.device(device).type == "cuda":
         return torch.cuda.reset_peak_memory_stats(device)
@@ -114,8 +113,7 @@ def record_problem(rec) -> str | None:
 
 
 def scan_records(out_dir: str | Path) -> tuple[list[dict], list[str]]:
-    """(usable records, one 'FILE:LINE: why skipped' note per unusable line) of DIR/records.jsonl; the file is only
-    read, never rewritten, so a skipped line stays there as it was."""
+    """(usable records, a 'FILE:LINE: why skipped' note per unusable line) of DIR/records.jsonl (only read)."""
     path = Path(out_dir) / RECORDS
     if not path.exists():
         return [], []

@@ -134,8 +134,7 @@ def no_duplicates(values: list, flag: str) -> None:
 
 
 def check_lists(task: str, lengths: list, depths: list, subtasks: tuple, ppl_prefix: int) -> None:
-    """Prompt lengths (each >= 2 tokens; for ppl each above the prefix), needle depths (each in [0, 1]) and ruler-lite
-    subtasks (each known): at least one of each, none twice."""
+    """Lengths (>= 2 tokens; for ppl above the prefix), depths (in [0, 1]), subtasks: some, none twice."""
     _first([(not lengths, "--lengths lists no length; give prompt lengths in tokens, e.g. --lengths 1000,2000")])
     for n in lengths:
         if not _whole(n, 2):
@@ -211,8 +210,7 @@ class Cell:
     depth: float | None
     sample: int
     question: str               # "aware" | "agnostic" | "none" (ppl)
-    id: str = ""
-    key: dict = field(default_factory=dict)
+    id: str = ""                # records.cell_id of everything that decides the result
 
 
 def build_grid(cfg: EvalConfig) -> list[Cell]:
@@ -222,13 +220,11 @@ def build_grid(cfg: EvalConfig) -> list[Cell]:
         depths, qmode = cfg.depths if task in DEPTH_TASKS else [None], "none" if task == "ppl" else cfg.question
         for length, depth, sample, spec in itertools.product(cfg.lengths, depths, range(cfg.samples), cfg.policies):
             for budget in (cfg.budgets if spec.takes_budget else [None]):
-                c = Cell(task, spec, budget, length, depth, sample, qmode)
-                c.key = {"task": task, "policy": spec.label, "options": dict(spec.options), "budget": budget,
-                         "length": length, "depth": depth, "sample": sample, "question": qmode, "seed": cfg.seed,
-                         "chat": cfg.chat, "model": cfg.model_name, "dtype": cfg.dtype,
-                         **({"ppl_prefix": cfg.ppl_prefix} if task == "ppl" else {})}
-                c.id = rec.cell_id(c.key)
-                cells.append(c)
+                cells.append(Cell(task, spec, budget, length, depth, sample, qmode, rec.cell_id(
+                    {"task": task, "policy": spec.label, "options": dict(spec.options), "budget": budget,
+                     "length": length, "depth": depth, "sample": sample, "question": qmode, "seed": cfg.seed,
+                     "chat": cfg.chat, "model": cfg.model_name, "dtype": cfg.dtype,
+                     **({"ppl_prefix": cfg.ppl_prefix} if task == "ppl" else {})})))
     return cells
 
 
@@ -244,8 +240,7 @@ def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Exa
 
 
 def score_text(ex: Example, text: str) -> float:
-    """The example's metric on the generated text, in [0, 1]: "contains" (any answer in the text) or RULER's
-    string_match_all (the fraction of the answers found, case-insensitive)."""
+    """The example's metric on the generated text, in [0, 1] ("contains" or string_match_all)."""
     if ex.metric == "contains":
         return float(any(a in text for a in ex.answers))
     return string_match_all(text, ex.answers)
@@ -340,8 +335,7 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
 
 # ---- the grid ---------------------------------------------------------------------------------------------------------
 def check_fits(tok, cfg: EvalConfig, cells: list[Cell], ctx: int) -> None:
-    """Refuse, before any cell runs, a grid whose prompts cannot be built or do not fit the model's context: every
-    length within the context, and the shortest and the longest prompt of each task buildable and fitting."""
+    """Refuse before any cell runs a length past the context, or a shortest/longest prompt that does not fit."""
     for n in cfg.lengths:
         _first([(n > ctx, f"--lengths {n} exceeds the model's context ({ctx} tokens); give lengths up to {ctx} (less "
                           f"the answer's tokens for generated tasks)")])

@@ -75,8 +75,7 @@ def pseudo_words(n: int, seed: int = 0) -> list[str]:
 
 
 def prose_source() -> tuple[str, str]:
-    """(source name, text): every license text under /usr/share/common-licenses joined (GPL-3 first, symlinked
-    duplicates once), or deterministic pseudo-prose when none is installed."""
+    """(source name, text): the license texts (GPL-3 first, each once), else deterministic pseudo-prose."""
     texts: dict[str, str] = {}
     if LICENSES.is_dir():
         for p in sorted((p for p in LICENSES.iterdir() if p.is_file()), key=lambda p: (p.name != "GPL-3", p.name)):
@@ -147,27 +146,21 @@ def prose_units(tok) -> tuple[list[list[int]], str]:
 
 
 # ---- chat wrapping -------------------------------------------------------------------------------------------------
-def has_chat_format(tok) -> bool:
-    """Whether minikv knows a chat template for this tokenizer (ChatML or Llama-2)."""
-    try:
-        apply_chat_template(tok, [{"role": "user", "content": "x"}])
-        return True
-    except NotImplementedError:
-        return False
-
-
 def resolve_chat(tok, task: str, chat: bool | None) -> bool:
-    """chat=None means the task's default, where the tokenizer has a chat format."""
+    """chat=None means the task's default, where minikv knows a chat format (ChatML, Llama-2) for the tokenizer."""
+    try:
+        known = apply_chat_template(tok, [{"role": "user", "content": "x"}]) is not None
+    except NotImplementedError:
+        known = False
     if chat is None:
-        return CHAT_DEFAULT.get(task.split("/")[0], True) and has_chat_format(tok)
-    if chat and not has_chat_format(tok):
+        return CHAT_DEFAULT.get(task.split("/")[0], True) and known
+    if chat and not known:
         raise BadInput("chat=True but this tokenizer has no known chat format")
     return chat
 
 
 def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[str, str]:
-    """(head text, tail text) around the haystack: the plain prompt, or the chat template with the answer prefix
-    starting the assistant turn."""
+    """(head, tail) text around the haystack: plain, or the chat template with the answer prefix opening the reply."""
     if not chat:
         return instruction, question + answer_prefix
     marker = "\x00MINIKV-HAYSTACK\x00"
@@ -263,11 +256,11 @@ def magic_numbers(tok, length: int, depth: float, rng: random.Random, chat: bool
                for i, (c, n) in enumerate(zip(cities, numbers))]
     many, city = sub == "multivalue", cities[0]
     what = "What are all the special magic numbers" if many else "What is the special magic number"
-    answer = "numbers for {} mentioned in the provided text are" if many else "number for {} mentioned in the provided text is"
+    answer = f"number{'s' if many else ''} for {city} mentioned in the provided text {'are' if many else 'is'}"
     units, source = prose_units(tok)
     ctx, q, spans = haystack_prompt(tok, length, chat, _NEEDLE_INSTRUCTION, units, rng.randrange(len(units)), needles,
                                     f"\n{what} for {city} mentioned in the provided text?",
-                                    " The special magic " + answer.format(city))
+                                    " The special magic " + answer)
     meta = {"depth": depth, **spans, "key": numbers[0], "city": city, "haystack": source}
     if sub is None:
         return Example("needle", ctx, q, numbers, "contains", 12, chat, meta)
@@ -387,8 +380,7 @@ def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
 
 def make_example(tok, task: str, length: int, depth: float | None = None, sample: int = 0, seed: int = 0,
                  chat: bool | None = None, ppl_prefix: int = 512) -> Example:
-    """The prompt of one grid cell; the same (task, length, depth, sample, seed) gives the same ids every time.
-    task: "passkey", "needle", "ruler-lite/<multikey|multivalue|vt|cwe>" or "ppl"."""
+    """The prompt of one grid cell ("passkey", "needle", "ruler-lite/<subtask>", "ppl"), the same every time."""
     base, _, sub = task.partition("/")
     if base not in TASK_NAMES:
         raise BadInput(f"unknown task {task!r}; tasks: passkey, needle, ruler-lite/<{'|'.join(RULER_SUBTASKS)}>, ppl")
