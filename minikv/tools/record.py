@@ -55,17 +55,16 @@ class Recorder:
         return out.detach().clone()
 
     def _record(self, phase: str, hook, layer: int, store: LayerStore, stats: dict) -> None:
-        if self.layers is None or layer in self.layers:
-            before, probe_before = snapshot(store), self._probe(store)
-            hook(layer, store, stats)
-            n = before["pos"].shape[-1]     # statistics are trimmed to the same slots as the snapshot (last dim = S)
-            inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
-            event = Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store))
-            self.events.append(event)
-            if phase == "prefill":
-                self._open.append((event, store))
-        else:
-            hook(layer, store, stats)
+        if self.layers is not None and layer not in self.layers:
+            return hook(layer, store, stats)
+        before, probe_before = snapshot(store), self._probe(store)
+        hook(layer, store, stats)
+        n = before["pos"].shape[-1]         # statistics are trimmed to the same slots as the snapshot (last dim = S)
+        inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
+        event = Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store))
+        self.events.append(event)
+        if phase == "prefill":
+            self._open.append((event, store))
 
     def after_prefill(self, layer, store, stats):
         self._record("prefill", self.policy.after_prefill, layer, store, stats)
