@@ -906,13 +906,15 @@ def has_records(out_dir: Path) -> bool:
 
 def test_second_run_on_one_folder_is_refused(tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    first = start_eval(tiny_model_dir, out_dir, samples=40)
+    # 400 one-cell prompts: the run cannot finish (and leave its Ctrl-C handler) before the SIGINT below.
+    first = start_eval(tiny_model_dir, out_dir, samples=400)
     try:
-        wait_for(lambda: (out_dir / R.LOCK).exists() and (out_dir / R.LOCK).stat().st_size > 0, first)
+        # The first record means the run is past taking the lock and inside its cells (where Ctrl-C is handled).
+        wait_for(lambda: (out_dir / R.LOCK).exists() and has_records(out_dir), first)
         holder = json.loads((out_dir / R.LOCK).read_text())
-        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname() and "--samples 40" in \
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname() and "--samples 400" in \
             holder["command"]
-        result = run_eval(with_options(EVAL_FAST, ["--samples", "40"]), tiny_model_dir, out_dir, capsys)
+        result = run_eval(with_options(EVAL_FAST, ["--samples", "400"]), tiny_model_dir, out_dir, capsys)
         line = assert_refused(result, f"pid {first.pid}")
         assert holder["started"] in line and f"delete {out_dir / R.LOCK}" in line
     finally:

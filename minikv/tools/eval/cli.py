@@ -128,15 +128,15 @@ def cmd_eval(args) -> int:
     cfg = config_from_args(args, model_name)
     out = output_folder(args)
     command = command_line(args)
-    with rec.OutputLock(out, command):
-        try:
+    try:                                     # around the lock too: Ctrl-C while it is being taken is still one line
+        with rec.OutputLock(out, command):
             return run_and_report(args, cfg, out, command, model_name)
-        except KeyboardInterrupt:
-            ids = {c.id for c in build_grid(cfg)}
-            print(f"minikv eval: interrupted; {len(ids & rec.finished_ids(rec.read_records(out)))} of {len(ids)} "
-                  f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}",
-                  file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        ids = {c.id for c in build_grid(cfg)}
+        print(f"minikv eval: interrupted; {len(ids & rec.finished_ids(rec.read_records(out)))} of {len(ids)} "
+              f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}",
+              file=sys.stderr)
+        return 130
 
 
 def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: str) -> int:
