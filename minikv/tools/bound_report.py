@@ -10,7 +10,8 @@ import torch
 from minikv.bounds import (global_bound, kept_mass, kept_positions_mask, o_proj_blocks, per_head_bound,
                            projected_value_norms, true_l1_error)
 from minikv.errors import BadInput
-from minikv.generate import check_token_row, prefill
+from minikv.checks import check_token_row
+from minikv.generate import prefill
 
 
 def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> dict:
