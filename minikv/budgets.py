@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
-from minikv.errors import BadInput
+from minikv.errors import BadInput, is_int
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
     Written with a decimal point or an exponent ('1.0', '1e3') the value is a ratio; digits alone are a count."""
     if text is None or isinstance(text, Budget):
         return text
-    if isinstance(text, Integral) and not isinstance(text, bool):
+    if is_int(text):
         return _budget(text, int(text))
     if isinstance(text, float):
         return _budget(text, text)

@@ -5,16 +5,12 @@ instead of deep inside the model (an IndexError from the embedding, a NaN from t
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 
-from minikv.errors import BadInput
+from minikv.errors import BadInput, is_int
 from minikv.model import Llama
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
 
 
 def _is_real(x) -> bool:
@@ -31,10 +27,10 @@ def _short(x) -> str:
 ARGUMENTS = {
     "temperature": (lambda x: _is_real(x) and math.isfinite(x) and x >= 0, "a finite number >= 0 (0 = greedy)"),
     "top_p": (lambda x: _is_real(x) and 0 < x <= 1, "a number in (0, 1]"),
-    "max_new_tokens": (lambda x: _is_int(x) and x >= 0, "a non-negative integer"),
-    "extra_capacity": (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
-    "reserve_tokens": (lambda x: x is None or _is_int(x) and x >= 0, "an integer >= 0 or None"),
-    "seed": (lambda x: x is None or _is_int(x) and 0 <= x < 2 ** 64, "an integer in 0..2**64-1 or None"),
+    "max_new_tokens": (lambda x: is_int(x) and x >= 0, "a non-negative integer"),
+    "extra_capacity": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+    "reserve_tokens": (lambda x: x is None or is_int(x) and x >= 0, "an integer >= 0 or None"),
+    "seed": (lambda x: x is None or is_int(x) and 0 <= x < 2 ** 64, "an integer in 0..2**64-1 or None"),
     "on_tokens": (lambda x: x is None or callable(x), "a callable or None"),
 }
 
@@ -51,13 +47,13 @@ def check_token_row(row, vocab_size: int, name: str) -> list[int]:
     """One prompt: a non-empty list of token ids in [0, vocab_size), as a list of ints."""
     if isinstance(row, torch.Tensor) and row.dim() == 1 and not row.is_floating_point():
         row = row.tolist()
-    if _is_int(row):
+    if is_int(row):
         raise BadInput(f"{name} is {row!r}, a single token id; pass one list per prompt, e.g. [[1, 2, 3]]")
     if not isinstance(row, (list, tuple)):
         raise BadInput(f"{name} must be a list of token ids, got {type(row).__name__} {_short(row)}")
     if not row:
         raise BadInput(f"{name} is empty: every prompt must hold at least one token")
-    bad = next((j for j, t in enumerate(row) if type(t) is not int and not _is_int(t)), None)
+    bad = next((j for j, t in enumerate(row) if type(t) is not int and not is_int(t)), None)
     if bad is not None:
         raise BadInput(f"{name}[{bad}] = {_short(row[bad])} is not a token id (an integer)")
     row = [int(t) for t in row]
@@ -99,7 +95,7 @@ def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int
         question = check_prompts(question, vocab, "question")
         if len(question) != len(prompts):
             raise BadInput(f"question has {len(question)} rows for {len(prompts)} prompts: give one per prompt")
-    if not _is_int(pad_id) or not 0 <= pad_id < vocab:
+    if not is_int(pad_id) or not 0 <= pad_id < vocab:
         raise BadInput(f"pad_id must be a token id in 0..{vocab - 1}, got {pad_id!r}")
     room, context = context_room(model, prompts, question), model.cfg.max_position_embeddings
     if room < 0:
@@ -110,7 +106,7 @@ def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int
 def check_stop_ids(stop_ids) -> set[int]:
     """Stop token ids as a set of ints (a list, tuple or set; an empty one never stops early)."""
     if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (list, tuple, set, frozenset)) \
-            or not all(_is_int(t) for t in stop_ids):
+            or not all(is_int(t) for t in stop_ids):
         raise BadInput(f"stop_ids must be a list of token ids (integers) or None, got {_short(stop_ids)}")
     return {int(t) for t in stop_ids}
 

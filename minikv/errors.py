@@ -5,6 +5,8 @@ They subclass the built-in exceptions a Python caller already expects (`ValueErr
 `minikv: error: ...` with exit status 2. Any other exception is a bug in minikv and keeps its traceback."""
 from __future__ import annotations
 
+from numbers import Integral
+
 
 class MinikvError(Exception):
     """Base of every error that means "the input is wrong", not "minikv is broken"."""
@@ -24,3 +26,8 @@ class MissingExtra(MinikvError, ImportError):
 
 class NoDevice(MinikvError, RuntimeError):
     """The requested device (e.g. a CUDA GPU) is not available on this machine."""
+
+
+def is_int(x) -> bool:
+    """An integer that is not a bool (isinstance(True, int) holds, but True is never a count, size or token id)."""
+    return isinstance(x, Integral) and not isinstance(x, bool)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from numbers import Integral
 
 import torch
-from minikv.errors import BadInput
+from minikv.errors import BadInput, is_int
 
 # Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
 _ROUND = 16
@@ -97,7 +96,7 @@ class LayerStore:
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth).
         Never beyond max_capacity: room past the context could not be used."""
-        if isinstance(extra, bool) or not isinstance(extra, Integral) or extra < 0:
+        if not is_int(extra) or extra < 0:
             raise BadInput(f"reserve: extra entries must be an integer >= 0, got {extra!r}")
         need = self.max_length() + int(extra) + 1     # +1: the spare slot append uses for padding
         if self.max_capacity:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from minikv.config import LlamaConfig, check_positive_int
-from minikv.errors import BadInput, NotFound
+from minikv.errors import BadInput, NotFound, is_int
 from minikv.io import require
 
 # transformers.MistralConfig differs from LlamaConfig in these defaults only (among the keys minikv reads).
@@ -104,21 +104,16 @@ def check_config(cfg: LlamaConfig) -> LlamaConfig:
     ids = [("bos_token_id", cfg.bos_token_id)]
     ids += [(f"eos_token_id[{i}]", e) for i, e in enumerate(eos)] if isinstance(eos, list) else [("eos_token_id", eos)]
     for name, value in ids:
-        require(value is None or (_is_int(value) and value >= 0),
+        require(value is None or (is_int(value) and value >= 0),
                 f"config: {name} must be a non-negative integer or null, got {value!r}")
     cfg.rope_scaling = _checked_rope_scaling(cfg.rope_scaling, cfg.max_position_embeddings)
     _check_extra(cfg.extra | {"tie_word_embeddings": cfg.tie_word_embeddings}, cfg.max_position_embeddings)
     return cfg
 
 
-def _is_int(value) -> bool:
-    """A JSON integer (true/false are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_positive_number(name: str, value, floats_only: bool = False) -> None:
     """A finite number > 0; `floats_only` mirrors transformers' strict float fields (rms_norm_eps: 1 is refused)."""
-    ok = isinstance(value, float) or (not floats_only and _is_int(value))
+    ok = isinstance(value, float) or (not floats_only and is_int(value))
     require(ok and math.isfinite(value) and value > 0,
             f"config: {name} must be a positive finite {'float' if floats_only else 'number'}, got {value!r}")
 

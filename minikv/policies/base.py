@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 
 from minikv.budgets import Budget, parse_budget
-from minikv.errors import BadInput
+from minikv.errors import BadInput, is_int
 from minikv.store import KVCache, LayerStore
 
 
@@ -76,7 +76,7 @@ def _label(policy: str, name: str, what: str) -> str:
 
 def int_option(policy: str, name: str, value, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
     """`value` as an integer option of `policy`; a bool, a float (2.5 or 2.0) or a string is refused, naming it."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise BadInput(f"{_label(policy, name, what)} must be an integer{_range_text(lo, hi)}, "
                        f"got {value!r} ({type(value).__name__})")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
