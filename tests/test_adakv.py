@@ -169,11 +169,11 @@ def test_each_head_stores_its_own_budget(name, variant):
     window = 8 if name != "adakv-h2o" else 12                                      # h2o: n_recent = 24 // 2
     uneven = False
     for layer, store in enumerate(cache.layers):
-        counts = torch.tensor(rep["head_prefix_budgets"][layer])                   # (B, Hkv)
+        counts = torch.tensor(rep["layers"][layer]["head_prefix"])                   # (B, Hkv)
         assert torch.equal(store.length, counts + window)                          # really stored, no masking
-        assert torch.equal(torch.tensor(rep["head_budgets"][layer]), store.length)
+        assert torch.equal(torch.tensor(rep["layers"][layer]["head_budget"]), store.length)
         if variant == "exact":
-            assert int(counts.sum()) == 3 * rep["prefix_budget_per_layer"][layer][0]
+            assert int(counts.sum()) == 3 * rep["layers"][layer]["prefix_budget"][0]
         valid = store.valid
         assert torch.equal(valid.sum(-1), store.length)                            # live slots = [0, length)
         p = store.pos[0]
@@ -193,7 +193,7 @@ def test_adakv_h2o_decode_keeps_per_head_sizes():
     r = generate(model, [ids], policy, max_new_tokens=8, keep_cache=True, stop_ids=[])
     rep = policy.report(r.cache)
     for layer, store in enumerate(r.cache.layers):
-        assert store.length[0].tolist() == rep["head_budgets"][layer][0]            # fixed after prefill
+        assert store.length[0].tolist() == rep["layers"][layer]["head_budget"][0]            # fixed after prefill
         assert int(store.pos.max()) == 60 + len(r.tokens[0]) - 2                  # the newest token is cached
 
 

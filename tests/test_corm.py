@@ -263,10 +263,11 @@ def test_large_w_r_is_the_full_cache(exact):
 def test_generate_runs_and_measures_a_ratio():
     model = tiny_model(seed=7)
     res = generate(model, [tokens(8, 60), tokens(9, 45)], get_policy("corm", w=4, r=8), max_new_tokens=10,
-                   stop_ids=[])
+                   stop_ids=[], keep_cache=True)
     assert all(len(t) == 10 for t in res.tokens)
     assert 0 < res.cache_ratio < 1
-    assert res.policy_report["w"] == 4 and len(res.policy_report["entries_per_layer_head"]) == 3
+    rep = res.policy_report
+    assert rep["w"] == 4 and [x["entries"] for x in rep["layers"]] == [s.length.tolist() for s in res.cache.layers]
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import apply_keep, choice_option, float_option, int_option
 from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
-from minikv.policies.snapkv import PyramidKV, SnapKV, compressed_layers, window_plus_topk_keep, window_scores
+from minikv.policies.snapkv import PyramidKV, SnapKV, window_plus_topk_keep, window_scores
 from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
@@ -85,9 +85,6 @@ class AdaSnapKV(SnapKV):
             heads = torch.where(fits[:, None], heads, counts)
         _log_heads(store, b, heads, self.window, ~fits)
 
-    def report(self, cache=None):
-        return _head_report(super().report(cache), self, cache)
-
 
 class AdaPyramidKV(PyramidKV, AdaSnapKV):
     """PyramidKV's per-layer prefix budget (PyramidKV.prefix_budgets), then the Ada-KV allocation per layer."""
@@ -140,23 +137,10 @@ class AdaH2O(H2O):
         accumulate_step_scores(store, stats["probs"])
         self._compress(layer, store)
 
-    def report(self, cache=None):
-        return _head_report(super().report(cache), self, cache)
 
-
-# ---- what the policies report ---------------------------------------------------------------------------------
+# ---- what the policies decided, kept beside the rows ----------------------------------------------------------------
 def _log_heads(store: LayerStore, b: torch.Tensor, prefix_counts: torch.Tensor, window, compressed) -> None:
     """Keep a layer's allocation beside its rows: average prefix budget b (B,), per-head prefix budgets and totals
     (B, Hkv), and which rows were compressed (B,)."""
     total = prefix_counts + torch.as_tensor(window, device=prefix_counts.device)
     store.rows.update(prefix_budget=b, head_prefix=prefix_counts, head_budget=total, compressed=compressed)
-
-
-def _head_report(base: dict, policy, cache) -> dict:
-    """The policy's report plus, per compressed layer, the per-head budgets [row][head] (total incl. window)."""
-    layers = compressed_layers(cache)
-    base.update(alpha=policy.alpha, variant=policy.variant,
-                prefix_budget_per_layer={l: s.rows["prefix_budget"].tolist() for l, s in layers},
-                head_prefix_budgets={l: s.rows["head_prefix"].tolist() for l, s in layers},
-                head_budgets={l: s.rows["head_budget"].tolist() for l, s in layers})
-    return base

@@ -49,8 +49,14 @@ class Policy:
         pass
 
     def report(self, cache: KVCache | None = None) -> dict:
-        """The options, and what the policy decided for `cache` (per-layer budgets, thresholds, ...) read from it."""
-        return {"policy": self.name, "budget": None if self.budget is None else str(self.budget)}
+        """The options, and per layer what the policy decided for each row of `cache` (its per-row state)."""
+        r = {"policy": self.name, "budget": None if self.budget is None else str(self.budget)}
+        r.update({name: getattr(self, name) for name in policy_options(type(self))})
+        if cache is not None:
+            r["layers"] = [{"layer": l, "entries": s.length.tolist(), **{k: v.tolist() for k, v in s.rows.items()}}
+                           for l, s in enumerate(cache.layers)]
+        return r
+
 
 def apply_keep(store: LayerStore, keep: torch.Tensor) -> bool:
     """Compact the store to `keep` unless it keeps every live entry (no reallocation then). Returns True if evicted."""

@@ -120,10 +120,3 @@ class CORM(Policy):
         tau = step_thresholds(store, steps - 1, self.threshold, stats["probs"].dtype)
         record_hits(last_hit, important_mask(stats["probs"], tau), steps)
         apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
-
-    def report(self, cache=None):
-        r = super().report(cache)
-        r.update(w=self.w, r=self.r, prefill_mode=self.prefill_mode, threshold=self.threshold, n_sink=self.n_sink)
-        r["entries_per_layer_head"] = {} if cache is None else {l: s.length.tolist() for l, s in
-                                                                 enumerate(cache.layers)}
-        return r

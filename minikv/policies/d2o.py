@@ -245,12 +245,12 @@ class D2O(Policy):
         if tau_override is not None and (isinstance(tau_override, bool) or not isinstance(tau_override, (int, float))
                                          or math.isnan(tau_override)):
             raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
-        self.protected_option = protected_layer_option(protected_layers)
+        self.protected_layers = protected_layer_option(protected_layers)
         self.tau_override = tau_override
 
     def protected(self, n_layers: int) -> set[int]:
         """Layers never compressed (default 0, 1, L-1), checked against the model's depth."""
-        prot = (0, 1, n_layers - 1) if self.protected_option is None else self.protected_option
+        prot = (0, 1, n_layers - 1) if self.protected_layers is None else self.protected_layers
         bad = [p for p in prot if not -n_layers <= p < n_layers]
         if bad:
             raise BadInput(f"protected_layers {bad} out of range for a model with {n_layers} layers")
@@ -304,7 +304,9 @@ class D2O(Policy):
             S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
         for p in protected:
             full[p] = True
-        return [{"ratio": ratios[l], "full": full[l], "S_h": S_h[l], "S_r": S_r[l],
+        Lw = layer_shares(F, "variance")                                                  # L * softmax(-F)_l
+        return [{"F": F[l].expand(B), "Lw": Lw[l].expand(B), "rho": rho, "protected": torch.full((B,), l in protected),
+                 "ratio": ratios[l], "full": full[l], "S_h": S_h[l], "S_r": S_r[l],
                  "tau": torch.full((B,), float("nan"), dtype=torch.float64),
                  "tau_history": torch.zeros(B, 0, dtype=torch.float64),
                  "merged": torch.zeros(B, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.long)}
@@ -326,24 +328,6 @@ class D2O(Policy):
         r["merged"], r["dropped"] = r["merged"] + merged.cpu(), r["dropped"] + dropped.cpu()
         r["tau_history"] = torch.cat([r["tau_history"], r["tau"][:, None]], dim=1)
 
-    # -- observability ---------------------------------------------------------------------------------------
-    def report(self, cache=None) -> dict:
-        """Per-layer F, L*w, ratios, S_h/S_r, merged/dropped counts, final tau and tau history (row 0)."""
-        r = super().report(cache)
-        r.update(heavy_share=self.heavy_share, n_sink=self.n_sink, alpha=self.alpha, beta=self.beta,
-                 merge_weights=self.merge_weights, threshold_rule=self.threshold_rule, when=self.when,
-                 allocation=self.allocation, tau_override=self.tau_override)
-        if cache is None or "full" not in cache.layers[0].rows:
-            return r
-        F, protected = layer_statistics(cache), self.protected(len(cache.layers))
-        Lw = (layer_weights(F) * len(F)).tolist()
-        r.update(rho=self.rho(cache).tolist(), protected_layers=sorted(protected))
-        r["layers"] = [{"layer": l, "protected": l in protected, "F": float(F[l]), "Lw": Lw[l],
-                        **{k: s.rows[k].tolist() for k in ("ratio", "full", "S_h", "S_r")},
-                        "merged": int(s.rows["merged"].sum()), "dropped": int(s.rows["dropped"].sum()),
-                        "tau": s.rows["tau"].tolist()} for l, s in enumerate(cache.layers)]
-        r["tau_history"] = [s.rows["tau_history"][0].tolist() for s in cache.layers]
-        return r
 
 def layer_statistics(cache: KVCache) -> torch.Tensor:
     """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""

@@ -88,14 +88,3 @@ class PyramidKV(SnapKV):
         b = super().prefix_budgets(layer, store)
         n = store.rows["prompt_len"].to(b.device)
         return pyramid_prefix_budgets(b, n, self.window, store.n_layers, self.beta)[layer].clamp_min(0)
-
-    def report(self, cache=None):
-        r = super().report(cache)
-        r["prefix_budget_per_layer"] = {l: s.rows["prefix_budget"].tolist() for l, s in compressed_layers(cache)}
-        return r
-
-
-def compressed_layers(cache) -> list:
-    """(layer, store) of the layers where some row was compressed (none without a cache)."""
-    layers = [] if cache is None else enumerate(cache.layers)
-    return [(l, s) for l, s in layers if "compressed" in s.rows and bool(s.rows["compressed"].any())]
