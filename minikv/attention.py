@@ -105,9 +105,5 @@ def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded:
 
 
 def _sdpa(q, k, v, mask, G: int, is_causal: bool = False) -> torch.Tensor:
-    """SDPA with GQA: torch's enable_gqa where available (torch >= 2.5), else keys/values expanded G times."""
-    try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
-    except TypeError:
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    """SDPA with GQA (enable_gqa: keys and values are not copied G times)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)

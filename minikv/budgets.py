@@ -48,28 +48,22 @@ def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
     Written with a decimal point or an exponent ('1.0', '1e3') the value is a ratio; digits alone are a count."""
     if text is None or isinstance(text, Budget):
         return text
-    if is_int(text):
-        return _budget(text, int(text))
-    if isinstance(text, float):
-        return _budget(text, text)
-    if not isinstance(text, str):
+    value = int(text) if is_int(text) else text if isinstance(text, float) else None
+    if isinstance(text, str):
+        for kind in (int, float):
+            try:
+                value = kind(text.strip())
+                break
+            except ValueError:
+                pass
+        else:
+            raise BadInput(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
+    if value is None:
         raise BadInput(f"budget must be a count (e.g. 512), a ratio (e.g. 0.2) or a string of one, "
                        f"got {text!r} ({type(text).__name__})")
-    s = text.strip()
-    for kind in (int, float):
-        try:
-            value = kind(s)
-        except ValueError:
-            continue
-        return _budget(text, value)
-    raise BadInput(f"budget {text!r} is neither a count (e.g. 512) nor a ratio (e.g. 0.2)")
-
-
-def _budget(text, value: int | float) -> Budget:
-    """Budget(value), its error naming what the user wrote (parsed, but out of range: say which rule it broke)."""
     try:
         return Budget(value)
-    except BadInput as e:
+    except BadInput as e:              # parsed, but out of range: name what the user wrote and the rule it broke
         raise BadInput(f"budget {text!r}: {e}") from None
 
 

@@ -49,19 +49,15 @@ def check_token_row(row, vocab_size: int, name: str) -> list[int]:
         row = row.tolist()
     if is_int(row):
         raise BadInput(f"{name} is {row!r}, a single token id; pass one list per prompt, e.g. [[1, 2, 3]]")
-    if not isinstance(row, (list, tuple)):
-        raise BadInput(f"{name} must be a list of token ids, got {type(row).__name__} {_short(row)}")
-    if not row:
-        raise BadInput(f"{name} is empty: every prompt must hold at least one token")
-    bad = next((j for j, t in enumerate(row) if type(t) is not int and not is_int(t)), None)
-    if bad is not None:
-        raise BadInput(f"{name}[{bad}] = {_short(row[bad])} is not a token id (an integer)")
-    row = [int(t) for t in row]
-    lo, hi = min(row), max(row)
-    if lo < 0 or hi >= vocab_size:
-        j = row.index(lo if lo < 0 else hi)
-        raise BadInput(f"{name}[{j}] = {row[j]} is outside the model's vocabulary (0..{vocab_size - 1})")
-    return list(row)
+    if not isinstance(row, (list, tuple)) or not row:
+        raise BadInput(f"{name} is empty: every prompt must hold at least one token" if isinstance(row, (list, tuple))
+                       else f"{name} must be a list of token ids, got {type(row).__name__} {_short(row)}")
+    for j, t in enumerate(row):
+        if not is_int(t):
+            raise BadInput(f"{name}[{j}] = {_short(t)} is not a token id (an integer)")
+        if not 0 <= t < vocab_size:
+            raise BadInput(f"{name}[{j}] = {t} is outside the model's vocabulary (0..{vocab_size - 1})")
+    return [int(t) for t in row]
 
 
 def check_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 import torch
 from minikv.errors import BadInput, is_int
 
@@ -57,7 +56,6 @@ class LayerStore:
             max_capacity=max_capacity, n_layers=n_layers,
         )
 
-    # ---- shape helpers -------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
@@ -69,14 +67,12 @@ class LayerStore:
 
     def max_length(self) -> int:
         return int(self.length.max()) if self.length.numel() else 0
-
     def add_stat(self, name: str, fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
         """Create a per-entry statistic (if absent) aligned with the slots."""
         if name not in self.stats:
             self.stats[name] = torch.full(self.pos.shape, fill, dtype=dtype, device=self.pos.device)
         return self.stats[name]
 
-    # ---- capacity ------------------------------------------------------------------------------------------
     def _resize(self, new_capacity: int) -> None:
         """Reallocate every slot tensor to `new_capacity` slots (>= the longest head)."""
         S_new = _round_up(new_capacity)
@@ -104,16 +100,13 @@ class LayerStore:
         if need > self.capacity:
             self._resize(need)
 
-    # ---- append --------------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Append T new tokens to every head of each batch row; tokens with pos < 0 (left padding) are skipped.
         k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot each token went to, (B, Hkv, T) (-1 if skipped)."""
         B, Hkv, T, d = k.shape
-        if v.shape != k.shape or pos.shape != (B, T):
-            raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not agree")
-        if (B, Hkv, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]):
-            raise BadInput(f"append: store is (B, Hkv, d) = {(self.k.shape[0], self.k.shape[1], self.k.shape[3])}, "
-                             f"new entries are {(B, Hkv, d)}")
+        if v.shape != k.shape or pos.shape != (B, T) or (B, Hkv, d) != tuple(self.k.shape[i] for i in (0, 1, 3)):
+            raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not fit "
+                           f"the store's (B, Hkv, S, d) = {tuple(self.k.shape)}")
         real = (pos >= 0)                                             # (B, T)
         n_new = real.sum(-1)                                          # (B,)
         # +1 spare slot: skipped (padding) tokens are written there and left marked empty.
@@ -142,7 +135,6 @@ class LayerStore:
         self.n_appends += 1
         return torch.where(real[:, None, :], slot, -1)
 
-    # ---- keep (eviction with real compaction) --------------------------------------------------------------
     def keep(self, keep_mask: torch.Tensor) -> None:
         """Evict every live entry whose `keep_mask` is False and compact the survivors to the front, in order.
         keep_mask: (B, Hkv, S) bool. Heads may keep different counts (uneven budgets are stored for real).
@@ -166,7 +158,6 @@ class LayerStore:
         self.max_len_bound = S_new
         self.heads_aligned = False
 
-    # ---- merge ---------------------------------------------------------------------------------------------
     def merge(self, dst_slot: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
               src_weight: torch.Tensor, dst_scale: torch.Tensor) -> None:
         """Weighted in-place merge of E source vectors into kept entries (D2O, Step 5).
@@ -180,7 +171,6 @@ class LayerStore:
         self.k = (self.k * scale).scatter_add(2, idx, w * src_k.to(self.k.dtype))
         self.v = (self.v * scale).scatter_add(2, idx, w * src_v.to(self.v.dtype))
 
-    # ---- memory accounting ---------------------------------------------------------------------------------
     def nbytes_live(self) -> int:
         """Bytes of keys and values in live entries: sum of lengths x 2 x d x itemsize."""
         return int(self.length.sum()) * 2 * self.k.shape[-1] * self.k.element_size()

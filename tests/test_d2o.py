@@ -14,10 +14,9 @@ from minikv.tools.eval.plots import format_d2o_report, plot_d2o_report
 from minikv.generate import generate, prefill
 from minikv.policies import get_policy
 from minikv.policies.base import Policy, apply_keep
-from minikv.policies.d2o import (D2O, evict_and_merge, heavy_recent_sizes, layer_caps, layer_ratios,
-                                 layer_variance_statistic,
+from minikv.policies.d2o import (D2O, evict_and_merge, head_variances, heavy_recent_sizes, layer_caps, layer_ratios,
                                  layer_weights, merge_decision, merge_weights_code, merge_weights_paper,
-                                 nearest_kept, update_threshold)
+                                 nearest_kept, update_threshold, variance_statistic)
 from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
 from minikv.store import LayerStore
 from strategies import seeded_randn
@@ -86,7 +85,8 @@ def test_layer_variance_statistic_matches_loop(B, Hkv, G, S, seed, data):
     n = [data.draw(st.integers(2, S), label=f"live slots row {b}") for b in range(B)]
     valid = torch.arange(S)[None, None, :] < torch.tensor(n)[:, None, None]        # (B, 1, S)
     valid = valid.expand(B, Hkv, S)
-    got = layer_variance_statistic(colsum.masked_fill(~valid[:, :, None], 123.0), valid)
+    var = head_variances(colsum.masked_fill(~valid[:, :, None], 123.0), valid)
+    got = variance_statistic(var.sum(dim=0) / var.shape[0])
     v = torch.zeros(Hkv * G, dtype=torch.float64)
     for j in range(Hkv * G):              # query head j reads KV head j // G
         v[j] = sum(torch.var(colsum[b, j // G, j % G, :n[b]], unbiased=True) for b in range(B)) / B
@@ -331,7 +331,7 @@ def test_merging_changes_the_cache(tiny64):
     assert torch.equal(got[:2], want[:2])       # prefill logits and the first step's output precede any merge
 
 
-@pytest.mark.parametrize("opts", [{}, {"merge_weights": "paper"}, {"when": "prefill"},
+@pytest.mark.parametrize("opts", [{}, {"merge_weights": "paper"},
                                   {"allocation": "uniform", "heavy_share": 0.75}])
 def test_compressed_heads_hold_exactly_S_h_plus_S_r(tiny64, opts):
     prompt, cont = _tokens(60, 3), _tokens(20, 4)
@@ -350,23 +350,14 @@ def test_compressed_heads_hold_exactly_S_h_plus_S_r(tiny64, opts):
             assert bool((length == seen).all()), "protected layers keep everything"
         else:
             assert bool((length == x["S_h"][0] + x["S_r"][0]).all()), f"layer {layer}"
-    T0 = len(prompt) + (0 if opts.get("when") == "prefill" else 1)
+    T0 = len(prompt) + 1                                 # first compressed at the first decode step
     for x in rep["layers"]:
         if not x["protected"][0]:
             share = opts.get("heavy_share", 0.5)
             assert x["S_h"][0] == int(T0 * x["ratio"][0] * share)
             assert x["S_r"][0] == int(T0 * x["ratio"][0] * (1 - share))
-            assert len(x["tau_history"][0]) == len(cont) + (opts.get("when") == "prefill")
+            assert len(x["tau_history"][0]) == len(cont)
     assert cache.cache_ratio() < 1.0
-
-
-def test_prefill_mode_compresses_right_after_prefill(tiny64):
-    d2o = D2O(0.25, when="prefill")
-    _, cache = prefill(tiny64, [_tokens(60, 3)], d2o)
-    rep = d2o.report(cache)
-    for x, store in zip(rep["layers"], cache.layers):
-        want = 60 if x["protected"][0] else x["S_h"][0] + x["S_r"][0]
-        assert bool((store.length == want).all())
 
 
 @pytest.mark.parametrize("budget", [1.0, 200, 500])       # a count c gives every layer >= floor(c / e) >= 72
@@ -378,13 +369,12 @@ def test_full_budget_is_identical_to_full_cache(tiny64, budget):
     assert cache.cache_ratio() == 1.0
 
 
-@pytest.mark.parametrize("when", ["first_decode", "prefill"])
 @pytest.mark.parametrize("count,n_prompt", [(40, 30), (24, 50)])
-def test_count_budget_caps_each_layer_while_decoding(tiny64, when, count, n_prompt):
+def test_count_budget_caps_each_layer_while_decoding(tiny64, count, n_prompt):
     """A count budget bounds every compressed layer at S_h + S_r entries from the step it first holds more, even
     when the count exceeds the prompt (a ratio of the prompt could not)."""
     prompt, cont = _tokens(n_prompt, 7), _tokens(30, 8)
-    d2o = D2O(count, when=when)
+    d2o = D2O(count)
     seen_lengths = []
     _, cache = forced_run(tiny64, prompt, cont, d2o, lambda layer, store: seen_lengths.append(
         (layer, int(store.length.max()), int(store.seen[0]))))
@@ -424,7 +414,7 @@ def test_new_sequence_resets_threshold(tiny64):
 
 def test_registry_errors_and_report_view(tiny64, tmp_path):
     assert isinstance(get_policy("d2o", 0.2), D2O)
-    for bad in [dict(merge_weights="mean"), dict(when="later"), dict(allocation="pyramid"), dict(heavy_share=2.0),
+    for bad in [dict(merge_weights="mean"), dict(allocation="pyramid"), dict(heavy_share=2.0),
                 dict(n_sink=-1), dict(tau_override=math.nan)]:
         with pytest.raises(ValueError):
             get_policy("d2o", 0.2, **bad)

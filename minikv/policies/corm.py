@@ -103,10 +103,9 @@ class CORM(Policy):
         self.prefill_pass = "token_by_token" if prefill_mode == "exact" else "one_pass"
 
     def after_prefill(self, layer, store, stats):
-        if self.prefill_mode == "exact":
-            raise RuntimeError("corm prefill_mode='exact' processes the prompt token by token: run it through "
-                               "minikv.generate.prefill (which reads policy.prefill_pass) instead of a one-pass "
-                               "forward, or use prefill_mode='oneshot'")
+        if self.prefill_mode == "exact":     # a one-pass forward would silently apply the oneshot rule
+            raise RuntimeError("corm prefill_mode='exact' needs the prompt token by token: run it through "
+                               "minikv.generate.prefill, which reads policy.prefill_pass")
         rows = stats["last_rows"]                                         # (B, Hkv, G, w', S), w' = min(w, T)
         last_hit = init_last_hit(store)
         steps = oneshot_window_steps(store, rows.shape[3])                # (B, w')

@@ -12,7 +12,7 @@ being dropped (Steps 4-5). Step 6 is the decode step that runs them in order.
     Step 4  m = max_c cos(k_e, k_c); tau <- EMA of m; merge iff mean_h m >= tau   nearest_kept, update_threshold,
             merge_decision
     Step 5  k_c <- weighted sum of k_c and its merged k_e      merge_weights_code, merge_weights_paper
-    Step 6  evict_and_merge, called by D2O.after_step (and by after_prompt with when="prefill")
+    Step 6  evict_and_merge, called by D2O.after_step
 
 Per-row state (head variances, ratio, S_h/S_r, tau, merge counts) lives in each layer's `store.rows`.
 Budgets as a ratio or a count, and the deviations (per KV head, tau per row, ...): train_free.md §9."""
@@ -30,7 +30,6 @@ from minikv.errors import BadInput
 MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
 THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
 DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
-WHEN = ("first_decode", "prefill")
 ALLOCATIONS = ("variance", "uniform")
 
 
@@ -49,12 +48,6 @@ def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def variance_statistic(v: torch.Tensor) -> torch.Tensor:
     """Step 1: F = mean_h (v_h - min v) / (max v - min v + 1e-6) from the batch-mean head variances v (Hq,). ()"""
     return ((v - v.min()) / (v.max() - v.min() + 1e-6)).mean()
-
-
-def layer_variance_statistic(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Step 1: F_l = mean_h minmax_h(batch-mean of the unbiased variance over keys of the column sums). () float64."""
-    var = head_variances(colsum, valid)                                   # (B, Hq)
-    return variance_statistic(var.sum(dim=0) / var.shape[0])              # batch mean
 
 
 # ---- Step 2: per-layer ratios and sizes ------------------------------------------------------------------------
@@ -227,7 +220,7 @@ class D2O(Policy):
 
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
                  alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
-                 threshold_rule: str = "code", when: str = "first_decode", allocation: str = "variance",
+                 threshold_rule: str = "code", allocation: str = "variance",
                  tau_override: float | None = None):
         super().__init__(budget)
         if self.budget is None:
@@ -237,7 +230,6 @@ class D2O(Policy):
         self.merge_weights = choice_option("d2o", "merge_weights", merge_weights, MERGE_WEIGHTS, what="Step 5 weights")
         self.threshold_rule = choice_option("d2o", "threshold_rule", threshold_rule, THRESHOLD_RULES,
                                             what="Step 4 update of tau")
-        self.when = choice_option("d2o", "when", when, WHEN, what="when the first compression happens")
         self.allocation = choice_option("d2o", "allocation", allocation, ALLOCATIONS)
         beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
         self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
@@ -264,25 +256,15 @@ class D2O(Policy):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def after_prefill(self, layer, store, stats):
-        if "colsum" not in stats:
-            raise BadInput("d2o: after_prefill needs the 'colsum' statistic (run the prompt with need=prefill_needs)")
         accumulate_prefill_scores(store, stats["colsum"])
         store.rows["head_var"] = head_variances(stats["colsum"], store.valid).cpu()      # (B, Hq), Step 1
 
     def after_prompt(self, cache):
-        """Step 2 once every layer's F is known; with when="prefill" also every layer's first compression."""
+        """Step 2 once every layer's F is known; each layer is first compressed at the first decode step."""
         for store, layer_rows in zip(cache.layers, self.allocate(cache)):
             store.rows.update(layer_rows)
-        if self.when == "prefill":
-            for store in cache.layers:
-                self._compress(store)
 
     def after_step(self, layer, store, stats):
-        if "probs" not in stats:
-            raise BadInput("d2o: after_step needs the 'probs' statistic (run decode with need=decode_needs)")
-        if "full" not in store.rows:
-            raise RuntimeError("d2o: the layer has no allocation; was the prompt run through generate.prefill "
-                               "(after_prefill on every layer, then after_prompt)?")
         accumulate_step_scores(store, stats["probs"])
         self._compress(store)
 

@@ -197,10 +197,6 @@ def policy_for(name: str, ratio: float):
         return get_policy("full")
     if name == "corm":
         return get_policy("corm")          # budget-free: its measured ratio is reported
-    if name == "d2o":
-        # Compress at the end of prefill (Sep 2024 timing); the default first_decode timing would hold the
-        # uncompressed prompt until the first step.
-        return get_policy("d2o", ratio, when="prefill")
     return get_policy(name, ratio)
 
 
