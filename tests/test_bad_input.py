@@ -47,8 +47,8 @@ from conftest import REPO, tiny_model
 from minikv.io import convert
 from minikv.budgets import parse_budget
 from minikv.io.checkpoint import load_model
-from minikv.tools.cli import main, parse_options
-from minikv.tools.common import describe_budget
+from minikv.tools.cli import main
+from minikv.tools.common import describe_budget, parse_options
 from minikv.config import LlamaConfig
 from minikv.io.hf_config import config_from_dict, load_config
 from minikv.errors import BadInput, NotFound
@@ -162,7 +162,7 @@ GENERATE_CLI_CASES = [
     # trace
     (trace, ["--prompt", "hello", "--layers", "99"], "layer 99 is out of range"),
     (trace, ["--prompt", "hello", "--layers", "3"], "0..2"),
-    (trace, ["--prompt", "hello", "--layers", "-1"], "layer -1"),
+    (trace, ["--prompt", "hello", "--layers", "-1"], "'-1'"),
     (trace, ["--prompt", "hello", "--layers", "first"], "'first'"),
     (trace, ["--prompt", "hello", "--policy", "full", "--budget", "1"], "budget '1'"),
     (trace, ["--prompt", ""], "the prompt is empty"),
@@ -1151,15 +1151,16 @@ def test_export_refuses_a_folder_with_golden_vectors_unless_overwrite(golden_cop
     (["--cases", "-1"], ["--cases", "-1"]),
     (["--cases", "0", "--no-real-model"], ["--cases 0"]),
     (["--seed", "-1", *ORACLE_SMALL], ["--seed", "-1"]),
-    (["--seed", str(2 ** 63), *ORACLE_SMALL], ["--seed", str(2 ** 63)]),
+    (["--seed", str(2 ** 64), *ORACLE_SMALL], ["--seed", str(2 ** 64)]),
+    (["--seed", str(2 ** 64 - 1), "--cases", "2", "--no-real-model"], ["--seed", str(2 ** 64 - 1)]),
     (["--seed", "abc", *ORACLE_SMALL], ["--seed", "abc"]),
     (["--cases", "two", "--no-real-model"], ["--cases", "two"]),
     (["--budget", "-5", *ORACLE_SMALL], ["-5"]),
     (["--option", "window", *ORACLE_SMALL], ["window"]),
     (["--option", "bogus=1", *ORACLE_SMALL], ["bogus"]),
     (["--option", "window=-3", *ORACLE_SMALL], ["window", "-3"]),
-], ids=["cases-negative", "cases-zero", "seed-negative", "seed-huge", "seed-text", "cases-text", "budget",
-        "option-not-kv", "option-unknown", "option-value"])
+], ids=["cases-negative", "cases-zero", "seed-negative", "seed-huge", "seed-plus-cases", "seed-text", "cases-text",
+        "budget", "option-not-kv", "option-unknown", "option-value"])
 def test_export_bad_arguments(tmp_path, capsys, args, names):
     out = tmp_path / "gold"
     policy = "snapkv" if "window" in " ".join(args) else "h2o"

