@@ -1429,6 +1429,6 @@ class TestFetchAndBench:
             raise AssertionError("fetched again from another folder")
         monkeypatch.setattr(convert, "convert_gguf", boom)
         monkeypatch.chdir(tmp_path / "b")
-        assert convert.ensure_default_model(progress=False) == folder
+        assert convert.ensure_default_model() == folder
         code, out, err = run_cli(["fetch"], capsys)
         assert code == 0 and out.strip().splitlines()[-1] == str(folder)

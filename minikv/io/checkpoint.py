@@ -20,7 +20,7 @@ FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with 
 
 
 def resolve_device(device) -> torch.device:
-    """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here; BadInput / NoDevice otherwise."""
+    """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here (BadInput / NoDevice)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):

