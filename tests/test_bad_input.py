@@ -1125,7 +1125,7 @@ def test_export_out_is_a_file(tmp_path, capsys):
     f = tmp_path / "golden.txt"
     f.write_text("keep me")
     assert_refused(run_cli(["oracle", "export", "--policy", "h2o", *ORACLE_SMALL, "--out", f], capsys), f,
-                   "is a file")
+                   "cannot create the folder")
     assert f.read_text() == "keep me"
 
 

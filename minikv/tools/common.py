@@ -84,8 +84,7 @@ def parse_value(text: str):
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> dict (values through parse_value); a missing '=', an empty key or value, or a key given
-    twice is refused, naming it."""
+    """KEY=VALUE strings -> dict (values through parse_value); a malformed pair or a key given twice is refused."""
     out = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")

@@ -29,9 +29,9 @@ TIE_BREAK = ("select_topk: higher score first; equal scores -> the lower slot, i
              "(live slots are in position order); empty slots are never chosen")
 TOLERANCES = {"float64": {"atol": 1e-10, "rtol": 1e-8}, "float32": {"atol": 1e-5, "rtol": 1.3e-6},
               "bfloat16": {"atol": 1e-2, "rtol": 1.6e-2}, "integer": "exact"}
+EXACT = {"atol": 0, "rtol": 0}                  # integers (compared as float64: exact below 2**53)
 ROLES = {"in": "store before the step (input)", "stats": "attention statistics given to the policy (input)",
-         "out": "store after the step (output)",
-         "probe": "attention output of a fixed probe query over the store before/after (output)"}
+         "out": "store after the step (output)", "probe": "a probe query's attention output before/after (output)"}
 LAYOUT = ("k, v: (B, Hkv, S, d) post-RoPE; pos: (B, Hkv, S) absolute positions, -1 = empty; length: (B, Hkv); "
           "stat.*: (B, Hkv, S); colsum: (B, Hkv, G, S); last_rows: (B, Hkv, G, w, S); probs: (B, Hkv, G, T, S); "
           "probe: (B, Hq, 1, d)")
@@ -59,17 +59,15 @@ def case_tensors(rec: Recorder) -> dict[str, torch.Tensor]:
     """Flatten a recording into named tensors: {phase}/L{layer}/{in|stats|out|probe}/{name}."""
     out = {}
     for ev in rec.events:
-        base = f"{ev.phase}/L{ev.layer}"
-        out.update({f"{base}/in/{k}": v for k, v in ev.before.items()})
-        out.update({f"{base}/stats/{k}": v for k, v in ev.inputs.items()})
-        out.update({f"{base}/out/{k}": v for k, v in ev.after.items()})
-        out.update({f"{base}/probe/before": ev.probe_out_before, f"{base}/probe/after": ev.probe_out_after})
+        probe = {"before": ev.probe_out_before, "after": ev.probe_out_after}
+        for role, tensors in (("in", ev.before), ("stats", ev.inputs), ("out", ev.after), ("probe", probe)):
+            out.update({f"{ev.phase}/L{ev.layer}/{role}/{k}": v for k, v in tensors.items()})
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
 def record_cases(make_policy, seed: int, n_cases: int, real_model: bool) -> list[tuple]:
-    """(name, description, recording) of each case: n_cases tiny seeded models, then one real-model layer.
-    max_new_tokens counts the token prefill yields, so 5 gives 4 decode steps."""
+    """(name, description, recording) of n_cases tiny seeded models (max_new_tokens 5: 4 decode steps after the
+    prefill's token), then of one real-model layer."""
     cases = []
     for s in range(seed, seed + n_cases):
         prompt = torch.randint(3, 64, (48,), generator=torch.Generator().manual_seed(s)).tolist()
@@ -86,21 +84,6 @@ def record_cases(make_policy, seed: int, n_cases: int, real_model: bool) -> list
     return cases
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
-    """Create out_dir; return the golden vectors it holds (manifest.json, *.safetensors), refused unless `overwrite`."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadInput(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
-    held = sorted(f for f in out_dir.glob("*") if f.name == "manifest.json" or f.suffix == ".safetensors")
-    if held and not overwrite:
-        raise BadInput(f"--out {out_dir} already holds golden vectors ({', '.join(f.name for f in held[:3])}); "
-                       "pass --overwrite to replace them, or choose a new or empty folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:                         # a parent is a file, no permission, read-only file system...
-        raise BadInput(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
-    return held
-
-
 def write(path: Path, save, what: str = "write") -> None:
     """save(path), with a full disk or a read-only folder reported as a named error."""
     try:
@@ -111,7 +94,8 @@ def write(path: Path, save, what: str = "write") -> None:
 
 def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 2, real_model: bool = True,
            budget=None, options: dict | None = None, overwrite: bool = False) -> Path:
-    """Write golden vectors for `policy_name` into out_dir; returns the manifest path."""
+    """Write golden vectors for `policy_name` into out_dir (one holding some is refused unless `overwrite`: they are
+    replaced); returns the manifest path."""
     if n_cases == 0 and not real_model:
         raise BadInput("--cases 0 with --no-real-model would write a golden set with no cases; use --cases 1 or more")
     if seed + n_cases > 2 ** 64:
@@ -121,7 +105,14 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
     default_budget, opts = SMALL_CASE.get(policy_name, (0.5, {}))
     budget, opts = default_budget if budget is None else budget, {**opts, **(options or {})}
     get_policy(policy_name, budget, **opts)     # unknown policy or bad options: refused before any file is touched
-    old_set = prepare_out_dir(out_dir, overwrite)
+    old_set = sorted(f for f in out_dir.glob("*") if f.name == "manifest.json" or f.suffix == ".safetensors")
+    if old_set and not overwrite:
+        raise BadInput(f"--out {out_dir} already holds golden vectors ({', '.join(f.name for f in old_set[:3])}); "
+                       "pass --overwrite to replace them, or choose a new or empty folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                         # it or a parent is a file, no permission, read-only file system...
+        raise BadInput(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     cases = record_cases(lambda: get_policy(policy_name, budget, **opts), seed, n_cases, real_model)
     manifest = {"format_version": FORMAT_VERSION, "policy": policy_name, "budget": None if budget is None else
                 str(budget), "options": opts, "seed": seed, "tie_break": TIE_BREAK, "tolerances": TOLERANCES,
@@ -139,12 +130,9 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
     return path
 
 
-def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict | str, live: torch.Tensor | None = None):
+def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict, live: torch.Tensor | None = None):
     """(max abs error, max rel error, passed) of a candidate tensor of the golden one's shape; only live rows of k/v
     when `live` is given. A NaN or infinity in the candidate passes only where the golden tensor holds the same."""
-    if not golden.is_floating_point():
-        diff = (golden != cand).sum().item()
-        return float(diff), float(diff), diff == 0
     g, c = (golden.double(), cand.double()) if live is None else (golden.double()[live], cand.double()[live])
     if g.numel() == 0:
         return 0.0, 0.0, True
@@ -168,9 +156,9 @@ def read_manifest(golden_dir: Path) -> dict:
     def require(cond: bool, what: str) -> None:
         if not cond:
             raise BadInput(f"{path}: {what} (is this a manifest written by `minikv oracle export`?)")
-    require(isinstance(manifest, dict), f"expected a JSON object, got {type(manifest).__name__}")
-    missing = [k for k in ("format_version", "tolerances", "cases") if k not in manifest]
-    require(not missing, f"missing key(s) {', '.join(missing)}")
+    keys = manifest.keys() if isinstance(manifest, dict) else ()
+    missing = [k for k in ("format_version", "tolerances", "cases") if k not in keys]
+    require(not missing, f"expected a JSON object with the key(s) {', '.join(missing)}, got {type(manifest).__name__}")
     require(manifest["format_version"] == FORMAT_VERSION,
             f"format_version {manifest['format_version']!r}; this minikv reads format_version {FORMAT_VERSION}")
     require(isinstance(manifest["cases"], list) and manifest["cases"], "'cases' must be a non-empty list")
@@ -219,7 +207,7 @@ def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_
                f"dtype {str(c.dtype)[6:]} != golden {str(g.dtype)[6:]}" if g.dtype != c.dtype else None)
         pos = gold.get(name.rsplit("/", 1)[0] + "/pos")
         live = pos >= 0 if name.endswith(("/k", "/v")) and pos is not None else None   # empty slots: garbage
-        a, r, ok = ("-", "-", False) if why else compare(g, c, tol if g.is_floating_point() else "exact", live)
+        a, r, ok = ("-", "-", False) if why else compare(g, c, tol if g.is_floating_point() else EXACT, live)
         counts["pass" if ok else "fail"] += 1
         rows.append((f, name, a, r, "PASS" if ok else f"FAIL ({why})" if why else "FAIL"))
     return rows, counts

@@ -1,6 +1,5 @@
-"""Recording what a policy does at every hook call: the store before and after, the statistics it was given, and
-the attention output of a fixed probe query before and after (for `minikv oracle`); and `minikv trace`, a readable
-account of it for teaching: per KV head, the positions kept, evicted and merged into, then the policy's report."""
+"""Recording what a policy does at every hook call (store, statistics and a probe query's attention output, before and
+after), for `minikv oracle` and `minikv trace`: per KV head, the positions kept, evicted and merged into."""
 from __future__ import annotations
 
 import argparse
@@ -101,24 +100,6 @@ def _compact(positions: list[int]) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def trace_lines(recorder: Recorder, tokens: list[str] | None = None) -> list[str]:
-    """The account as text lines, one block per (phase, layer) in which something happened."""
-    lines = []
-    for ev in recorder.events:
-        changes = head_changes(ev)
-        if ev.phase != "prefill" and not any(c["evicted"] or c["merged_into"] for c in changes):
-            continue
-        err = (ev.probe_out_after - ev.probe_out_before).abs().max().item()
-        lines.append(f"[{ev.phase}] layer {ev.layer}: probe-query attention change max|Δ| = {err:.3g}")
-        for c in changes:
-            merged = f"  merged into [{_compact(c['merged_into'])}]" if c["merged_into"] else ""
-            lines.append(f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]  evicted "
-                         f"[{_compact(c['evicted'])}]{merged}")
-            if tokens and c["evicted"] and len(c["evicted"]) <= 8:
-                lines.append("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]))
-    return lines
-
-
 def layers_arg(text: str) -> set[int] | None:
     """--layers: 'all' (None) or comma-separated layer numbers >= 0 (the upper bound is checked in cmd_trace)."""
     try:
@@ -136,13 +117,24 @@ def cmd_trace(args) -> int:
     n_layers = model.cfg.num_hidden_layers           # a layer the model lacks would silently print nothing
     bad = sorted(l for l in args.layers or () if l >= n_layers)
     if bad:
-        raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, "
-                       f"0..{n_layers - 1}")
+        raise BadInput(f"--layers: layer {bad[0]} is out of range; the model has {n_layers} layers, 0..{n_layers - 1}")
     ids = tok.encode(args.prompt)
     rec, res = record(model, ids, policy, args.max_new_tokens, args.layers)
+    tokens = [tok.decode([i]) for i in ids + res.tokens[0]]
     print_run_notes(policy, res, args.max_new_tokens)
     print(f"prompt: {len(ids)} tokens; policy {args.policy} budget {policy.budget}")
-    print("\n".join(trace_lines(rec, [tok.decode([i]) for i in ids + res.tokens[0]])))
+    for ev in rec.events:                            # one block per (phase, layer) in which something happened
+        changes = head_changes(ev)
+        if ev.phase != "prefill" and not any(c["evicted"] or c["merged_into"] for c in changes):
+            continue
+        err = (ev.probe_out_after - ev.probe_out_before).abs().max().item()
+        print(f"[{ev.phase}] layer {ev.layer}: probe-query attention change max|Δ| = {err:.3g}")
+        for c in changes:
+            merged = f"  merged into [{_compact(c['merged_into'])}]" if c["merged_into"] else ""
+            print(f"    head {c['head']}: kept {len(c['kept'])} [{_compact(c['kept'])}]  evicted "
+                  f"[{_compact(c['evicted'])}]{merged}")
+            if c["evicted"] and len(c["evicted"]) <= 8:
+                print("        evicted tokens: " + " ".join(repr(tokens[p]) for p in c["evicted"]))
     print(f"generated: {tok.decode(res.tokens[0])!r}")
     print(result_summary(res))
     print("policy report:", json.dumps(res.policy_report, default=lambda x: x.tolist() if isinstance(x, torch.Tensor)
