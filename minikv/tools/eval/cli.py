@@ -17,10 +17,13 @@ from minikv.generate import generate
 from minikv.tools.common import add_model_args, load_model_and_tokenizer, parse_options
 from minikv.tools.eval import plots
 from minikv.tools.eval import records as rec
-from minikv.tools.eval.runner import EvalConfig, build_grid, example_for, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.runner import (EvalConfig, build_grid, example_for, parse_budgets, parse_policies, refuse,
+                                      run_grid, split_list)
 from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES
 
-DEFAULT_LENGTH = {"passkey": 2000, "needle": 2000, "ruler-lite": 2000, "ppl": 2048}
+# The teaching views of a policy's report: file name prefix, tokens to generate, table, plot.
+REPORT_VIEWS = {"d2o": ("d2o_layers_", 4, plots.format_d2o_report, plots.plot_d2o_report),
+                "adakv": ("adakv_heads_", 1, plots.format_head_budgets, plots.plot_head_budgets)}
 
 
 def register(sub) -> None:
@@ -41,8 +44,7 @@ def register(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="option given to every policy (repeatable); per-policy options go in --policies")
     p.add_argument("--subtasks", default=",".join(RULER_SUBTASKS), help="ruler-lite subtasks")
-    p.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
-                   help="wrap prompts in the chat template (auto: the task's default)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: plain prompts)")
     p.add_argument("--ppl-prefix", type=int, default=512, help="ppl: tokens prefilled before teacher forcing")
     p.add_argument("--plot", action="store_true", help="write PNG plots into the output folder (needs matplotlib)")
     p.add_argument("--view-layer", type=int, default=None, help="layer of the survival strip plot (default L/2)")
@@ -53,53 +55,33 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval, eval_parser=p)
 
 
-def _numbers(text: str, what: str, cast, kind: str, example: str) -> list:
-    """A comma-separated list of numbers, refused (naming the flag) when an item is not one or the list is empty."""
-    try:
-        values = [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BadInput(f"--{what} must be comma-separated {kind}, got {text!r}") from None
-    if not values:
-        raise BadInput(f"--{what} {text!r} lists no {what[:-1]}; give {example}")
-    return values
-
-
 def config_from_args(args, model_name: str) -> EvalConfig:
-    """The grid the arguments describe (and --threads, --view-layer/--view-head), checked before loading."""
+    """The grid the arguments describe, checked (with --threads) before the model loads."""
     cpus = os.cpu_count() or 1
-    if args.threads is not None and not 1 <= args.threads <= cpus:
-        raise BadInput(f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), "
-                       f"or leave it out")
-    for flag, value in (("--view-layer", args.view_layer), ("--view-head", args.view_head)):
-        if value is not None and value < 0:
-            raise BadInput(f"{flag} {value}: give a layer / KV head index from 0 (default: the middle layer, head 0)")
+    refuse(args.threads is not None and not 1 <= args.threads <= cpus,
+           f"--threads {args.threads}: give a number of threads from 1 to {cpus} (this machine's CPUs), or none")
     budgets = parse_budgets(args.budgets)
-    specs = parse_policies(args.policies, parse_options(args.option), probe_budget=budgets[0])
-    lengths = [DEFAULT_LENGTH.get(args.task)] if args.lengths is None else \
-        _numbers(args.lengths, "lengths", int, "whole numbers", "prompt lengths in tokens, e.g. --lengths 1000,2000")
-    depths = _numbers(args.depths, "depths", float, "numbers", "fractions in [0, 1], e.g. --depths 0,0.5,1")
-    subtasks = tuple(s.strip() for s in args.subtasks.split(",") if s.strip())
-    if not subtasks:
-        raise BadInput(f"--subtasks {args.subtasks!r} lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")
+    lengths = [2048 if args.task == "ppl" else 2000] if args.lengths is None else \
+        split_list(args.lengths, "--lengths", "whole numbers of tokens, e.g. --lengths 1000,2000", int)
     return EvalConfig(
-        task=args.task, policies=specs, budgets=budgets, lengths=lengths, depths=depths,
+        task=args.task, policies=parse_policies(args.policies, parse_options(args.option), budgets[0]),
+        budgets=budgets, lengths=lengths,
+        depths=split_list(args.depths, "--depths", "fractions in [0, 1], e.g. --depths 0,0.5,1", float),
         samples=args.samples, seed=args.seed, question="agnostic" if args.question_agnostic else "aware",
-        chat={"auto": None, "on": True, "off": False}[args.chat], ppl_prefix=args.ppl_prefix,
-        subtasks=subtasks, model_name=model_name, dtype=args.dtype)
+        chat=args.chat or None, ppl_prefix=args.ppl_prefix, model_name=model_name, dtype=args.dtype,
+        subtasks=tuple(split_list(args.subtasks, "--subtasks", f"some of {', '.join(RULER_SUBTASKS)}")))
 
 
 def output_folder(args) -> Path:
-    """--out (default runs/eval/<task>) as a folder that exists and is writable."""
+    """--out (default runs/eval/<task>) as a folder that exists."""
     out = Path(args.out or Path("runs") / "eval" / args.task)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is an existing file; give a folder (it will hold records.jsonl and "
-                       f"table.md; re-running with the same folder resumes)")
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BadInput(f"--out {out} is an existing file; give a folder (it will hold records.jsonl and "
+                       f"table.md; re-running with the same folder resumes)") from None
     except OSError as e:
         raise BadInput(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
-    if (out / rec.RECORDS).exists() and not (out / rec.RECORDS).is_file():
-        raise BadInput(f"--out {out}: {out / rec.RECORDS} is not a file; give another folder")
     return out
 
 
@@ -121,15 +103,15 @@ def command_line(args, resume: Path | None = None) -> str:
 
 
 def cmd_eval(args) -> int:
-    """Run the grid (resuming), print and save the table, and plot when asked. Every input is checked before the
-    model loads where it can be, and before the first cell runs otherwise. One run at a time holds the output
-    folder; Ctrl-C keeps every finished cell and prints the command that resumes (exit status 130)."""
+    """Run the grid (resuming), print and save the table, and plot when asked. Inputs are checked before the model
+    loads where they can be, and before the first cell runs otherwise. One run at a time holds the output folder;
+    Ctrl-C keeps every finished cell and prints the command that resumes (exit status 130)."""
     model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
     cfg = config_from_args(args, model_name)
     out = output_folder(args)
     command = command_line(args)
     try:                                     # around the lock too: Ctrl-C while it is being taken is still one line
-        with rec.OutputLock(out, command):
+        with rec.output_lock(out, command):
             return run_and_report(args, cfg, out, command, model_name)
     except KeyboardInterrupt:
         ids = {c.id for c in build_grid(cfg)}
@@ -146,8 +128,8 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     model, tok = load_model_and_tokenizer(args)
     for flag, value, n, what in (("--view-layer", args.view_layer, model.cfg.num_hidden_layers, "layers"),
                                  ("--view-head", args.view_head, model.cfg.num_key_value_heads, "KV heads")):
-        if value is not None and not 0 <= value < n:        # checked before the grid runs, not at plot time
-            raise BadInput(f"{flag} {value} is out of range: the model has {n} {what} (0 to {n - 1})")
+        refuse(value is not None and not 0 <= value < n,        # checked before the grid runs, not at plot time
+               f"{flag} {value} is out of range: the model has {n} {what} (0 to {n - 1})")
     result = run_grid(model, tok, cfg, out, progress=not args.no_progress)
     print(f"{len(result['cells'])} cells: ran {result['ran']}, skipped {result['skipped']} already in "
           f"{out / rec.RECORDS}", file=sys.stderr)
@@ -161,10 +143,10 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     return 0
 
 
-# ---- plots ----------------------------------------------------------------------------------------------------------
 def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer: int | None = None,
                view_head: int = 0) -> list[Path]:
-    """Every plot that applies: quality vs ratio, depth heatmaps, survival strip, D2O layers / Ada-KV head budgets."""
+    """Every plot that applies: quality vs ratio, depth heatmaps, and on the grid's first prompt at the first budget
+    the positions each policy keeps, D2O's per-layer report and Ada-KV's per-head budgets (PNG and markdown)."""
     try:
         plots._plt()
     except MissingExtra as e:
@@ -173,30 +155,24 @@ def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer:
     records = [r for r in result["records"] if not r.get("error")]
     if not records:
         return []
-    made = [plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", f"{cfg.model_name}")]
+    made = [plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", cfg.model_name)]
     if any(r.get("depth") is not None for r in records) and any(c.task in DEPTH_TASKS for c in result["cells"]):
         made.append(plots.depth_heatmaps(records, out / "depth_heatmaps.png"))
-    return made + policy_views(model, tok, cfg, result["cells"][0], out, view_layer, view_head)
-
-
-def policy_views(model, tok, cfg, first, out: Path, view_layer, view_head) -> list[Path]:
-    """Teaching views on the grid's first prompt at the first budget: surviving positions per policy, and the
-    reports of D2O (per-layer ratios, evictions, tau: a PNG and a markdown table) and Ada-KV (per-head budgets)."""
-    ex = example_for(tok, first, cfg)
-    ids = ex.context[:ex.prefix] if ex.metric == "ppl" else ex.context if cfg.question == "agnostic" else ex.ids
-    question = ex.question if (cfg.question == "agnostic" and ex.question and ex.metric != "ppl") else None
+    ex = example_for(tok, result["cells"][0], cfg)
+    agnostic = cfg.question == "agnostic" and ex.metric != "ppl"
+    ids = ex.context[:ex.prefix] if ex.metric == "ppl" else ex.context if agnostic else ex.ids
+    question = ex.question if agnostic and ex.question else None
     layer, budget = model.cfg.num_hidden_layers // 2 if view_layer is None else view_layer, cfg.budgets[0]
-    rows, made = [], []
+    rows = []
     for spec in cfg.policies:
         rows.append((spec.label + (f" @ {budget}" if spec.takes_budget else ""),
                      plots.surviving_positions(model, ids, spec.build(budget), layer, view_head, question)))
-        if spec.name == "d2o" or spec.name.startswith("adakv"):
-            d2o = spec.name == "d2o"
-            report = generate(model, [ids], spec.build(budget), max_new_tokens=4 if d2o else 1).policy_report
-            name = ("d2o_layers_" if d2o else "adakv_heads_") + re.sub(r"[^\w.-]", "_", spec.label)
-            made.append((plots.plot_d2o_report if d2o else plots.plot_head_budgets)(report, out / f"{name}.png"))
-            (out / f"{name}.md").write_text((plots.format_d2o_report if d2o else plots.format_head_budgets)(report)
-                                            + "\n")
+        if spec.name.split("-")[0] in REPORT_VIEWS:
+            prefix, steps, table, plot = REPORT_VIEWS[spec.name.split("-")[0]]
+            report = generate(model, [ids], spec.build(budget), max_new_tokens=steps).policy_report
+            name = prefix + re.sub(r"[^\w.-]", "_", spec.label)
+            made.append(plot(report, out / f"{name}.png"))
+            (out / f"{name}.md").write_text(table(report) + "\n")
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
     made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,

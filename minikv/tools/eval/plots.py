@@ -1,33 +1,19 @@
 """Plots of evaluation records and policy reports (matplotlib, an optional extra: pip install minikv[plot]): quality
-vs measured cache ratio, depth heatmaps, surviving positions, D2O's per-layer report, Ada-KV's per-head budgets.
-Batch row 0 is shown where a report's values differ per row."""
+vs measured cache ratio, depth heatmaps, surviving positions, D2O's per-layer report, Ada-KV's per-head budgets."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from minikv.errors import BadInput
 from minikv.generate import generate
 from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
+from minikv.tools.eval.records import group_by as _by, mean as _mean
 
 
 def _ok(records):
     return [r for r in records if not r.get("error") and r.get("score") is not None]
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _by(records, *keys) -> dict[tuple, list[dict]]:
-    """Records grouped by the values of `keys`, in first-seen order."""
-    out = defaultdict(list)
-    for r in records:
-        out[tuple(r[k] for k in keys)].append(r)
-    return out
 
 
 def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -100,9 +86,6 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
                         question: list[int] | None = None) -> list[int]:
     """Positions still cached in (layer, KV head) after prefill and the first decode step (D2O compresses there),
     with the question appended uncompressed when given: the data of the strip plot."""
-    L, H = model.cfg.num_hidden_layers, model.cfg.num_key_value_heads
-    if not 0 <= layer < L or not 0 <= head < H:
-        raise BadInput(f"layer must be in [0, {L}) and head in [0, {H}), got layer={layer}, head={head}")
     res = generate(model, [ids], policy, max_new_tokens=2, stop_ids=[], keep_cache=True,
                    question=[question] if question else None)
     pos = res.cache.layers[layer].pos[0, head]                               # (S,)
@@ -130,60 +113,51 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
     return _save(fig, plt, path)
 
 
-# ---- policy reports -------------------------------------------------------------------------------------------------
+# ---- policy reports (the common report: options, and per layer each row's state; row 0 is shown) --------------------
 def _d2o_layers(report: dict) -> list[dict]:
     if report.get("policy") != "d2o":
         raise BadInput(f"not a D2O report (policy = {report.get('policy')!r})")
-    if "layers" not in report:
+    if "F" not in (report.get("layers") or [{}])[0]:
         raise BadInput("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
     return report["layers"]
 
 
 def _num(x, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _d2o_ratio(x: dict) -> float | None:
-    return 1.0 if x["full"] and x["full"][0] else (x["ratio"][0] if x["ratio"] else None)
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
 
 
 def format_d2o_report(report: dict) -> str:
-    """A per-layer table of D2O's decisions (row 0 of the batch), with a settings line above it."""
-    rows, merged, dropped = [], 0, 0
-    for x in _d2o_layers(report):
-        n, merged, dropped = x["merged"] + x["dropped"], merged + x["merged"], dropped + x["dropped"]
-        full = bool(x["full"] and x["full"][0])
-        rows.append({"layer": x["layer"], "F": _num(x["F"]), "L*w": _num(x["Lw"]),
-                     "ratio": "full" if full else _num(_d2o_ratio(x)),
-                     "S_h": "-" if x["S_h"][0] < 0 else x["S_h"][0], "S_r": "-" if x["S_r"][0] < 0 else x["S_r"][0],
-                     "merged": x["merged"], "dropped": x["dropped"],
-                     "merge%": _num(100 * x["merged"] / n if n else None, 1), "tau": _num(x["tau"][0])})
-    n = merged + dropped
-    rows.append({"layer": "all", "merged": merged, "dropped": dropped,
-                 "merge%": _num(100 * merged / n if n else None, 1)})
-    head = (f"D2O budget {report['budget']} (rho row 0 = {_num(report['rho'][0])}), heavy_share "
-            f"{report['heavy_share']}, n_sink {report['n_sink']}, merge {report['merge_weights']}, threshold "
-            f"{report.get('threshold_rule', report['merge_weights'])}, "
-            f"when {report['when']}, allocation {report['allocation']}, alpha {report['alpha']}, beta {report['beta']}"
-            + ("" if report.get("tau_override") is None else f", tau fixed at {report['tau_override']}"))
-    return head + "\n" + format_rows(rows, list(rows[0]))
+    """A per-layer table of D2O's decisions (row 0; merged / dropped: all rows), with the options above it."""
+    rows = [{"layer": x["layer"], "F": _num(x["F"][0]), "L*w": _num(x["Lw"][0]),
+             "ratio": "full" if x["full"][0] else _num(x["ratio"][0]), "S_h": x["S_h"][0],
+             "S_r": x["S_r"][0], "merged": sum(x["merged"]), "dropped": sum(x["dropped"]), "tau": _num(x["tau"][0])}
+            for x in _d2o_layers(report)]
+    rows.append({"layer": "all", "merged": sum(r["merged"] for r in rows), "dropped": sum(r["dropped"] for r in rows)})
+    for r in rows:
+        n = r["merged"] + r["dropped"]
+        r["merge%"] = _num(100 * r["merged"] / n if n else None, 1)
+        r.update({k: "-" for k in ("S_h", "S_r") if r.get(k, 0) < 0})
+    options = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("policy", "budget", "layers") and
+                        v is not None)
+    head = f"D2O budget {report['budget']} (rho row 0 = {_num(report['layers'][0]['rho'][0])}), {options}"
+    return head + "\n" + format_rows(rows, ["layer", "F", "L*w", "ratio", "S_h", "S_r", "merged", "dropped", "merge%",
+                                            "tau"])
 
 
 def plot_d2o_report(report: dict, path: str | Path) -> Path:
     """Three panels: per-layer ratio (gray: protected), merged vs dropped per layer, tau over compression steps."""
-    layers = _d2o_layers(report)
-    plt = _plt()
-    idx = [x["layer"] for x in layers]
+    layers, plt = _d2o_layers(report), _plt()
+    idx, rho = [x["layer"] for x in layers], layers[0]["rho"][0]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].bar(idx, [_d2o_ratio(x) or float("nan") for x in layers],
-              color=["tab:gray" if x["protected"] else "tab:blue" for x in layers])
-    ax[0].axhline(report["rho"][0], color="k", lw=0.8, ls="--", label=f"rho = {report['rho'][0]:.3g}")
+    ax[0].bar(idx, [x["ratio"][0] for x in layers],
+              color=["tab:gray" if x["protected"][0] else "tab:blue" for x in layers])
+    ax[0].axhline(rho, color="k", lw=0.8, ls="--", label=f"rho = {rho:.3g}")
     ax[0].set(title="per-layer ratio (gray: protected)", xlabel="layer", ylabel="r_l")
-    merged = [x["merged"] for x in layers]
+    merged = [sum(x["merged"]) for x in layers]
     ax[1].bar(idx, merged, label="merged")
-    ax[1].bar(idx, [x["dropped"] for x in layers], bottom=merged, label="dropped")
+    ax[1].bar(idx, [sum(x["dropped"]) for x in layers], bottom=merged, label="dropped")
     ax[1].set(title="evicted entries", xlabel="layer", ylabel="entries (all rows, heads)")
-    hists = [h for h in report["tau_history"] if h]
+    hists = [x["tau_history"][0] for x in layers if x["tau_history"][0]]
     if hists:                                # the mean over compressed layers and the min-max band, not 30 lines
         cols = [[h[t] for h in hists] for t in range(min(map(len, hists)))]
         ax[2].fill_between(range(len(cols)), [min(c) for c in cols], [max(c) for c in cols], alpha=0.3,
@@ -197,27 +171,27 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
     return _save(fig, plt, path)
 
 
-def head_budget_matrix(report: dict, row: int = 0) -> tuple[list[int], list[list[int]]]:
-    """(layers, budgets[layer][head]) for one batch row from report["head_budgets"] (total entries incl. window)."""
-    per_layer = report.get("head_budgets")
-    if per_layer is None:
-        raise BadInput(f"report of policy {report.get('policy')!r} has no 'head_budgets' (not an Ada-KV policy?)")
-    layers = sorted(per_layer, key=int)                      # JSON round trips turn layer keys into strings
-    return [int(l) for l in layers], [list(per_layer[l][row]) for l in layers]
+def head_budget_matrix(report: dict) -> tuple[list[int], list[list[int]]]:
+    """(compressed layers, budgets[layer][head]) of row 0: entries per KV head, window included."""
+    if not any("head_budget" in x for x in report.get("layers", [])):
+        raise BadInput(f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV policy run on "
+                       f"a prompt?)")
+    layers = [x for x in report["layers"] if any(x["compressed"])]
+    return [x["layer"] for x in layers], [x["head_budget"][0] for x in layers]
 
 
-def format_head_budgets(report: dict, row: int = 0) -> str:
+def format_head_budgets(report: dict) -> str:
     """One line per compressed layer: the budget of each KV head (entries incl. window), min / max / sum."""
-    layers, m = head_budget_matrix(report, row)
+    layers, m = head_budget_matrix(report)
     if not layers:
         return "no layer was compressed (the prompt fits the budget)"
     return format_rows([{"layer": l, **{f"h{i}": x for i, x in enumerate(r)}, "min": min(r), "max": max(r),
                          "sum": sum(r)} for l, r in zip(layers, m)])
 
 
-def plot_head_budgets(report: dict, path: str | Path, row: int = 0) -> Path:
+def plot_head_budgets(report: dict, path: str | Path) -> Path:
     """Heatmap of per-head budgets (heads x layers)."""
-    layers, m = head_budget_matrix(report, row)
+    layers, m = head_budget_matrix(report)
     if not layers:
         raise BadInput("nothing to plot: no layer was compressed (the prompt fits the budget)")
     plt = _plt()

@@ -1,19 +1,13 @@
-"""The evaluation grid: policy × budget × length × depth × sample, one record per cell, resumable.
+"""The evaluation grid: policy × budget × length × depth × sample, one record per cell, resumable. Budget-free
+policies (full; corm, sized by its own w / r) run once per cell. Question-aware: the question is inside the
+compressed prompt; question-agnostic: the context is compressed, then the question appended.
 
-`full` and other budget-free policies (e.g. corm, sized by its own w / r options) run once per cell whatever the
-budgets. Every record names the question mode: "aware" (the question is inside the compressed prompt) or
-"agnostic" (the context is compressed, then the question is appended with `generate(..., question=...)`).
-
-Perplexity (task ppl) is teacher-forced with decode-time eviction active: the prefix is prefilled with the policy,
-then every further token is fed one at a time through the model with `hook=policy.after_step`, scoring each next
-token. Policies without an `after_step` (prefill-only: snapkv, pyramidkv, adakv-snapkv, ...) compress the prefix
-only; the rest is fed in chunks, which computes the same numbers faster. A ratio budget means, for policies that
-evict while decoding, that ratio of the whole text (converted to a count of entries); for prefill-only policies,
-that ratio of the prefix. The measured cache ratio at the end is recorded either way.
-"""
+Perplexity (task ppl) is teacher-forced: the prefix is prefilled with the policy, then each further token is fed
+through `decode_step` (decode-time eviction acts) and scored; policies that never evict while decoding compress the
+prefix only, and the rest is fed in chunks. A ratio budget is that ratio of the whole text for the former, of the
+prefix for the latter."""
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import time
@@ -27,7 +21,7 @@ from minikv.errors import BadInput
 from minikv.generate import decode_step, generate, prefill
 from minikv.io.tokenizer import chat_stop_ids
 from minikv.policies import REGISTRY, get_policy
-from minikv.policies.base import Policy
+from minikv.policies.base import Policy, policy_options
 from minikv.tools.common import note, parse_options, progress_bar
 from minikv.tools.eval import records as rec
 from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES, Example, make_example
@@ -37,6 +31,22 @@ MAX_SEED = 2**64 - 1                              # the largest seed torch.Gener
 
 
 # ---- what to run -----------------------------------------------------------------------------------------------------
+def refuse(bad, message: str) -> None:
+    """Raise BadInput(message) when `bad`."""
+    if bad:
+        raise BadInput(message)
+
+
+def split_list(text: str, flag: str, example: str, cast=str) -> list:
+    """A comma-separated list, refused (naming the flag) when it is empty or an item does not convert with `cast`."""
+    try:
+        values = [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    refuse(not values, f"{flag} {text!r}: give {example}")
+    return values
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """One entry of --policies: a registry name with its options."""
@@ -50,115 +60,32 @@ class PolicySpec:
         return get_policy(self.name, budget if self.takes_budget else None, **dict(self.options))
 
 
-def accepts_option(name: str, key: str) -> bool:
-    """Whether the policy's constructor takes the keyword `key`."""
-    params = inspect.signature(REGISTRY[name].__init__).parameters
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def parse_policies(text: str, common: dict | None = None, probe_budget: str | None = "0.5") -> list[PolicySpec]:
-    """'full,h2o,snapkv:window=16:kernel=5' -> specs. Options after ':' apply to that policy only; `common`
-    (--option) to every listed policy that takes that keyword. Refuses an unknown policy, an option no listed policy
-    takes, or a bad option, naming it."""
-    labels, known = [s.strip() for s in text.split(",") if s.strip()], ", ".join(sorted(REGISTRY))
-    common = common or {}
-    if not labels:
-        raise BadInput(f"--policies {text!r} lists no policy; known policies: {known}")
-    for label in labels:
-        if label.split(":")[0] not in REGISTRY:
-            raise BadInput(f"unknown policy {label.split(':')[0]!r}; known policies: {known}")
-    for key in common:
-        if not any(accepts_option(label.split(":")[0], key) for label in labels):
-            raise BadInput(f"--option {key}: none of the policies {', '.join(labels)} takes that option")
-    specs = []
-    for label in labels:
+    """'full,h2o,snapkv:window=16:kernel=5' -> specs, each built once (at `probe_budget`) to check its options.
+    Options after ':' apply to that policy only; `common` (--option) to every listed policy that takes that key."""
+    known, common, specs = ", ".join(sorted(REGISTRY)), common or {}, []
+    for label in split_list(text, "--policies", f"some of: {known}"):
         name, *pairs = label.split(":")
-        opts = {k: v for k, v in common.items() if accepts_option(name, k)}
-        for pair in pairs:
-            if "=" not in pair:
-                raise BadInput(f"policy option {pair!r} in {label!r} is not KEY=VALUE")
-            k, v = pair.split("=", 1)
-            opts[k] = parse_options([f"x={v}"])["x"]
-        specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), _takes_budget(name, opts, probe_budget)))
-    if len({s.label for s in specs}) != len(specs):
-        raise BadInput(f"--policies lists a policy twice: {text}")
+        refuse(name not in REGISTRY, f"unknown policy {name!r}; known policies: {known}")
+        refuse(any("=" not in p for p in pairs), f"the policy options in {label!r} must be KEY=VALUE")
+        opts = {k: v for k, v in common.items() if k in policy_options(REGISTRY[name])} | parse_options(pairs)
+        specs.append(PolicySpec(label, name, tuple(sorted(opts.items())), REGISTRY[name].takes_budget))
+        specs[-1].build(probe_budget)                           # a bad option is refused now, not in every cell
+    for key in common:
+        refuse(not any(key in policy_options(REGISTRY[s.name]) for s in specs),
+               f"--option {key}: none of the policies {text} takes that option")
+    refuse(len({s.label for s in specs}) != len(specs), f"--policies lists a policy twice: {text}")
     return specs
 
 
-def _takes_budget(name: str, opts: dict, probe: str | None) -> bool:
-    """full never takes one; another policy is budget-free when it refuses a budget but accepts none."""
-    if name == "full":
-        return False
-    try:
-        get_policy(name, probe, **opts)
-        return True
-    except ValueError as with_budget:
-        try:
-            get_policy(name, None, **opts)
-        except ValueError:
-            raise with_budget from None
-        return False
-
-
 def parse_budgets(text: str) -> list[str]:
-    """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget; none twice."""
-    out, seen = [s.strip() for s in str(text).split(",") if s.strip()], {}
-    if not out:
-        raise BadInput(f"--budgets {text!r} lists no budget; give ratios (0.1,0.2) or counts (128,256)")
-    for b in out:
-        value = parse_budget(b)
-        if value in seen:                         # '0.2,0.20' would run every cell twice
-            raise BadInput(f"--budgets {text!r} lists the budget {value} twice ({seen[value]!r} and {b!r}); "
-                           f"give each budget once")
-        seen[value] = b
-    return out
-
-
-def _whole(v, lo: int, hi: float = math.inf) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi
-
-
-def _first(problems) -> None:
-    """Raise BadInput with the message of the first (bad, message) pair that is bad."""
-    for bad, message in problems:
-        if bad:
-            raise BadInput(message)
-
-
-def no_duplicates(values: list, flag: str) -> None:
-    """Refuse a list that names one value twice (its cells would be computed twice)."""
-    for i, v in enumerate(values):
-        if v in values[:i]:
-            shown = f"{v:g}" if isinstance(v, float) else repr(v)
-            raise BadInput(f"{flag} lists {shown} twice; give each value once")
-
-
-def check_lists(task: str, lengths: list, depths: list, subtasks: tuple, ppl_prefix: int) -> None:
-    """Lengths (>= 2 tokens; for ppl above the prefix), depths (in [0, 1]), subtasks: some, none twice."""
-    _first([(not lengths, "--lengths lists no length; give prompt lengths in tokens, e.g. --lengths 1000,2000")])
-    for n in lengths:
-        if not _whole(n, 2):
-            raise BadInput(f"--lengths {n!r}: a prompt length must be a whole number of tokens >= 2")
-        if task == "ppl" and not 1 <= ppl_prefix < n:
-            raise BadInput(f"--ppl-prefix {ppl_prefix} with --lengths {n}: the prefix must be at least 1 and below the "
-                           f"length, or no token is left to score; give --ppl-prefix below {n} (e.g. --ppl-prefix "
-                           f"{n // 2}) or lengths above {ppl_prefix}")
-    no_duplicates(lengths, "--lengths")
-    _first([(not depths, "--depths lists no depth; give fractions of the context in [0, 1], e.g. --depths 0,0.5,1")])
-    for d in depths:
-        _first([(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1,
-                 f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")])
-    bad = [s for s in subtasks if s not in RULER_SUBTASKS]
-    _first([(bad, f"unknown ruler-lite subtask(s) {', '.join(map(repr, bad))}; subtasks: "
-                  f"{', '.join(RULER_SUBTASKS)}"),
-            (not subtasks, f"--subtasks lists no subtask; give some of {', '.join(RULER_SUBTASKS)}")])
-    no_duplicates(depths, "--depths")
-    no_duplicates(list(subtasks), "--subtasks")
+    """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget (which raises on a bad one)."""
+    return [b for b in split_list(text, "--budgets", "ratios (0.1,0.2) or counts (128,256)") if parse_budget(b)]
 
 
 @dataclass
 class EvalConfig:
-    """Everything that defines a grid (what `minikv eval` parsed from its arguments)."""
+    """Everything that defines a grid (what `minikv eval` parsed from its arguments), checked on creation."""
     task: str
     policies: list[PolicySpec]
     budgets: list[str]
@@ -167,27 +94,38 @@ class EvalConfig:
     samples: int = 1
     seed: int = 0
     question: str = "aware"                  # "aware" | "agnostic"
-    chat: bool | None = None                 # None: the task's default
+    chat: bool | None = None                 # None or False: plain prompts
     ppl_prefix: int = 512
     subtasks: tuple = RULER_SUBTASKS
     model_name: str = "model"
     dtype: str = "float32"
 
     def __post_init__(self):
-        _first([
-            (self.task not in TASK_NAMES, f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}"),
-            (self.question not in ("aware", "agnostic"),
-             f"question mode must be 'aware' or 'agnostic', got {self.question!r}"),
-            (not _whole(self.samples, 1), f"--samples {self.samples!r}: give at least 1 prompt per cell (or leave it "
-                                          f"out: 1)"),
-            (not _whole(self.seed, 0, MAX_SEED), f"--seed {self.seed!r}: give a whole number in [0, {MAX_SEED}]"),
-            (not _whole(self.ppl_prefix, 1),
-             f"--ppl-prefix {self.ppl_prefix!r}: give the number of prefilled tokens, at least 1")])
-        check_lists(self.task, list(self.lengths), list(self.depths), tuple(self.subtasks), self.ppl_prefix)
-        _first([(not self.budgets, "--budgets lists no budget; give ratios (0.1,0.2) or counts (128,256)"),
-                (self.max_cells() > MAX_CELLS,
-                 f"this grid has {self.max_cells()} cells (tasks × lengths × depths × samples × policy budgets), "
-                 f"more than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")])
+        refuse(self.task not in TASK_NAMES, f"unknown task {self.task!r}; tasks: {', '.join(TASK_NAMES)}")
+        refuse(self.question not in ("aware", "agnostic"),
+               f"question mode must be 'aware' or 'agnostic', got {self.question!r}")
+        refuse(self.samples < 1, f"--samples {self.samples}: give at least 1 prompt per cell (or leave it out: 1)")
+        refuse(not 0 <= self.seed <= MAX_SEED, f"--seed {self.seed}: give a whole number in [0, {MAX_SEED}]")
+        refuse(self.ppl_prefix < 1, f"--ppl-prefix {self.ppl_prefix}: give the number of prefilled tokens, at least 1")
+        for n in self.lengths:
+            refuse(n < 2, f"--lengths {n}: a prompt length must be a whole number of tokens >= 2")
+            refuse(self.task == "ppl" and n <= self.ppl_prefix,
+                   f"--ppl-prefix {self.ppl_prefix} with --lengths {n}: the prefix must be below the length, or no "
+                   f"token is left to score; give --ppl-prefix below {n} (e.g. --ppl-prefix {n // 2}) or lengths "
+                   f"above {self.ppl_prefix}")
+        for d in self.depths:
+            refuse(not 0 <= d <= 1, f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")
+        unknown = [s for s in self.subtasks if s not in RULER_SUBTASKS]
+        refuse(unknown, f"unknown ruler-lite subtask(s) {', '.join(map(repr, unknown))}; subtasks: "
+                        f"{', '.join(RULER_SUBTASKS)}")
+        budgets = [str(parse_budget(b)) for b in self.budgets]          # '0.2' and '0.20' are one budget
+        for flag, values in (("--lengths", self.lengths), ("--depths", self.depths),
+                             ("--subtasks", list(self.subtasks)), ("--budgets", budgets)):
+            twice = [v for i, v in enumerate(values) if v in values[:i]] + [None]
+            refuse(len(twice) > 1, f"{flag} lists {twice[0]!r} twice; give each value once")
+        refuse(self.max_cells() > MAX_CELLS,
+               f"this grid has {self.max_cells()} cells (tasks × lengths × depths × samples × policy budgets), more "
+               f"than {MAX_CELLS}; check --samples {self.samples}, --lengths and --depths")
 
     def tasks(self) -> list[str]:
         """The task names of the grid, ruler-lite with each subtask ("ruler-lite/vt")."""
@@ -239,35 +177,9 @@ def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Exa
     return ex
 
 
-def score_text(ex: Example, text: str) -> float:
-    """The example's metric on the generated text, in [0, 1] ("contains" or string_match_all)."""
-    if ex.metric == "contains":
-        return float(any(a in text for a in ex.answers))
-    return string_match_all(text, ex.answers)
-
-
 def string_match_all(pred: str, refs: list[str]) -> float:
     """RULER string_match_all: fraction of the references found (case-insensitive) in the prediction."""
-    if not refs:
-        raise BadInput("string_match_all needs at least one reference")
     return sum(r.lower() in pred.lower() for r in refs) / len(refs)
-
-
-def evicts_while_decoding(policy: Policy) -> bool:
-    """True when the policy acts after each decoded token (it overrides after_step)."""
-    return type(policy).after_step is not Policy.after_step
-
-
-def ppl_policy(cell: Cell, ex: Example) -> tuple[Policy, int | None]:
-    """The policy for a perplexity cell and the entries its budget resolves to (see the module docstring)."""
-    probe = cell.policy.build(cell.budget)
-    if cell.budget is None or not cell.policy.takes_budget:
-        return probe, None
-    b = parse_budget(cell.budget)
-    if evicts_while_decoding(probe):
-        count = max(1, math.floor(b.value * len(ex.context))) if b.is_ratio else b.value
-        return cell.policy.build(count), count
-    return probe, int(b.entries(torch.tensor([ex.prefix]))[0])
 
 
 @torch.no_grad()
@@ -281,7 +193,7 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
     target = torch.tensor(ids[prefix:], device=model.device)
     nll = -torch.log_softmax(logits.double(), -1)[0, target[0]]
     rest = torch.tensor(ids[prefix:-1], device=model.device)[None]         # (1, n-1) inputs after the prefix
-    if evicts_while_decoding(policy):
+    if policy.decode_evicts:
         for t in range(rest.shape[1]):
             out = decode_step(model, cache, rest[:, t], policy)[0]          # (vocab,)
             nll = nll - torch.log_softmax(out.double(), -1)[target[t + 1]]
@@ -299,13 +211,18 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
     dev = model.device
     rec.reset_peak_memory(dev)
     t0 = time.perf_counter()
-    if ex.metric == "ppl":
-        policy, resolved = ppl_policy(cell, ex)
+    if ex.metric == "ppl":                # a ratio budget: of the whole text if the policy evicts while decoding
+        policy, b, resolved = cell.policy.build(cell.budget), parse_budget(cell.budget), None
+        if b is not None and policy.decode_evicts:
+            resolved = max(1, math.floor(b.value * len(ex.context))) if b.is_ratio else b.value
+            policy = cell.policy.build(resolved)
+        elif b is not None:
+            resolved = int(b.entries(torch.tensor([ex.prefix]))[0])
         nll, n, cache, t_pre = teacher_forced_nll(model, ex.context, ex.prefix, policy)
         out = dict(score=math.exp(nll / n), nll_sum=nll, scored_tokens=n, prefix=ex.prefix,
                    cache_ratio=cache.cache_ratio(), kv_bytes_live=cache.nbytes_live(),
                    kv_bytes_allocated=cache.nbytes_allocated(), prefill_s=t_pre, new_tokens=0,
-                   budget_entries=resolved, prediction=None, policy_decodes=evicts_while_decoding(policy))
+                   budget_entries=resolved, prediction=None, policy_decodes=policy.decode_evicts)
     else:
         agnostic = cell.question == "agnostic" and ex.question
         prompt = ex.context if agnostic else ex.ids
@@ -313,7 +230,8 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
                        stop_ids=chat_stop_ids(tok) if ex.chat else None,
                        question=[ex.question] if agnostic else None, seed=cfg.seed)
         text = tok.decode(res.tokens[0], skip_special_tokens=True)
-        out = dict(score=score_text(ex, text), prediction=text, cache_ratio=res.cache_ratio,
+        score = any(a in text for a in ex.answers) if ex.metric == "contains" else string_match_all(text, ex.answers)
+        out = dict(score=float(score), prediction=text, cache_ratio=res.cache_ratio,
                    kv_bytes_live=res.kv_bytes_live, kv_bytes_allocated=res.kv_bytes_allocated,
                    kv_bytes_full=res.kv_bytes_full, prefill_s=res.prefill_seconds, decode_s=res.decode_seconds,
                    new_tokens=len(res.tokens[0]),
@@ -333,25 +251,16 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
     }
 
 
-# ---- the grid ---------------------------------------------------------------------------------------------------------
-def check_fits(tok, cfg: EvalConfig, cells: list[Cell], ctx: int) -> None:
-    """Refuse before any cell runs a length past the context, or a shortest/longest prompt that does not fit."""
-    for n in cfg.lengths:
-        _first([(n > ctx, f"--lengths {n} exceeds the model's context ({ctx} tokens); give lengths up to {ctx} (less "
-                          f"the answer's tokens for generated tasks)")])
-    for task in dict.fromkeys(c.task for c in cells):
-        lo, hi = (f([c for c in cells if c.task == task], key=lambda c: c.length) for f in (min, max))
-        for c in [lo] if lo.length == hi.length else [lo, hi]:
-            example_for(tok, c, cfg, ctx)
-
-
-def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True, cells: list[Cell] | None = None) -> dict:
+# ---- the grid -------------------------------------------------------------------------------------------------------
+def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True) -> dict:
     """Run every cell not already in out_dir/records.jsonl; return {"cells", "ran", "skipped", "records"} where
     records are this grid's records (old and new), in grid order. Each record is on disk as soon as its cell
     finishes, so an exception or Ctrl-C loses only the cell running then."""
-    cells = build_grid(cfg) if cells is None else cells
-    ctx = model.cfg.max_position_embeddings
-    check_fits(tok, cfg, cells, ctx)
+    cells, ctx = build_grid(cfg), model.cfg.max_position_embeddings
+    for task in dict.fromkeys(c.task for c in cells):       # before any cell: the shortest and longest prompts fit
+        by_length = sorted((c for c in cells if c.task == task), key=lambda c: c.length)
+        for c in {c.length: c for c in (by_length[0], by_length[-1])}.values():
+            example_for(tok, c, cfg, ctx)
     done = rec.finished_ids(rec.read_records(out_dir, warn=True))
     todo = [c for c in cells if c.id not in done]
     bar = progress_bar(len(cells), len(cells) - len(todo), f"eval {cfg.task}", progress)

@@ -1,13 +1,9 @@
 """Evaluation prompts, generated deterministically from a seed (nothing is downloaded).
 
-Every generator returns an `Example`: token ids split into `context` (what a policy compresses in question-agnostic
-mode) and `question` (appended after compression in question-agnostic mode, inside the compressed prompt in
-question-aware mode), the reference answers, the metric and the number of tokens to generate.
-Lengths are counted in tokens of the tokenizer given: `len(context) + len(question)` equals the requested length
-(cwe, whose list cannot be cut mid-item, lands within 2%).
-
-Haystacks are assembled from separately encoded sentences that each start with a space, so that the concatenation is
-what the tokenizer would produce for the joined text (a byte-level BPE never merges across a " word" boundary).
+Every generator returns an `Example`: `context` (compressed first in question-agnostic mode) and `question` token
+ids, the reference answers, the metric and the tokens to generate. `len(context) + len(question)` is the requested
+length in tokens (cwe, whose list cannot be cut mid-item, lands within 2%). Haystacks are separately encoded
+sentences that each start with a space, so that they join as the tokenizer would encode the joined text.
 
   passkey            5-digit key in repeated filler at a depth (Mohtashami & Jaggi 2023; LongLoRA's prompt)
   needle             "The special magic number for <city> is <n>." in license prose at a depth (needle in a haystack)
@@ -20,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from minikv.errors import BadInput
@@ -33,10 +29,6 @@ RULER_SUBTASKS = ("multikey", "multivalue", "vt", "cwe")
 TASK_NAMES = ("passkey", "needle", "ruler-lite", "ppl")
 # Tasks whose needle sits at a requested depth; the others ignore --depths.
 DEPTH_TASKS = {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalue"}
-# Chat template by default? Measured on the default model (SmolLM2-135M-Instruct, full cache, 1.5-2k tokens): passkey
-# is solved as a plain "The pass key is" completion and fails inside the chat template; needle is solved either way;
-# multikey is worse inside the template (2/3 vs 3/3). So the generated tasks default to plain prompts (RESULTS.md).
-CHAT_DEFAULT = {"passkey": False, "needle": False, "ruler-lite": False}
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Accra", "Kyoto", "Porto", "Tunis",
           "Riga", "Sofia", "Perth", "Bergen", "Cusco", "Malmo", "Turin", "Dakar", "Hobart")
 
@@ -74,6 +66,7 @@ def pseudo_words(n: int, seed: int = 0) -> list[str]:
     return list(out)
 
 
+@lru_cache(maxsize=None)
 def prose_source() -> tuple[str, str]:
     """(source name, text): the license texts (GPL-3 first, each once), else deterministic pseudo-prose."""
     texts: dict[str, str] = {}
@@ -115,48 +108,43 @@ def encode_units(tok, sentences: list[str], max_tokens: int = 48) -> list[list[i
     return units
 
 
-# ---- encoding with a per-tokenizer cache ---------------------------------------------------------------------------
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _cached(tok, key: str, build):
-    try:
-        per_tok = _CACHE.setdefault(tok, {})
-    except TypeError:                                 # a tokenizer that cannot be weak-referenced: no cache
-        return build()
-    if key not in per_tok:
-        per_tok[key] = build()
-    return per_tok[key]
-
-
+# ---- encoding, cached per tokenizer --------------------------------------------------------------------------------
 def encode(tok, text: str, first: bool = False) -> list[int]:
     """Ids of a piece of the prompt; only the first piece gets the tokenizer's default BOS."""
     return tok.encode(text) if first else tok.encode(text, add_bos=False)
 
 
+@lru_cache(maxsize=8)
 def filler_units(tok) -> list[list[int]]:
-    """The passkey filler's five sentences, encoded once per tokenizer."""
-    return _cached(tok, "filler", lambda: [encode(tok, s) for s in split_sentences(FILLER, ".")])
+    """The passkey filler's five sentences."""
+    return [encode(tok, s) for s in split_sentences(FILLER, ".")]
 
 
+@lru_cache(maxsize=8)
 def prose_units(tok) -> tuple[list[list[int]], str]:
-    """The prose haystack's sentences, encoded once per tokenizer, and the source's name."""
+    """The prose haystack's sentences and the source's name."""
     source, text = prose_source()
-    return _cached(tok, "prose:" + source, lambda: encode_units(tok, split_sentences(text))), source
+    return encode_units(tok, split_sentences(text)), source
+
+
+@lru_cache(maxsize=8)
+def prose_ids(tok) -> list[int]:
+    """The whole prose text, for perplexity."""
+    return encode(tok, prose_source()[1])
 
 
 # ---- chat wrapping -------------------------------------------------------------------------------------------------
-def resolve_chat(tok, task: str, chat: bool | None) -> bool:
-    """chat=None means the task's default, where minikv knows a chat format (ChatML, Llama-2) for the tokenizer."""
+def resolve_chat(tok, chat: bool | None) -> bool:
+    """Plain prompts unless chat is asked for: on the default model (SmolLM2-135M-Instruct, full cache) passkey is
+    solved as a plain "The pass key is" completion and fails inside the chat template, and multikey does worse in it.
+    Chat needs a format minikv knows (ChatML, Llama-2) for the tokenizer."""
     try:
-        known = apply_chat_template(tok, [{"role": "user", "content": "x"}]) is not None
+        known = bool(chat) and apply_chat_template(tok, [{"role": "user", "content": "x"}]) is not None
     except NotImplementedError:
         known = False
-    if chat is None:
-        return CHAT_DEFAULT.get(task.split("/")[0], True) and known
     if chat and not known:
-        raise BadInput("chat=True but this tokenizer has no known chat format")
-    return chat
+        raise BadInput("--chat: this tokenizer has no chat format minikv knows (ChatML, Llama-2)")
+    return bool(chat)
 
 
 def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[str, str]:
@@ -171,8 +159,6 @@ def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -
 # ---- haystack assembly ---------------------------------------------------------------------------------------------
 def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
     """Sentences from `units` (cyclically, from index `start`) totalling exactly n tokens (the last one is cut)."""
-    if n < 0:
-        raise BadInput(f"cannot take {n} tokens")
     if not units or not any(units):
         raise BadInput("the haystack has no sentences")
     out, total, i = [], 0, start % len(units)
@@ -243,15 +229,8 @@ def magic_numbers(tok, length: int, depth: float, rng: random.Random, chat: bool
     """Magic-number needles (" The special magic number for <city> is <n>.") in real prose, the first at `depth`:
     needle (one), RULER niah multikey (the asked city at `depth`, 3 distractor cities at random depths) or
     multivalue (4 numbers of one city, all to be recalled)."""
-    if sub is None:
-        cities = [rng.choice(CITIES)]
-        numbers = [str(rng.randint(10000, 99999))]
-    elif sub == "multikey":
-        cities = rng.sample(CITIES, 4)
-        numbers = [str(rng.randint(10000, 99999)) for _ in cities]
-    else:
-        cities = [rng.choice(CITIES)] * 4
-        numbers = [str(rng.randint(10000, 99999)) for _ in cities]
+    cities = rng.sample(CITIES, 4) if sub == "multikey" else [rng.choice(CITIES)] * (1 if sub is None else 4)
+    numbers = [str(rng.randint(10000, 99999)) for _ in cities]
     needles = [(f" The special magic number for {c} is {n}.", depth if i == 0 else rng.random())
                for i, (c, n) in enumerate(zip(cities, numbers))]
     many, city = sub == "multivalue", cities[0]
@@ -292,21 +271,19 @@ def _vt_question(value: str, n: int) -> tuple[str, str]:
             f"assigned the value {value}, they are:")
 
 
-def ruler_vt(tok, length: int, rng: random.Random, chat: bool, n_hops: int = 4, icl: bool = True) -> Example:
+def ruler_vt(tok, length: int, rng: random.Random, chat: bool, n_hops: int = 4) -> Example:
     """RULER variable tracking: VAR A = 12345, VAR B = VAR A, ... in filler; name every variable holding the value.
-    As in RULER, a short solved example comes first (icl)."""
+    As in RULER, a short solved example (in-context learning) comes first."""
     names, value, chain = _vt_chain(rng, n_hops)
-    instruction = _VT_INSTRUCTION
-    if icl:
-        ex_names, ex_value, ex_chain = _vt_chain(rng, n_hops)
-        body = "".join(f + c for f, c in zip(split_sentences(FILLER, ".") * 2, ex_chain))
-        q, a = _vt_question(ex_value, n_hops + 1)
-        instruction = f"{_VT_INSTRUCTION}{body}{q}{a} {' '.join(ex_names)}\n\n{_VT_INSTRUCTION}"
+    ex_names, ex_value, ex_chain = _vt_chain(rng, n_hops)
+    body = "".join(f + c for f, c in zip(split_sentences(FILLER, ".") * 2, ex_chain))
+    q, a = _vt_question(ex_value, n_hops + 1)
+    instruction = f"{_VT_INSTRUCTION}{body}{q}{a} {' '.join(ex_names)}\n\n{_VT_INSTRUCTION}"
     depths = sorted(rng.random() for _ in chain)          # sorted: the chain appears in order
     ctx, q_ids, spans = haystack_prompt(tok, length, chat, instruction, filler_units(tok), 0, list(zip(chain, depths)),
                                         *_vt_question(value, n_hops + 1))
     return Example("ruler-lite/vt", ctx, q_ids, names, "string_match_all", 30, chat,
-                   {"depth": None, **spans, "value": value, "haystack": "filler", "icl": icl})
+                   {"depth": None, **spans, "value": value, "haystack": "filler", "icl": True})
 
 
 _CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often than others. "
@@ -318,27 +295,18 @@ def _cwe_question(num_cw: int) -> tuple[str, str]:
             f" Answer: The top {num_cw} words that appear most often in the list are:")
 
 
-def _word_list(words: list[str], seed: float) -> str:
-    words = list(words)
-    random.Random(seed).shuffle(words)
-    return "".join(f" {i + 1}. {w}" for i, w in enumerate(words))
-
-
-def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10, freq_ucw: int = 3,
-              icl: bool = True) -> Example:
+def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10, freq_ucw: int = 3) -> Example:
     """RULER common words extraction: a numbered word list where num_cw words repeat often; name those words.
-    As in RULER, a short solved example (common words 3 times, others once) comes first (icl)."""
+    As in RULER, a short solved example (common words 3 times, others once) comes first."""
     vocab = pseudo_words(4000, seed=1)
     words = rng.sample(vocab, len(vocab))
-    common, uncommon = words[:num_cw], words[num_cw + 20:]
-    instruction = _CWE_INSTRUCTION
-    if icl:
-        ex_common, ex_rare = words[num_cw:num_cw + 10], uncommon[-10:]
-        uncommon = uncommon[:-10]
-        q, a = _cwe_question(10)
-        answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))
-        instruction = (f"{_CWE_INSTRUCTION}{_word_list(ex_common * 3 + ex_rare, rng.random())}{q}{a} {answer}\n\n"
-                       f"{_CWE_INSTRUCTION}")
+    common, uncommon = words[:num_cw], words[num_cw + 20:-10]
+    example = words[num_cw:num_cw + 10] * 3 + words[-10:]
+    random.Random(rng.random()).shuffle(example)
+    q, a = _cwe_question(10)
+    answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words[num_cw:num_cw + 10]))
+    listed = "".join(f" {i + 1}. {w}" for i, w in enumerate(example))
+    instruction = f"{_CWE_INSTRUCTION}{listed}{q}{a} {answer}\n\n{_CWE_INSTRUCTION}"
     head_text, tail_text = wrap(tok, chat, instruction, *_cwe_question(num_cw))
     head, tail = encode(tok, head_text, first=True), encode(tok, tail_text)
     avail = length - len(head) - len(tail)
@@ -360,19 +328,14 @@ def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10
         raise BadInput(f"length {length} is too short for common-words extraction ({len(body) + len(head) + len(tail)}"
                        f" tokens with no uncommon words)")
     return Example("ruler-lite/cwe", head + body, tail, common, "string_match_all", 120, chat,
-                   {"depth": None, "freq_cw": freq_cw, "uncommon_words": lo, "haystack": "word-list", "icl": icl})
+                   {"depth": None, "freq_cw": freq_cw, "uncommon_words": lo, "haystack": "word-list", "icl": True})
 
 
 def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     """A window of `length` tokens of real text (GPL-3 first); the first `prefix` are prefilled, the rest scored."""
-    source, text = prose_source()
-    doc = _cached(tok, "doc:" + source, lambda: encode(tok, text))
-    if length < 2:
-        raise BadInput(f"ppl needs a length of at least 2 tokens, got {length}")
+    doc, source = prose_ids(tok), prose_source()[0]
     if length > len(doc):
         raise BadInput(f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
-    if not 1 <= prefix < length:
-        raise BadInput(f"ppl prefix must be in [1, length), got prefix={prefix}, length={length}")
     start = (sample * length) % max(1, len(doc) - length + 1)
     return Example("ppl", doc[start:start + length], [], [], "ppl", 0, False,
                    {"start": start, "haystack": source}, prefix=prefix)
@@ -384,14 +347,10 @@ def make_example(tok, task: str, length: int, depth: float | None = None, sample
     base, _, sub = task.partition("/")
     if base not in TASK_NAMES:
         raise BadInput(f"unknown task {task!r}; tasks: passkey, needle, ruler-lite/<{'|'.join(RULER_SUBTASKS)}>, ppl")
-    if not isinstance(length, int) or length < 1:
-        raise BadInput(f"length must be a positive number of tokens, got {length!r}")
-    if task in DEPTH_TASKS and depth is None:
-        raise BadInput(f"task {task} needs a depth in [0, 1]")
     rng = rng_for(seed, task, length, depth, sample)
     if base == "ppl":
-        return ppl_text(tok, length, sample, ppl_prefix)         # a prefix >= length is refused, never cut
-    chat = resolve_chat(tok, task, chat)
+        return ppl_text(tok, length, sample, ppl_prefix)
+    chat = resolve_chat(tok, chat)
     if base == "passkey":
         return passkey(tok, length, depth, rng, chat)
     if base == "needle" or sub in ("multikey", "multivalue"):
