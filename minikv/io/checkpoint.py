@@ -1,7 +1,6 @@
-"""Load a Llama checkpoint in the Hugging Face layout (config.json + safetensors, maybe sharded through
-`model.safetensors.index.json`), with named errors. Only safetensors are read (never pickle); a missing or unexpected
-tensor, a shape mismatch, a non-float dtype (int8, quantized) or a non-finite value is an error naming tensor and file.
-"""
+"""Load a Llama checkpoint in the Hugging Face layout: config.json + safetensors (maybe sharded through
+`model.safetensors.index.json`; never pickle). A missing or unexpected tensor, a shape mismatch, a non-float dtype or
+a non-finite value is an error naming tensor and file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,32 +54,25 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors file(s) of the folder: the shards its index names, else model.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / name for name in _index_shards(index)]
-    single = folder / "model.safetensors"
-    if single.exists():
+    """The safetensors file(s) of the folder: the shards its index names (plain names of files beside it), else
+    model.safetensors."""
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if not index.exists():
+        if not single.exists() and any(next(folder.glob(p), None) for p in ("*.bin", "*.pt", "*.pth")):
+            raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only "
+                           f"(convert them with transformers: save_pretrained(..., safe_serialization=True))")
+        require(single.exists(), f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}",
+                NotFound)
         return [single]
-    if any(next(folder.glob(pattern), None) for pattern in ("*.bin", "*.pt", "*.pth")):
-        raise BadInput(f"{folder} holds only pickle weights (*.bin/*.pt); minikv reads safetensors only "
-                       f"(convert them with transformers: save_pretrained(..., safe_serialization=True))")
-    raise NotFound(f"no model.safetensors or model.safetensors.index.json in {folder}; {FETCH_HINT}")
-
-
-def _index_shards(index: Path) -> list[str]:
-    """Shard file names of a safetensors index, each checked to be a plain name of a file beside the index."""
     weight_map = read_json_object(index).get("weight_map")
     require(isinstance(weight_map, dict) and bool(weight_map), f"{index} is not a valid safetensors index: "
             "'weight_map' must be a non-empty object of tensor name -> shard file")
     shards = sorted(set(map(str, weight_map.values())))
-    for name in shards:
-        # A shard is a file next to the index; a path would read outside the model folder.
+    for name in shards:  # a path, not a plain name, would read outside the model folder
         require(Path(name).name == name and name not in (".", ".."),
                 f"{index} names shard {name!r}, which is not a plain file name")
-        require((index.parent / name).is_file(), f"{index} names shard {name}, which is missing from {index.parent}",
-                NotFound)
-    return shards
+        require((folder / name).is_file(), f"{index} names shard {name}, which is missing from {folder}", NotFound)
+    return [folder / name for name in shards]
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -93,22 +85,16 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
             raise BadInput(f"cannot read {f}: corrupt or truncated safetensors file ({e}); "
                            f"re-download or re-convert it") from None
         for name, t in tensors.items():
-            if name in state:
-                raise BadInput(f"tensor {name!r} is in both {source[name].name} and {f.name}")
-            _check_tensor(name, t, f)
+            require(name not in state, f"tensor {name!r} is in both {source.get(name, f).name} and {f.name}")
+            # Integer/quantized/boolean weights are refused: casting them would silently change the model.
+            require(t.dtype in FLOAT_DTYPES, f"{f}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                    "minikv reads unquantized float weights (float32, float16, bfloat16, float64)")
+            flat = t.reshape(-1)  # checked in chunks, so the temporary boolean mask stays small
+            for i in range(0, flat.numel(), 1 << 24):
+                require(bool(torch.isfinite(flat[i:i + (1 << 24)]).all()),
+                        f"{f}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
             state[name], source[name] = t, f
     return state
-
-
-def _check_tensor(name: str, t: torch.Tensor, f: Path) -> None:
-    """Refuse integer/quantized/boolean weights (casting them would silently change the model) and NaN/inf."""
-    require(t.dtype in FLOAT_DTYPES, f"{f}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
-            "minikv reads unquantized float weights (float32, float16, bfloat16, float64)")
-    # Chunked so the temporary boolean mask stays small even for a large embedding matrix.
-    flat = t.reshape(-1)
-    for i in range(0, flat.numel(), 1 << 24):
-        require(bool(torch.isfinite(flat[i:i + (1 << 24)]).all()),
-                f"{f}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
 
 
 def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> None:

