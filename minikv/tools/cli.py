@@ -31,13 +31,14 @@ def cmd_fetch(args) -> int:
 
 def cmd_policies(args) -> int:
     """Each policy's name and summary, then whether it takes a budget, and its options with their defaults."""
-    indent = max(map(len, REGISTRY)) + 2
+    indent, lines = max(map(len, REGISTRY)) + 2, []
     for name, cls in sorted(REGISTRY.items()):
         opts = ", ".join(f"{k}={v}" for k, v in policy_options(cls).items()) or "none"
         budget = "budget: required" if cls.takes_budget else "budget: none (refused)"
-        print(f"{name:<{indent}}{cls.summary}", *textwrap.wrap(f"{budget}; options: {opts}", width=120,
-              initial_indent=" " * indent, subsequent_indent=" " * (indent + 2), break_on_hyphens=False), sep="\n")
-    print("\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with a decimal point (0.2)")
+        lines += [f"{name:<{indent}}{cls.summary}", *textwrap.wrap(f"{budget}; options: {opts}", width=120,
+                  initial_indent=" " * indent, subsequent_indent=" " * (indent + 2), break_on_hyphens=False)]
+    print("\n".join(lines) + "\n\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with "
+          "a decimal point (0.2)")               # one write: `minikv policies | head` closes the pipe quietly
     return 0
 
 
