@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from minikv.io import convert
+from minikv.io.checkpoint import expected_shapes
 from minikv.config import LlamaConfig
 from minikv.io.hf_config import load_config
 from minikv.io.convert import unpermute_qk
@@ -110,7 +111,7 @@ def _hf_state(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
                       num_attention_heads=TINY["heads"], num_key_value_heads=TINY["kv_heads"],
                       tie_word_embeddings=tied)
     return {name: rng.standard_normal(shape).astype(np.float32)
-            for name, shape in convert.expected_shapes(cfg).items()}
+            for name, shape in expected_shapes(cfg).items()}
 
 
 def _write_fake_gguf(path: Path, state: dict[str, np.ndarray]) -> Path:

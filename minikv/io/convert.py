@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from minikv.config import LlamaConfig
 from minikv.errors import BadInput, MinikvError, MissingExtra, NotFound
 from minikv.io import require
-from minikv.io.checkpoint import check_state_dict, expected_shapes, read_state_dict
+from minikv.io.checkpoint import check_state_dict, read_state_dict
 from minikv.io.hf_config import check_config, load_config, read_json_object
 from minikv.io.tokenizer import build_bpe_tokenizer_json, build_tokenizer_config
 
