@@ -38,7 +38,7 @@ def cmd_policies(args) -> int:
         lines += [f"{name:<{indent}}{cls.summary}", *textwrap.wrap(f"{budget}; options: {opts}", width=120,
                   initial_indent=" " * indent, subsequent_indent=" " * (indent + 2), break_on_hyphens=False)]
     print("\n".join(lines) + "\n\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with "
-          "a decimal point (0.2)")               # one write: `minikv policies | head` closes the pipe quietly
+          "a decimal point (0.2)")
     return 0
 
 
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args) or 0
+    except BrokenPipeError:                          # the reader stopped early (`minikv policies | head`): fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MinikvError as e:
         if debug:
             raise
