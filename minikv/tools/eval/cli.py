@@ -36,8 +36,7 @@ def register(sub) -> None:
     p.add_argument("--budgets", default="0.2", help="ratios (0.1,0.2,0.5) or counts (128,256)")
     p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 2000; ppl 2048)")
     p.add_argument("--depths", default="0.5", help="needle depths in [0, 1] (passkey, needle, ruler multikey/value)")
-    p.add_argument("--question-agnostic", action="store_true",
-                   help="compress the context first, then append the question (default: question-aware)")
+    p.add_argument("--question-agnostic", action="store_true", help="compress the context, then append the question")
     p.add_argument("--samples", type=int, default=1, help="prompts per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<task>); re-running resumes")
@@ -103,9 +102,8 @@ def command_line(args, resume: Path | None = None) -> str:
 
 
 def cmd_eval(args) -> int:
-    """Run the grid (resuming), print and save the table, and plot when asked. Inputs are checked before the model
-    loads where they can be, and before the first cell runs otherwise. One run at a time holds the output folder;
-    Ctrl-C keeps every finished cell and prints the command that resumes (exit status 130)."""
+    """Run the grid (resuming), print and save the table, plot when asked; inputs are checked before any cell runs.
+    One run at a time holds the output folder; Ctrl-C keeps every finished cell and prints how to resume (130)."""
     model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
     cfg = config_from_args(args, model_name)
     out = output_folder(args)
@@ -143,8 +141,7 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     return 0
 
 
-def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer: int | None = None,
-               view_head: int = 0) -> list[Path]:
+def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer=None, view_head=0) -> list[Path]:
     """Every plot that applies: quality vs ratio, depth heatmaps, and on the grid's first prompt at the first budget
     the positions each policy keeps, D2O's per-layer report and Ada-KV's per-head budgets (PNG and markdown)."""
     try:
@@ -176,6 +173,5 @@ def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer:
     n = len(ids) + (len(question) if question else 0) + 1          # + the first generated token
     marks = [(o, o + k, "needle") for o, k in zip(ex.meta.get("needle_offsets", []), ex.meta.get("needle_lengths", []))]
     made.append(plots.survival_strip(rows, n, out / f"survival_L{layer}_H{view_head}.png", layer, view_head, marks,
-                                     f"{ex.task}, {n} tokens: positions kept in layer {layer}, KV head {view_head} "
-                                     f"after prefill + 1 decode step (budget {budget})"))
+                                     f"{ex.task}, {n} tokens, budget {budget}: "))
     return made

@@ -43,8 +43,7 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
     for ax in axes[0]:
         legend.update({lab: h for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in legend})
     fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or "")
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -61,7 +60,6 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.2, 2.8 * rows + 0.4), squeeze=False,
                              constrained_layout=True)
-    im = None
     for ax, ((task, p, b), rs) in zip(axes.flat, panels.items()):
         cell = _by(rs, "depth", "length")
         grid = [[_mean(r["score"] for r in cell.get((d, n), [])) for n in lengths] for d in depths]
@@ -70,8 +68,7 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(f"{p}" + (f" @ {b}" if b else "") + (f"\n{task}" if len({t for t, _, _ in panels}) > 1 else ""),
                      fontsize=9)
-        ax.set_xlabel("length (tokens)", fontsize=8)
-        ax.set_ylabel("depth", fontsize=8)
+        ax.set(xlabel="length (tokens)", ylabel="depth")
         for i, j in itertools.product(range(len(depths)), range(len(lengths))):
             if grid[i][j] == grid[i][j]:
                 ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
@@ -94,7 +91,8 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
 
 def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str | Path, layer: int, head: int,
                    marks: list[tuple[int, int, str]] | None = None, title: str | None = None) -> Path:
-    """One strip per policy: a tick at every surviving position; marks = (start, end, label) spans (the needle)."""
+    """One strip per policy: a tick at every surviving position; marks = (start, end, label) spans (the needle);
+    `title` is put before the default title."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.4))
     for i, (label, positions) in enumerate(rows):
@@ -104,11 +102,8 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
         ax.axvspan(start, end, color="red", alpha=0.25, lw=0)
         ax.text((start + end) / 2, len(rows) - 0.4, text, color="red", ha="center", fontsize=7)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.set_ylim(-0.6, len(rows) - 0.2)
-    ax.set_xlim(0, n_tokens)
-    ax.invert_yaxis()
-    ax.set_xlabel("position (right margin: entries kept)")
-    ax.set_title(title or f"positions kept in layer {layer}, KV head {head} after prefill + 1 decode step")
+    ax.set(ylim=(len(rows) - 0.2, -0.6), xlim=(0, n_tokens), xlabel="position (right margin: entries kept)",
+           title=(title or "") + f"positions kept in layer {layer}, KV head {head} after prefill + 1 decode step")
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -174,8 +169,7 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
 def head_budget_matrix(report: dict) -> tuple[list[int], list[list[int]]]:
     """(compressed layers, budgets[layer][head]) of row 0: entries per KV head, window included."""
     if not any("head_budget" in x for x in report.get("layers", [])):
-        raise BadInput(f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV policy run on "
-                       f"a prompt?)")
+        raise BadInput(f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV report?)")
     layers = [x for x in report["layers"] if any(x["compressed"])]
     return [x["layer"] for x in layers], [x["head_budget"][0] for x in layers]
 

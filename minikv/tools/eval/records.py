@@ -1,7 +1,6 @@
-"""DIR/records.jsonl: one JSON record per grid cell, appended and flushed as each cell finishes, so a re-run skips
-the cell ids already there. The file is only ever appended to: a line that is not a usable record (cut off by a
-kill, edited by hand) is skipped with a warning and its cell runs again. Also the markdown table rendered from the
-records, and DIR/eval.lock, which keeps a second run off a folder that one is writing."""
+"""DIR/records.jsonl, only ever appended to: one JSON record per grid cell, flushed as each cell finishes, so a re-run
+skips the cell ids there; an unusable line (cut off by a kill, edited by hand) is skipped with a warning and its cell
+runs again. Also the markdown table of the records, and DIR/eval.lock, which keeps a second run off the folder."""
 from __future__ import annotations
 
 import fcntl
@@ -9,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import socket
 import sys
@@ -65,14 +65,9 @@ def peak_memory(device) -> tuple[int, str]:
     whole process, weights included); else "process_peak_rss" (the lifetime peak, the largest cell so far)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    try:
-        if _rss_peak_was_reset:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024, "rss_peak_since_reset"
-    except OSError:
-        pass
+    if _rss_peak_was_reset:                         # Linux: /proc/self/status has the peak RSS in kB
+        return int(re.search(r"^VmHWM:\s+(\d+)", Path("/proc/self/status").read_text(), re.M)[1]) * 1024, \
+            "rss_peak_since_reset"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
@@ -151,17 +146,6 @@ def group_by(records: list[dict], *keys) -> dict[tuple, list[dict]]:
     return out
 
 
-def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Records grouped by (task, question mode); tasks with subtasks ("ruler-lite/vt", ...) also get a group of all
-    their subtasks together ("ruler-lite (all)")."""
-    groups = group_by(records, "task", "question")
-    for base, qmode in dict.fromkeys((t.split("/")[0], q) for t, q in groups if "/" in t):
-        tasks = [t for t, q in groups if q == qmode and t.split("/")[0] == base]
-        if len(tasks) > 1:
-            groups[(f"{base} (all)", qmode)] = [r for t in tasks for r in groups[(t, qmode)]]
-    return groups
-
-
 def _entry(rs: list[dict]) -> str:
     """One table entry: mean score (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
     ok, errors = [r for r in rs if not r.get("error")], len([r for r in rs if r.get("error")])
@@ -173,11 +157,16 @@ def _entry(rs: list[dict]) -> str:
 
 def markdown_table(records: list[dict], budgets: list[str] | None = None, policies: list[str] | None = None) -> str:
     """Policy rows × budget columns: mean score (mean measured cache ratio). Budget-free policies (full, corm, ...)
-    ran once per cell and are repeated in every column. One table per (task, question mode)."""
+    ran once per cell and are repeated in every column. One table per (task, question mode), and one of all the
+    subtasks of a task together ("ruler-lite (all)")."""
     if not records:
         return "(no records)"
-    parts = []
-    for (task, qmode), recs in table_groups(records).items():
+    groups, parts = group_by(records, "task", "question"), []
+    for base, qmode in dict.fromkeys((t.split("/")[0], q) for t, q in groups if "/" in t):
+        tasks = [t for t, q in groups if q == qmode and t.split("/")[0] == base]
+        if len(tasks) > 1:
+            groups[(f"{base} (all)", qmode)] = [r for t in tasks for r in groups[(t, qmode)]]
+    for (task, qmode), recs in groups.items():
         budgets_here = budgets or list(dict.fromkeys(r["budget"] for r in recs if r["budget"] is not None)) or ["-"]
         pols = [p for p in (policies or []) if any(r["policy"] == p for r in recs)]
         pols += [p for p in dict.fromkeys(r["policy"] for r in recs) if p not in pols]
@@ -195,28 +184,25 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
 # ---- one run per output folder ---------------------------------------------------------------------------------------
 @contextmanager
 def output_lock(folder: str | Path, command: str):
-    """Hold an exclusive flock on folder/eval.lock, which names pid, host, start time and command, so that a second
-    run on the folder is refused instead of computing every cell twice. The kernel drops the flock when its process
-    dies: a lock file left that way is taken over with a note; one naming another host, or no holder, is refused."""
+    """Hold an exclusive flock on folder/eval.lock (naming pid, host, start, command): a second run on the folder is
+    refused. The kernel drops a dead process's flock: its lock file is taken over, unless it names another host."""
     path = Path(folder) / LOCK
-    for _ in range(3):
+    while True:
         try:
             f = open(path, "a+", encoding="utf-8")         # created when missing, never truncated here
         except OSError as e:
-            raise BadInput(f"cannot create {path}: {e.strerror or e} (--out must be a folder you can write to)") \
-                from None
+            raise BadInput(f"cannot create {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
             time.sleep(0.2)                                 # a run that has just taken it writes its name
-            _refuse(path, path.read_text(encoding="utf-8", errors="replace"), held=True)
+            f.seek(0)
+            text = f.read()
+            f.close()
+            _refuse(path, text, held=True)
         if os.fstat(f.fileno()).st_nlink:                   # not removed by the run that held it before us
             break
         f.close()
-    else:
-        raise BadInput(f"could not take {path}: other runs keep taking it; check that no other `minikv eval` writes "
-                       f"to {path.parent}")
     with f:
         f.seek(0)
         text = f.read()
@@ -233,8 +219,7 @@ def output_lock(folder: str | Path, command: str):
 
 
 def _refuse(path: Path, text: str, held: bool) -> None:
-    """Refuse a lock file that names no holder, or a holder that still runs (`held`) or runs on another host; note
-    the takeover of a lock file of this host that no process holds."""
+    """Refuse a lock naming no holder, or one held or of another host; else note that we take it over."""
     try:
         holder = json.loads(text)
     except json.JSONDecodeError:
@@ -245,8 +230,7 @@ def _refuse(path: Path, text: str, held: bool) -> None:
     if held or holder["host"] != socket.gethostname():
         where = "" if holder["host"] == socket.gethostname() else f" on host {holder['host']}"
         raise BadInput(f"{path.parent} is in use by another minikv eval: pid {holder['pid']}{where}, running since "
-                       f"{holder.get('started', '?')} ({holder.get('command', '?')}); wait for it to finish (a re-run "
-                       f"then skips the cells it finished), use another --out, or, if that process is gone, delete "
-                       f"{path}")
+                       f"{holder.get('started', '?')} ({holder.get('command', '?')}); wait for it (a re-run skips the "
+                       f"cells it finished), use another --out, or, if that process is gone, delete {path}")
     print(f"minikv eval: note: taking over the stale lock {path} of pid {holder['pid']} "
           f"(since {holder.get('started', '?')}), which no longer holds it", file=sys.stderr)

@@ -1,15 +1,11 @@
-"""Evaluation prompts, generated deterministically from a seed (nothing is downloaded).
+"""Evaluation prompts, generated deterministically from a seed (nothing is downloaded): passkey (Mohtashami & Jaggi
+2023, LongLoRA's prompt), needle (in a haystack), ruler-lite (multikey, multivalue, vt, cwe: after RULER, Hsieh et
+al. 2024) and ppl (a window of real text).
 
 Every generator returns an `Example`: `context` (compressed first in question-agnostic mode) and `question` token
 ids, the reference answers, the metric and the tokens to generate. `len(context) + len(question)` is the requested
 length in tokens (cwe, whose list cannot be cut mid-item, lands within 2%). Haystacks are separately encoded
 sentences that each start with a space, so that they join as the tokenizer would encode the joined text.
-
-  passkey            5-digit key in repeated filler at a depth (Mohtashami & Jaggi 2023; LongLoRA's prompt)
-  needle             "The special magic number for <city> is <n>." in license prose at a depth (needle in a haystack)
-  ruler-lite/...     multikey (distractor needles), multivalue (all values of one key), vt (variable tracking),
-                     cwe (common words extraction), after RULER (Hsieh et al. 2024)
-  ppl                a window of real text (GPL-3 first) for teacher-forced perplexity
 """
 from __future__ import annotations
 
@@ -135,9 +131,8 @@ def prose_ids(tok) -> list[int]:
 
 # ---- chat wrapping -------------------------------------------------------------------------------------------------
 def resolve_chat(tok, chat: bool | None) -> bool:
-    """Plain prompts unless chat is asked for: on the default model (SmolLM2-135M-Instruct, full cache) passkey is
-    solved as a plain "The pass key is" completion and fails inside the chat template, and multikey does worse in it.
-    Chat needs a format minikv knows (ChatML, Llama-2) for the tokenizer."""
+    """Plain prompts unless asked (on SmolLM2-135M-Instruct passkey fails inside the chat template, and multikey does
+    worse in it); chat needs a format minikv knows (ChatML, Llama-2) for the tokenizer."""
     try:
         known = bool(chat) and apply_chat_template(tok, [{"role": "user", "content": "x"}]) is not None
     except NotImplementedError:
@@ -159,8 +154,6 @@ def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -
 # ---- haystack assembly ---------------------------------------------------------------------------------------------
 def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
     """Sentences from `units` (cyclically, from index `start`) totalling exactly n tokens (the last one is cut)."""
-    if not units or not any(units):
-        raise BadInput("the haystack has no sentences")
     out, total, i = [], 0, start % len(units)
     while total < n:
         s = units[i][: n - total]
@@ -226,9 +219,8 @@ _NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden within the followi
 
 
 def magic_numbers(tok, length: int, depth: float, rng: random.Random, chat: bool, sub: str | None) -> Example:
-    """Magic-number needles (" The special magic number for <city> is <n>.") in real prose, the first at `depth`:
-    needle (one), RULER niah multikey (the asked city at `depth`, 3 distractor cities at random depths) or
-    multivalue (4 numbers of one city, all to be recalled)."""
+    """Needles "The special magic number for <city> is <n>." in real prose, the first at `depth`: needle (one), RULER
+    multikey (3 distractor cities at random depths) or multivalue (4 numbers of one city, all to be recalled)."""
     cities = rng.sample(CITIES, 4) if sub == "multikey" else [rng.choice(CITIES)] * (1 if sub is None else 4)
     numbers = [str(rng.randint(10000, 99999)) for _ in cities]
     needles = [(f" The special magic number for {c} is {n}.", depth if i == 0 else rng.random())
