@@ -22,7 +22,6 @@ from minikv.errors import BadInput
 # 2^26 float32 scores = 256 MiB, a few times that with the softmax temporaries.
 _CHUNK_ELEMENTS = 1 << 26
 
-
 def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Softmax over the visible entries (float32, or float64 in oracle mode); a row that sees nothing gives 0."""
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
@@ -30,7 +29,6 @@ def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor
     m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).min)    # finite even for fully masked rows
     e = torch.exp(s - m)
     return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-
 
 def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
            window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
@@ -71,7 +69,6 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
         _accumulate(stats, p, t0, t1, T - w)
     return out, stats
 
-
 def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) -> None:
     """Add the chunk of queries t0..t1-1 (p: (B, Hkv, G, tc, S)) to the requested statistics; "last_rows" keeps
     the queries from `first_row` on."""
@@ -82,7 +79,6 @@ def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) 
     if "last_rows" in stats and t1 > first_row:
         lo = max(t0, first_row)
         stats["last_rows"][:, :, :, lo - first_row:t1 - first_row] = p[:, :, :, lo - t0:]
-
 
 def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
     """The same attention through torch's fused SDPA (no probabilities); used when no policy needs them."""
@@ -102,7 +98,6 @@ def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded:
         # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
         out = torch.nan_to_num(out, nan=0.0)
     return out
-
 
 def _sdpa(q, k, v, mask, G: int, is_causal: bool = False) -> torch.Tensor:
     """SDPA with GQA (enable_gqa: keys and values are not copied G times)."""

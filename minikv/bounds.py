@@ -15,7 +15,6 @@ import torch
 
 from minikv.errors import BadInput
 
-
 def expand_kv_heads(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
     """Repeat each KV head's slice G = n_heads // Hkv times along `dim` (no-op when it already has n_heads)."""
     hkv = x.shape[dim]
@@ -25,14 +24,12 @@ def expand_kv_heads(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
         raise BadInput(f"{n_heads} query heads is not a multiple of {hkv} KV heads")
     return x.repeat_interleave(n_heads // hkv, dim=dim)
 
-
 def o_proj_blocks(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """W_i^O blocks (h, d, D) from an o_proj weight (D, h*d): y = sum_i out_i @ W_i (nn.Linear computes x @ W.T)."""
     D, hd = weight.shape
     if hd % n_heads:
         raise BadInput(f"o_proj input width {hd} is not a multiple of {n_heads} heads")
     return weight.T.reshape(n_heads, hd // n_heads, D)                    # (h, d, D)
-
 
 def projected_value_norms(V: torch.Tensor, W_o_blocks: torch.Tensor) -> torch.Tensor:
     """C_i = max_j ||V_i[j] W_i^O||_1 over all n entries, evicted ones included (Thm 3.1). V: (h|Hkv, n, d) -> (h,)."""
@@ -42,12 +39,10 @@ def projected_value_norms(V: torch.Tensor, W_o_blocks: torch.Tensor) -> torch.Te
         return V.new_zeros(h)
     return (V @ W_o_blocks).abs().sum(-1).amax(-1)                         # (h, n, D) -> (h,)
 
-
 def kept_mass(A: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """F_i = sum_j I_i^j A_i^j, the attention mass each head keeps. A: (..., h, n); mask: (..., h|Hkv, n) -> (..., h)."""
     mask = expand_kv_heads(mask, A.shape[-2], dim=-2)
     return (A * mask).sum(-1)
-
 
 def renormalise(A: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Â_i = I_i A_i / F_i (the kept weights renormalised, as attention over the kept entries gives); 0 if F_i = 0."""
@@ -56,18 +51,15 @@ def renormalise(A: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     F = kept.sum(-1, keepdim=True)
     return torch.where(F > 0, kept / torch.where(F > 0, F, 1), 0)
 
-
 def per_head_bound(A: torch.Tensor, mask: torch.Tensor, C_i: torch.Tensor) -> torch.Tensor:
     """2 sum_i C_i (1 - F_i), the per-head form of Theorem 3.1. A: (..., h, n); C_i: (h,) -> (...)."""
     return 2 * (C_i * (1 - kept_mass(A, mask))).sum(-1)
-
 
 def global_bound(A: torch.Tensor, mask: torch.Tensor, C_i: torch.Tensor) -> torch.Tensor:
     """2 h C - 2 C sum_i F_i with C = max_i C_i, the looser form of Theorem 3.1 that Ada-KV minimises (Thm 3.3)."""
     C = C_i.amax(-1)
     h = A.shape[-2]
     return 2 * h * C - 2 * C * kept_mass(A, mask).sum(-1)
-
 
 def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """||y - ŷ||_1, y = sum_i A_i V_i W_i, ŷ the same with renormalised kept weights Â_i (0 for an emptied head).
@@ -79,10 +71,3 @@ def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, ma
     per_head = (diff[:, None, :] @ V).squeeze(-2)                          # (h, d)
     delta = torch.einsum("hd,hdD->D", per_head, W_o_blocks)                # (D,)
     return delta.abs().sum()
-
-
-# ---- kept sets from positions --------------------------------------------------------------------------------
-def kept_positions_mask(pos_before: torch.Tensor, pos_after: torch.Tensor) -> torch.Tensor:
-    """(..., S) bool: which live entries of `pos_before` (..., S) are still present in `pos_after` (..., S')."""
-    same = pos_before[..., :, None] == pos_after[..., None, :]             # (..., S, S')
-    return (pos_before >= 0) & same.any(-1)

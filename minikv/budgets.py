@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from minikv.errors import BadInput, is_int
 
-
 @dataclass(frozen=True)
 class Budget:
     """A count of entries (int >= 1) or a ratio of the prompt length (float in (0, 1])."""
@@ -65,7 +64,6 @@ def parse_budget(text: str | int | float | Budget | None) -> Budget | None:
         return Budget(value)
     except BadInput as e:              # parsed, but out of range: name what the user wrote and the rule it broke
         raise BadInput(f"budget {text!r}: {e}") from None
-
 
 def pyramid_prefix_budgets(prefix_budget: torch.Tensor, prompt_lengths: torch.Tensor, window: int,
                            n_layers: int, beta: int = 20) -> torch.Tensor:

@@ -12,16 +12,13 @@ import torch
 from minikv.errors import BadInput, is_int
 from minikv.model import Llama
 
-
 def _is_real(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
-
 
 def _short(x) -> str:
     """repr(x), cut to 60 characters."""
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
-
 
 # Keyword argument -> (accepted?, what it must be); a refusal reads "<name> must be <what>, got <value>".
 ARGUMENTS = {
@@ -34,14 +31,12 @@ ARGUMENTS = {
     "on_tokens": (lambda x: x is None or callable(x), "a callable or None"),
 }
 
-
 def check_arguments(**values) -> None:
     """Refuse any keyword argument that ARGUMENTS does not accept, naming it and its value."""
     for name, value in values.items():
         accepted, what = ARGUMENTS[name]
         if not accepted(value):
             raise BadInput(f"{name} must be {what}, got {_short(value)}")
-
 
 def check_token_row(row, vocab_size: int, name: str) -> list[int]:
     """One prompt: a non-empty list of token ids in [0, vocab_size), as a list of ints."""
@@ -59,7 +54,6 @@ def check_token_row(row, vocab_size: int, name: str) -> list[int]:
             raise BadInput(f"{name}[{j}] = {t} is outside the model's vocabulary (0..{vocab_size - 1})")
     return [int(t) for t in row]
 
-
 def check_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
     """A non-empty list of prompts, each a non-empty list of token ids in the vocabulary; anything else is refused."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and not prompts.is_floating_point():
@@ -74,14 +68,12 @@ def check_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[
         raise BadInput(f"{name} is an empty list: give at least one token-id list")
     return [check_token_row(row, vocab_size, f"{name}[{b}]") for b, row in enumerate(prompts)]
 
-
 def check_policy(policy) -> None:
     """Refuse something that is not a policy object (a name, a class), pointing at get_policy."""
     hooks = ("after_prefill", "after_prompt", "after_step")
     if isinstance(policy, type) or not all(callable(getattr(policy, h, None)) for h in hooks):
         raise BadInput(f"policy must be a policy object such as get_policy('h2o', 0.2), got "
                        f"{type(policy).__name__} {_short(policy)}")
-
 
 def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int]], list[list[int]] | None]:
     """Prompts and question (None, or one non-empty list per prompt) as token-id lists that fit the context."""
@@ -98,14 +90,12 @@ def check_inputs(model: Llama, prompts, question, pad_id) -> tuple[list[list[int
         raise BadInput(f"prompt of {context - room} tokens is longer than the model's context ({context} tokens)")
     return prompts, question
 
-
 def check_stop_ids(stop_ids) -> set[int]:
     """Stop token ids as a set of ints (a list, tuple or set; an empty one never stops early)."""
     if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, (list, tuple, set, frozenset)) \
             or not all(is_int(t) for t in stop_ids):
         raise BadInput(f"stop_ids must be a list of token ids (integers) or None, got {_short(stop_ids)}")
     return {int(t) for t in stop_ids}
-
 
 def context_room(model: Llama, prompts: list[list[int]], question: list[list[int]] | None) -> int:
     """New tokens that fit after the longest prompt (+ question) inside the model's context."""

@@ -10,7 +10,6 @@ from minikv.errors import BadInput
 POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings")
 
-
 @dataclass
 class LlamaConfig:
     # Defaults are transformers.LlamaConfig's (Llama-2-7B), so an absent config.json key means what it means there.
@@ -62,7 +61,6 @@ class LlamaConfig:
         d = asdict(self)
         extra = d.pop("extra")
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **extra, **d}
-
 
 def check_positive_int(name: str, value) -> None:
     """Sizes are JSON integers > 0 (not booleans, not 4096.0: transformers refuses floats here too)."""

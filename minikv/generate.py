@@ -1,9 +1,8 @@
 """Prefill and decode over the explicit store: the only place that calls a policy.
 
   prefill      the prompt through the model with `after_prefill` on every layer as it runs (layer l is compressed
-               before layer l+1 is computed, which keeps the prefill peak low), then `after_prompt` once on the whole
-               cache, then the question (if any) without eviction. A policy that declares
-               prefill_pass = "token_by_token" (CORM's exact mode) gets the prompt as decode steps instead.
+               before layer l+1 is computed), then `after_prompt` once on the whole cache, then the question (if any)
+               without eviction. With prefill_pass = "token_by_token" (CORM exact) the prompt runs as decode steps.
   decode_step  one token per row through the model with `after_step` on every layer.
   generate     prefill, then sample and decode_step until max_new_tokens, a stop token or the end of the context."""
 from __future__ import annotations
@@ -19,11 +18,9 @@ from minikv.policies.full import FullCache
 from minikv.store import KVCache
 from minikv.checks import check_arguments, check_inputs, check_policy, check_stop_ids, context_room
 
-
 # Decode room reserved right after prefill when the caller does not say: enough for short answers, small enough
 # that a huge max_new_tokens costs nothing up front (the store grows geometrically past it).
 RESERVE_CHUNK = 256
-
 
 # ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -43,7 +40,6 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-
 # ---- batching ----------------------------------------------------------------------------------------------
 def left_pad(seqs: list[list[int]], pad_id: int, start: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (B, T) ids and (B, T) positions continuing from `start` (B,); padding gets -1."""
@@ -55,7 +51,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, start: torch.Tensor, device) ->
             ids[b, T - len(s):] = torch.tensor(s)
             pos[b, T - len(s):] = int(start[b]) + torch.arange(len(s))
     return ids.to(device), pos.to(device)
-
 
 @dataclass
 class GenerationResult:
@@ -73,12 +68,10 @@ class GenerationResult:
     stopped_at_context: bool = False
     context: int = 0                               # the model's context, in tokens (for the message)
 
-
 def full_cache_bytes(model: Llama, cache: KVCache) -> int:
     c = model.cfg
     return int(cache.seen.sum()) * c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * \
         model.embed_tokens.weight.element_size()
-
 
 @torch.no_grad()
 def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
@@ -90,7 +83,7 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     check_policy(policy)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     check_arguments(extra_capacity=extra_capacity)
-    sdpa = _sdpa_default(model) if use_sdpa is None else use_sdpa
+    sdpa = model.dtype != torch.float64 if use_sdpa is None else use_sdpa     # float64 = the oracle: one exact path
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     # Never more room than the context leaves (a huge request must not allocate what can never be used).
     room = min(extra_capacity, context_room(model, prompts, question))
@@ -111,12 +104,6 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     if not policy.decode_evicts:
         cache.reserve(room)                      # a no-op when the room was allocated up front
     return logits, cache
-
-
-def _sdpa_default(model: Llama) -> bool:
-    """Fused SDPA when no policy needs probabilities, except in float64 oracle mode (one code path, exact)."""
-    return model.dtype != torch.float64
-
 
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tokens: int = 64,
@@ -155,7 +142,6 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
         stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
         context=model.cfg.max_position_embeddings)
 
-
 def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_steps: int, sampler, stop: set[int],
                 pad_id: int, on_tokens, use_sdpa) -> tuple[list[list[int]], torch.Tensor]:
     """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most.
@@ -179,18 +165,16 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
                              pos=torch.where(done, -1, cache.seen), use_sdpa=use_sdpa)
     return out, done
 
-
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
                 use_sdpa: bool | None = None) -> torch.Tensor:
     """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
     tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
     SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path)."""
-    sdpa = (_sdpa_default(model) if use_sdpa is None else use_sdpa) and not policy.decode_needs
+    sdpa = (model.dtype != torch.float64 if use_sdpa is None else use_sdpa) and not policy.decode_needs
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,
                  window=policy.window, use_sdpa=sdpa)[:, -1]
-
 
 def _sync(model: Llama) -> None:
     if model.device.type == "cuda":

@@ -16,8 +16,6 @@ from minikv.config import LlamaConfig
 from minikv.store import KVCache, LayerStore
 from minikv.errors import BadInput
 
-
-# ---- RMSNorm -----------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -30,7 +28,6 @@ class RMSNorm(nn.Module):
         h = x.to(dtype)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
 
 # ---- RoPE --------------------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
@@ -53,7 +50,6 @@ def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
         inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     return inv
 
-
 def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for absolute positions pos (B, T) -> each (B, 1, T, d) in rotate_half layout.
     Angles are computed in inv_freq's dtype (float32, or float64 in oracle mode) and cast to the model's dtype."""
@@ -61,18 +57,15 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torc
     angles = torch.cat([angles, angles], dim=-1)[:, None]                 # (B, 1, T, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + d/2) of x (B, H, T, d) by the angles of their positions."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-
 # ---- attention block ---------------------------------------------------------------------------------------
 # A per-layer hook the generation loop passes in: hook(layer_index, store, stats) runs right after the layer's
 # attention, so a policy compresses layer l's cache before layer l+1 is computed (keeps prefill peak memory low).
 LayerHook = Callable[[int, LayerStore, dict], None]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -94,7 +87,6 @@ class Attention(nn.Module):
         out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa, padded=padded)  # (B,Hq,T,d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), stats
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -102,17 +94,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rows: int = 8192):
-        """SwiGLU: down(silu(gate(x)) * up(x)), `rows` tokens at a time so long prompts keep a small peak."""
-        flat = x.reshape(-1, x.shape[-1])                                      # (B*T, D)
-        if flat.shape[0] <= rows:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        out = torch.empty_like(flat)
-        for i in range(0, flat.shape[0], rows):
-            h = flat[i:i + rows]
-            out[i:i + rows] = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-        return out.view_as(x)
-
+    def forward(self, x):
+        """SwiGLU: down(silu(gate(x)) * up(x))."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -129,8 +113,6 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), stats
 
-
-# ---- the model ---------------------------------------------------------------------------------------------
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()

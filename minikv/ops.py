@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from minikv.errors import BadInput
 
-
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the top-k entries of `scores` along the last dim, with the documented tie-break.
     scores: (..., S); k: an int or a tensor broadcastable to scores.shape[:-1] (per-head counts);
@@ -23,11 +22,9 @@ def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor
     mask = torch.zeros_like(s, dtype=torch.bool).scatter(-1, order, chosen.expand_as(s))
     return mask if valid is None else mask & valid
 
-
 def group_mean(x: torch.Tensor) -> torch.Tensor:
     """Average the G query heads of each KV group: (B, Hkv, G, ...) -> (B, Hkv, ...)."""
     return x.mean(dim=2)
-
 
 def recent_mask(pos: torch.Tensor, n_recent: int | torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, S) bool: live entries among the last `n_recent` positions. pos: (B, Hkv, S); seen: (B,)."""
@@ -35,7 +32,6 @@ def recent_mask(pos: torch.Tensor, n_recent: int | torch.Tensor, seen: torch.Ten
     if n.dim() == 0:
         n = n.expand(pos.shape[:2])
     return (pos >= 0) & (pos >= seen[:, None, None] - n[..., None])
-
 
 def first_positions_mask(pos: torch.Tensor, n_first: int) -> torch.Tensor:
     """(B, Hkv, S) bool: live entries whose position is among the first `n_first` (attention sinks)."""

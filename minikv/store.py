@@ -8,9 +8,8 @@ Layout (padded per head; slots past a head's length are empty):
     rows   : name -> (B, ...)    per-row state of the layer: the prompt lengths (set by prefill) and what a policy
                                  decided for the row (D2O's threshold and sizes, Ada-KV's head budgets, ...)
 
-Slot != position once anything was evicted: code that needs "how old" or "how recent" reads `pos`, never the slot.
-Statistics live beside the entries so `keep` moves them together, and per-row state lives beside the rows: a
-policy is a configuration and never keeps a parallel list or per-sequence state."""
+Code that needs "how old" or "how recent" reads `pos`, never the slot. Statistics live beside the entries so `keep`
+moves them together; per-row state lives beside the rows, so a policy is a configuration only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,10 +20,8 @@ from minikv.errors import BadInput, is_int
 # Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
 _ROUND = 16
 
-
 def _round_up(n: int) -> int:
     return max(_ROUND, -(-n // _ROUND) * _ROUND)
-
 
 @dataclass
 class LayerStore:
@@ -65,8 +62,6 @@ class LayerStore:
         """(B, Hkv, S) bool: slot holds a live entry."""
         return self.pos >= 0
 
-    def max_length(self) -> int:
-        return int(self.length.max()) if self.length.numel() else 0
     def add_stat(self, name: str, fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
         """Create a per-entry statistic (if absent) aligned with the slots."""
         if name not in self.stats:
@@ -94,9 +89,10 @@ class LayerStore:
         Never beyond max_capacity: room past the context could not be used."""
         if not is_int(extra) or extra < 0:
             raise BadInput(f"reserve: extra entries must be an integer >= 0, got {extra!r}")
-        need = self.max_length() + int(extra) + 1     # +1: the spare slot append uses for padding
+        longest = int(self.length.max()) if self.length.numel() else 0
+        need = longest + int(extra) + 1               # +1: the spare slot append uses for padding
         if self.max_capacity:
-            need = min(need, max(self.max_capacity, self.max_length() + 1))
+            need = min(need, max(self.max_capacity, longest + 1))
         if need > self.capacity:
             self._resize(need)
 
@@ -179,7 +175,6 @@ class LayerStore:
         """Bytes the key/value/position/statistic tensors really occupy (padding to the longest head included)."""
         total = self.k.nbytes + self.v.nbytes + self.pos.nbytes + self.length.nbytes
         return total + sum(t.nbytes for t in self.stats.values())
-
 
 @dataclass
 class KVCache:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from minikv.attention import attend
-from minikv.bounds import (expand_kv_heads, global_bound, kept_mass, kept_positions_mask, o_proj_blocks,
+from minikv.tools.bound_report import kept_positions_mask
+from minikv.bounds import (expand_kv_heads, global_bound, kept_mass, o_proj_blocks,
                            per_head_bound, projected_value_norms, renormalise, true_l1_error)
 from minikv.ops import select_topk
 from minikv.policies import get_policy

@@ -146,7 +146,7 @@ def test_exact_prefill_equals_token_by_token_decode():
         logits_b = decode_step(model, cache_b, torch.tensor([tok]), policy_b, use_sdpa=False)
     assert torch.equal(logits_a, logits_b)
     for la, lb in zip(cache_a.layers, cache_b.layers):
-        n = la.max_length()
+        n = int(la.length.max())
         assert torch.equal(la.length, lb.length)
         assert torch.equal(la.pos[..., :n], lb.pos[..., :n])
         assert torch.equal(la.stats["last_hit"][..., :n], lb.stats["last_hit"][..., :n])

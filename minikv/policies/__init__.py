@@ -24,10 +24,8 @@ REGISTRY: dict[str, type[Policy]] = {
     "d2o": D2O,
 }
 
-
 def policy_names() -> list[str]:
     return sorted(REGISTRY)
-
 
 def get_policy(name: str, budget=None, **options) -> Policy:
     """Build the policy called `name`. Raises ValueError (BadInput) for an unknown name or option, or a bad value."""

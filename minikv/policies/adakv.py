@@ -22,17 +22,14 @@ from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
 
-
-def check_allocation_options(alpha: float, variant: str) -> None:
-    """Refuse an alpha outside [0, 1] (or not a number) and an unknown variant, naming them."""
-    float_option("adakv", "alpha", alpha, 0, 1, what="safeguard share")
-    choice_option("adakv", "variant", variant, VARIANTS)
-
+def check_allocation_options(alpha: float, variant: str) -> tuple[float, str]:
+    """(alpha, variant), refusing an alpha outside [0, 1] (or not a number) and an unknown variant, naming them."""
+    return float_option("adakv", "alpha", alpha, 0, 1, what="safeguard share"), \
+        choice_option("adakv", "variant", variant, VARIANTS)
 
 def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
     """floor(alpha * b) per row (B,): the prefix entries every head keeps whatever the global ranking says."""
     return (prefix_budget.double() * alpha).floor().long()
-
 
 def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alpha: float = 0.2,
                    variant: str = "official", valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +57,6 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
         counts = n_safe + extra.view(B, H, m).sum(-1)
     return torch.minimum(counts, n_cand)
 
-
 class AdaSnapKV(SnapKV):
     """SnapKV window scores + Ada-KV head-wise allocation of the layer's prefix budget (prefill only)."""
     name = "adakv-snapkv"
@@ -68,8 +64,7 @@ class AdaSnapKV(SnapKV):
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official"):
         super().__init__(budget, window, kernel)
-        check_allocation_options(alpha, variant)
-        self.alpha, self.variant = alpha, variant
+        self.alpha, self.variant = check_allocation_options(alpha, variant)
 
     def after_prefill(self, layer, store, stats):
         n = store.seen                                                                      # (B,)
@@ -85,7 +80,6 @@ class AdaSnapKV(SnapKV):
             heads = torch.where(fits[:, None], heads, counts)
         _log_heads(store, b, heads, self.window, ~fits)
 
-
 class AdaPyramidKV(PyramidKV, AdaSnapKV):
     """PyramidKV's per-layer prefix budget (PyramidKV.prefix_budgets), then the Ada-KV allocation per layer."""
     name = "adakv-pyramidkv"
@@ -94,9 +88,7 @@ class AdaPyramidKV(PyramidKV, AdaSnapKV):
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
                  variant: str = "official"):
         super().__init__(budget, window, kernel, beta)
-        check_allocation_options(alpha, variant)
-        self.alpha, self.variant = alpha, variant
-
+        self.alpha, self.variant = check_allocation_options(alpha, variant)
 
 class AdaH2O(H2O):
     """H2O scores + Ada-KV allocation of the heavy share, once per row (train_free.md §9); the window stays uniform."""
@@ -106,8 +98,7 @@ class AdaH2O(H2O):
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, alpha: float = 0.2,
                  variant: str = "official"):
         super().__init__(budget, heavy_share, n_sink)
-        check_allocation_options(alpha, variant)
-        self.alpha, self.variant = alpha, variant
+        self.alpha, self.variant = check_allocation_options(alpha, variant)
 
     def _compress(self, layer: int, store: LayerStore) -> None:
         budget = self.budget_entries(store)                                                 # (B,)
@@ -137,8 +128,6 @@ class AdaH2O(H2O):
         accumulate_step_scores(store, stats["probs"])
         self._compress(layer, store)
 
-
-# ---- what the policies decided, kept beside the rows ----------------------------------------------------------------
 def _log_heads(store: LayerStore, b: torch.Tensor, prefix_counts: torch.Tensor, window, compressed) -> None:
     """Keep a layer's allocation beside its rows: average prefix budget b (B,), per-head prefix budgets and totals
     (B, Hkv), and which rows were compressed (B,)."""

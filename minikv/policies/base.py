@@ -19,7 +19,6 @@ from minikv.budgets import Budget, parse_budget
 from minikv.errors import BadInput, is_int
 from minikv.store import KVCache, LayerStore
 
-
 class Policy:
     name = "base"
     summary = ""               # one line for `minikv policies`, distinct for each policy
@@ -57,14 +56,12 @@ class Policy:
                            for l, s in enumerate(cache.layers)]
         return r
 
-
 def apply_keep(store: LayerStore, keep: torch.Tensor) -> bool:
     """Compact the store to `keep` unless it keeps every live entry (no reallocation then). Returns True if evicted."""
     if bool((keep | ~store.valid).all()):
         return False
     store.keep(keep)
     return True
-
 
 # ---- option checking: every constructor validates its options through these, so messages read alike ----------
 def _range_text(lo, hi) -> str:
@@ -75,10 +72,8 @@ def _range_text(lo, hi) -> str:
         return f" >= {lo}"
     return f" <= {hi}" if hi is not None else ""
 
-
 def _label(policy: str, name: str, what: str) -> str:
     return f"{policy}: {name}" + (f" ({what})" if what else "")
-
 
 def int_option(policy: str, name: str, value, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
     """`value` as an integer option of `policy`; a bool, a float (2.5 or 2.0) or a string is refused, naming it."""
@@ -88,7 +83,6 @@ def int_option(policy: str, name: str, value, lo: int | None = None, hi: int | N
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise BadInput(f"{_label(policy, name, what)} must be{_range_text(lo, hi)}, got {value!r}")
     return int(value)
-
 
 def float_option(policy: str, name: str, value, lo: float | None = None, hi: float | None = None,
                  what: str = "") -> float:
@@ -100,13 +94,11 @@ def float_option(policy: str, name: str, value, lo: float | None = None, hi: flo
         raise BadInput(f"{_label(policy, name, what)} must be a finite number{_range_text(lo, hi)}, got {value!r}")
     return float(value)
 
-
 def choice_option(policy: str, name: str, value, choices: tuple[str, ...], what: str = "") -> str:
     """`value` as one of the named `choices` of `policy`."""
     if not isinstance(value, str) or value not in choices:
         raise BadInput(f"{_label(policy, name, what)} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
-
 
 def policy_options(cls: type[Policy]) -> dict[str, object]:
     """A policy class's options and their defaults, read from its constructor (the budget is not an option)."""

@@ -26,14 +26,12 @@ from minikv.errors import BadInput
 THRESHOLDS = ("step", "cached")
 PREFILL_MODES = ("oneshot", "exact")
 
-
 def init_last_hit(store: LayerStore) -> torch.Tensor:
     """last_hit_i = pos_i + 1 (the entry's own step) for entries appended since the last call; returns the stat."""
     last_hit = store.add_stat("last_hit", 0, dtype=torch.long)            # (B, Hkv, S); append zero-fills new ones
     new = store.valid & (last_hit == 0)                                   # a live entry's own step is >= 1
     last_hit.copy_(torch.where(new, store.pos + 1, last_hit))
     return last_hit
-
 
 def step_thresholds(store: LayerStore, qpos: torch.Tensor, threshold: str, dtype) -> torch.Tensor:
     """tau = 1/s with s = qpos + 1 (absolute step; "step") or s = entries visible to the query ("cached"). (B, Hkv, Tq)
@@ -47,17 +45,14 @@ def step_thresholds(store: LayerStore, qpos: torch.Tensor, threshold: str, dtype
     s = s.to(dtype)
     return torch.where(s >= 1, 1.0 / s.clamp_min(1), torch.full_like(s, float("inf")))
 
-
 def important_mask(probs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """important_{s,i} = OR over the G query heads of (alpha_{s,i} >= tau_s). probs (B,Hkv,G,Tq,S) -> (B,Hkv,Tq,S)."""
     return (probs >= tau[:, :, None, :, None].to(probs.dtype)).any(dim=2)
-
 
 def record_hits(last_hit: torch.Tensor, important: torch.Tensor, steps: torch.Tensor) -> None:
     """last_hit_i <- max(last_hit_i, max{s : key i important at step s}). important (B,Hkv,Tq,S); steps (B, Tq)."""
     hit_step = torch.where(important, steps[:, None, :, None], 0).amax(dim=2)   # (B, Hkv, S), 0 = no hit
     torch.maximum(last_hit, hit_step, out=last_hit)
-
 
 def corm_keep(store: LayerStore, last_hit: torch.Tensor, w: int, r: int, n_sink: int = 0) -> torch.Tensor:
     """(B, Hkv, S) keep mask at step t = seen: evict iff pos_i <= t-1-r and last_hit_i <= t-w (and pos_i >= n_sink)."""
@@ -67,12 +62,10 @@ def corm_keep(store: LayerStore, last_hit: torch.Tensor, w: int, r: int, n_sink:
     evict = store.valid & old & long_term_minor & ~first_positions_mask(store.pos, n_sink)
     return store.valid & ~evict
 
-
 def oneshot_window_steps(store: LayerStore, n_rows: int) -> torch.Tensor:
     """Steps of the last n_rows prompt queries: s_j = seen - n_rows + j + 1 (<= 0 for left-padding rows). (B, n_rows)"""
     j = torch.arange(n_rows, device=store.seen.device)
     return store.seen[:, None] - n_rows + j + 1
-
 
 class CORM(Policy):
     name = "corm"

@@ -25,13 +25,12 @@ import torch
 from minikv.store import KVCache, LayerStore
 from minikv.policies.base import Policy, apply_keep, choice_option, float_option, int_option
 from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
-from minikv.errors import BadInput
+from minikv.errors import BadInput, is_int
 
 MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
 THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
 DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
 ALLOCATIONS = ("variance", "uniform")
-
 
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
 def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -44,17 +43,14 @@ def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     mean = (col * mask).sum(-1) / n.clamp_min(1)                          # (B, Hq)
     return ((col - mean[..., None]) ** 2 * mask).sum(-1) / (n - 1).clamp_min(1)   # (B, Hq) unbiased
 
-
 def variance_statistic(v: torch.Tensor) -> torch.Tensor:
     """Step 1: F = mean_h (v_h - min v) / (max v - min v + 1e-6) from the batch-mean head variances v (Hq,). ()"""
     return ((v - v.min()) / (v.max() - v.min() + 1e-6)).mean()
-
 
 # ---- Step 2: per-layer ratios and sizes ------------------------------------------------------------------------
 def layer_weights(F: torch.Tensor) -> torch.Tensor:
     """Step 2: w = softmax(-F) over the L layers. (L,) -> (L,); each L*w_l lies in [1/e, e] since F in [0, 1]."""
     return torch.softmax(-F.double(), dim=0)
-
 
 def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
     """Step 2: each layer's multiple of the nominal budget, L * softmax(-F)_l ("variance") or 1 ("uniform"). (L,)"""
@@ -63,7 +59,6 @@ def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
     if allocation == "uniform":
         return torch.ones(F.shape[0], dtype=torch.float64)
     raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-
 
 def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
                  allocation: str = "variance") -> torch.Tensor:
@@ -75,7 +70,6 @@ def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = froze
         r[layer] = 1.0
     return r
 
-
 def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), allocation: str = "variance",
                n_rows: int = 1) -> torch.Tensor:
     """Step 2 for a count budget c: cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c);
@@ -86,12 +80,10 @@ def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), a
         caps[layer] = -1
     return caps
 
-
 def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: S_h = int(T * r * heavy_share), S_r = int(T * r * (1 - heavy_share)), per batch row. Each (B,) long."""
     budget = T.double() * ratio.double()                                  # (B,)
     return (budget * heavy_share).floor().long(), (budget * (1 - heavy_share)).floor().long()
-
 
 # ---- Step 4: nearest kept entry, threshold, decision -----------------------------------------------------------
 def evicted_slots(evict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +94,6 @@ def evicted_slots(evict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[..., :E]   # (B, Hkv, E)
     real = torch.arange(E, device=evict.device) < counts[..., None]      # (B, Hkv, E)
     return order, real
-
 
 def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, eps: float = 1e-8):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
@@ -115,7 +106,6 @@ def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, ep
     m, j = u.max(dim=-1)                                                  # first maximum = lower slot
     return m, j
 
-
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
     B = m.shape[0]
@@ -123,7 +113,6 @@ def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.
     n = w.sum(-1)
     s = torch.where(w, m.reshape(B, -1).double(), 0.0).sum(-1)
     return s / n.clamp_min(1), n > 0
-
 
 def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alpha: float = 0.5,
                      beta: float = 0.5, rule: str = "code") -> torch.Tensor:
@@ -141,14 +130,12 @@ def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alp
     new = torch.where(torch.isnan(tau), mean, later)
     return torch.where(has, new, tau)
 
-
 def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Step 4: merge the k-th evicted entry of every head iff mean over heads of m[:, :, k] >= tau. (B, Hkv, E)."""
     n = real.sum(dim=1)                                                   # (B, E) heads with a k-th entry
     mean = torch.where(real, m.double(), 0.0).sum(dim=1) / n.clamp_min(1)   # (B, E)
     decide = (n > 0) & (mean >= tau[:, None])                             # (B, E)
     return decide[:, None, :] & real & torch.isfinite(m)
-
 
 # ---- Step 5: merge weights -------------------------------------------------------------------------------------
 def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
@@ -159,7 +146,6 @@ def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor,
     scale = 1.0 / (1.0 + count)                                           # (B, Hkv, S)
     return torch.where(merged, m, 0.0) * torch.gather(scale, 2, dst), scale
 
-
 def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
     """Step 5 ("paper"): w_e = exp(u_e) / (sum_{I_c} exp(u_e') + e), w_c = e / (sum exp(u_e') + e); convex.
     u_e = cos(k_e, k_c) = m_e for the entry's nearest kept c. Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)).
@@ -167,7 +153,6 @@ def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor
     ex = torch.where(merged, torch.exp(torch.where(merged, m, 0.0)), 0.0)   # (B, Hkv, E)
     denom = torch.full((*dst.shape[:2], S), math.e, dtype=ex.dtype, device=dst.device).scatter_add(2, dst, ex)
     return ex / torch.gather(denom, 2, dst), math.e / denom
-
 
 # ---- Step 6: one compression of one layer ----------------------------------------------------------------------
 def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
@@ -197,18 +182,14 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     apply_keep(store, keep)
     return tau, n_merged, real.sum(dim=(1, 2)) - n_merged
 
-
-# ---- the policy ------------------------------------------------------------------------------------------------
 def protected_layer_option(value) -> tuple[int, ...] | None:
-    """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1); one int is one layer.
-    Indices are checked against the model's depth in `start`, when it is known."""
+    """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1; one int is one layer)."""
     if value is None:
         return None
     items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset)):
         raise BadInput(f"d2o: protected_layers must be a list of layer indices (e.g. 0,1,29) or None, got {value!r}")
     return tuple(int_option("d2o", "protected_layers", v, what="layer index") for v in items)
-
 
 class D2O(Policy):
     """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries."""
@@ -234,11 +215,10 @@ class D2O(Policy):
         beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
         self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
         self.beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
-        if tau_override is not None and (isinstance(tau_override, bool) or not isinstance(tau_override, (int, float))
-                                         or math.isnan(tau_override)):
+        if tau_override is not None and not (is_int(tau_override) or isinstance(tau_override, float)
+                                             and not math.isnan(tau_override)):
             raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
-        self.protected_layers = protected_layer_option(protected_layers)
-        self.tau_override = tau_override
+        self.protected_layers, self.tau_override = protected_layer_option(protected_layers), tau_override
 
     def protected(self, n_layers: int) -> set[int]:
         """Layers never compressed (default 0, 1, L-1), checked against the model's depth."""
@@ -251,10 +231,8 @@ class D2O(Policy):
     def rho(self, cache: KVCache) -> torch.Tensor:
         """(B,) the nominal ratio of each row: the budget, or count / prompt length."""
         n = cache.prompt_len.double()
-        v = self.budget.value
-        return torch.full_like(n, float(v)) if self.budget.is_ratio else v / n
+        return torch.full_like(n, self.budget.value) if self.budget.is_ratio else self.budget.value / n
 
-    # -- hooks -----------------------------------------------------------------------------------------------
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
         store.rows["head_var"] = head_variances(stats["colsum"], store.valid).cpu()      # (B, Hq), Step 1
@@ -309,7 +287,6 @@ class D2O(Policy):
         r["tau"] = tau.cpu()
         r["merged"], r["dropped"] = r["merged"] + merged.cpu(), r["dropped"] + dropped.cpu()
         r["tau_history"] = torch.cat([r["tau_history"], r["tau"][:, None]], dim=1)
-
 
 def layer_statistics(cache: KVCache) -> torch.Tensor:
     """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""

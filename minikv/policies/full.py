@@ -2,7 +2,6 @@
 from minikv.errors import BadInput
 from minikv.policies.base import Policy
 
-
 class FullCache(Policy):
     name = "full"
     summary = "keeps every entry (the reference; takes no budget)"

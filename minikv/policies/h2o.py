@@ -12,18 +12,15 @@ from minikv.store import LayerStore
 from minikv.policies.base import Policy, apply_keep, float_option, int_option
 from minikv.errors import BadInput
 
-
 def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
     """score_j = sum over prompt queries i of A[i, j], group-averaged. colsum: (B, Hkv, G, S)."""
     store.add_stat("score", dtype=colsum.dtype)
     store.stats["score"] += group_mean(colsum).to(store.stats["score"].dtype)
 
-
 def accumulate_step_scores(store: LayerStore, probs: torch.Tensor) -> None:
     """score_j += A[t, j] for the new query t (group-averaged). probs: (B, Hkv, G, 1, S)."""
     store.add_stat("score", dtype=probs.dtype)
     store.stats["score"] += group_mean(probs.sum(dim=3)).to(store.stats["score"].dtype)
-
 
 def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Tensor, n_recent: torch.Tensor,
                       n_sink: int = 0) -> torch.Tensor:
@@ -35,12 +32,10 @@ def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Ten
     heavy = select_topk(score, n_heavy, valid=store.valid & ~recent)
     return recent | heavy
 
-
 def split_budget(budget: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_heavy, n_recent) from a budget: n_heavy = floor(budget * heavy_share), the rest recent."""
     n_heavy = (budget.double() * heavy_share).floor().long()
     return n_heavy, budget - n_heavy
-
 
 class H2O(Policy):
     name = "h2o"

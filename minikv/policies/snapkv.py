@@ -15,7 +15,6 @@ from minikv.store import LayerStore
 from minikv.policies.base import Policy, apply_keep, int_option
 from minikv.errors import BadInput
 
-
 def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:
     """SnapKV prefix scores (B, Hkv, S): window-mean attention, group mean, max-pool; -inf outside the prefix.
     last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries."""
@@ -29,14 +28,12 @@ def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kerne
         s = s.masked_fill(~prefix, float("-inf"))
     return s
 
-
 def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget: torch.Tensor,
                           window: int) -> torch.Tensor:
     """(B, Hkv, S): the last `window` positions plus the top prefix_budget earlier entries ((B,) or (B, Hkv))."""
     k = prefix_budget if prefix_budget.dim() == 2 else prefix_budget[:, None]
     win = recent_mask(store.pos, window, store.seen)
     return win | select_topk(score, k.clamp_min(0), valid=store.valid & ~win)
-
 
 class SnapKV(Policy):
     name = "snapkv"
@@ -74,7 +71,6 @@ class SnapKV(Policy):
         keep = window_plus_topk_keep(store, score, budget, self.window)
         keep |= fits[:, None, None] & store.valid                           # rows that fit keep everything
         apply_keep(store, keep)
-
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"

@@ -11,11 +11,9 @@ from minikv.store import LayerStore
 from minikv.policies.base import Policy, apply_keep, int_option
 from minikv.errors import BadInput
 
-
 def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> torch.Tensor:
     """(B, Hkv, S) keep mask: positions < n_sink, plus the last budget - n_sink positions. budget: (B,)."""
     return first_positions_mask(store.pos, n_sink) | recent_mask(store.pos, (budget - n_sink)[:, None], store.seen)
-
 
 class Streaming(Policy):
     name = "streaming"

@@ -6,9 +6,14 @@ import copy
 
 import torch
 
-from minikv.bounds import (global_bound, kept_mass, kept_positions_mask, o_proj_blocks, per_head_bound,
-                           projected_value_norms, true_l1_error)
+from minikv.bounds import global_bound, kept_mass, o_proj_blocks, per_head_bound, projected_value_norms, true_l1_error
 from minikv.generate import prefill
+
+
+def kept_positions_mask(pos_before: torch.Tensor, pos_after: torch.Tensor) -> torch.Tensor:
+    """(..., S) bool: which live entries of `pos_before` (..., S) are still present in `pos_after` (..., S')."""
+    same = pos_before[..., :, None] == pos_after[..., None, :]             # (..., S, S')
+    return (pos_before >= 0) & same.any(-1)
 
 
 def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> dict:

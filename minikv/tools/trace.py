@@ -21,7 +21,7 @@ PROBE_SEED = 1234
 
 def snapshot(store: LayerStore) -> dict[str, torch.Tensor]:
     """The live part of a layer store: k, v, pos, length, and every statistic (copies, trimmed to the longest head)."""
-    n = max(1, store.max_length())
+    n = max(1, int(store.length.max()))
     snap = {"k": store.k[:, :, :n], "v": store.v[:, :, :n], "pos": store.pos[:, :, :n], "length": store.length}
     snap.update({f"stat.{name}": t[:, :, :n] for name, t in store.stats.items()})
     return {name: t.detach().clone().contiguous() for name, t in snap.items()}
