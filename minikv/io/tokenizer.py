@@ -21,22 +21,18 @@ from minikv.io import require
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-
 class UnsupportedTokenizer(BadInput, NotImplementedError):
     """A tokenizer feature minikv does not implement: a BadInput, and a NotImplementedError for callers that probe."""
-
 
 def _is_id(value) -> bool:
     """A token id: a non-negative integer (JSON true/false are not ids)."""
     return is_int(value) and value >= 0
-
 
 # ---- the GPT-2 pre-tokenizer, written with the stdlib `re` -----------------------------------------------------------
 # Unicode White_Space, which is what `\s` means in Oniguruma (the regex engine of `tokenizers`). Python's `\s` and
 # str.isspace() differ: they also accept U+001C..U+001F, which are not White_Space.
 _WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
                 "\u2028\u2029\u202f\u205f\u3000")
-
 
 @lru_cache(maxsize=None)
 def _gpt2_patterns() -> tuple[re.Pattern, re.Pattern]:
@@ -54,7 +50,6 @@ def _gpt2_patterns() -> tuple[re.Pattern, re.Pattern]:
     # Digits(individual_digits=True) isolates each char of Rust's char::is_numeric, i.e. categories Nd, Nl, No.
     return word, re.compile(f"([{N}])")
 
-
 @lru_cache(maxsize=None)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to U+0100 on."""
@@ -62,12 +57,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     others = iter(range(256, 512))
     return {b: chr(b if b in keep else next(others)) for b in range(256)}
 
-
 def _added_token_pattern(contents: list[str]) -> re.Pattern | None:
     """Leftmost-longest match of any added token (what `tokenizers` does with Aho-Corasick), as one group."""
     # At one start position re tries alternatives in order, so longest-first gives the longest match.
     return re.compile(f"({'|'.join(map(re.escape, sorted(contents, key=len, reverse=True)))})") if contents else None
-
 
 def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> list[tuple[str, bool]]:
     """Cut the not-yet-added pieces wherever `pattern` matches; pieces are (text, is_added_token)."""
@@ -79,7 +72,6 @@ def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> lis
         out += [(text, True)] if is_added else [(p, k % 2 == 1) for k, p in enumerate(pattern.split(text))
                                                 if p or k % 2]
     return out
-
 
 # ---- reading tokenizer.json ------------------------------------------------------------------------------------------
 def _checked_model(spec) -> dict:
@@ -116,7 +108,6 @@ def _checked_model(spec) -> dict:
         require(flag is None, f"tokenizer.json: added token {tok['content']!r} uses {flag}=true", UnsupportedTokenizer)
     return model
 
-
 def _parse_pre_tokenizer(pre) -> tuple[bool, bool]:
     """(digits_individual, use_regex) for `ByteLevel` or `Sequence[Digits, ByteLevel]`; other kinds raise."""
     require(isinstance(pre, dict), f"tokenizer.json pre_tokenizer {'null' if pre is None else repr(pre)} is not "
@@ -135,7 +126,6 @@ def _parse_pre_tokenizer(pre) -> tuple[bool, bool]:
             "tokenizer.json pre_tokenizer ByteLevel(add_prefix_space=true) is not supported", UnsupportedTokenizer)
     return digits_individual, bool(steps[-1].get("use_regex", True))
 
-
 def _merge_ranks(merges: list, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
     """Pair -> rank (lower merges first) from merges written as "a b" strings or [a, b] pairs."""
     ranks = {}
@@ -147,7 +137,6 @@ def _merge_ranks(merges: list, vocab: dict[str, int]) -> dict[tuple[str, str], i
         ranks.setdefault(pair, rank)
     return ranks
 
-
 # ---- the tokenizers --------------------------------------------------------------------------------------------------
 class _Tokenizer:
     """What both tokenizers share: `encode` puts BOS (`bos_id`, when `add_bos`) before the ids of `_encode`."""
@@ -156,7 +145,6 @@ class _Tokenizer:
         """Text -> ids; `add_bos` defaults to the tokenizer's own (SmolLM2 no, Llama-2 yes)."""
         add_bos = self.add_bos if add_bos is None else add_bos
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self._encode(text)
-
 
 class ByteLevelBPE(_Tokenizer):
     """GPT-2-style byte-level BPE from a `tokenizer.json` dict (pre-tokenizer `ByteLevel` or `Sequence[Digits,
@@ -255,7 +243,6 @@ class ByteLevelBPE(_Tokenizer):
                 out.extend(token.encode("utf-8"))
         return out.decode("utf-8", errors="replace")
 
-
 class SentencePieceTokenizer(_Tokenizer):
     """A `tokenizer.model` (SentencePiece), Llama-2 style: BOS by default, control tokens in the text as tokens."""
 
@@ -298,7 +285,6 @@ class SentencePieceTokenizer(_Tokenizer):
                 run.append(i)
         return "".join(out + [self.sp.decode(run)])
 
-
 # ---- loading a folder ------------------------------------------------------------------------------------------------
 def _token_text(value, source: str) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}; anything else is refused."""
@@ -306,7 +292,6 @@ def _token_text(value, source: str) -> str | None:
     require(text is None or isinstance(text, str), f"{source} must be a token string, {{\"content\": ...}} or null, "
                                                     f"got {value!r}")
     return text
-
 
 def load_tokenizer(folder: str | Path):
     """The tokenizer of a folder: `tokenizer.model` (SentencePiece, Llama-2 family) when there is one, else the
@@ -341,7 +326,6 @@ def load_tokenizer(folder: str | Path):
             setattr(tok, f"{name}_id", i)
     return tok
 
-
 # ---- chat formats ----------------------------------------------------------------------------------------------------
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """A conversation as prompt text: ChatML (SmolLM2) with `<|im_start|>`, `[INST] ... [/INST]` with SentencePiece."""
@@ -359,7 +343,6 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in system + list(messages))
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-
 def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str:
     """Llama-2-chat (Hugging Face): `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`."""
     bos, eos = tokenizer.sp.id_to_piece(tokenizer.bos_id), tokenizer.sp.id_to_piece(tokenizer.eos_id)
@@ -375,20 +358,16 @@ def _llama2_chat(tokenizer: SentencePieceTokenizer, messages: list[dict]) -> str
         text += f"{bos}[INST] {content.strip()} [/INST]" if expected == "user" else f" {content.strip()} {eos}"
     return text
 
-
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Prompt ids for a conversation: the rendered template, encoded without an extra BOS (the template has it)."""
     return tokenizer.encode(apply_chat_template(tokenizer, messages, add_generation_prompt), add_bos=False)
-
 
 def chat_stop_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: `<|im_end|>` for ChatML, EOS otherwise."""
     return list(dict.fromkeys(i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.eos_id) if i is not None))
 
-
 # ---- writing a standard tokenizer.json from GGUF metadata (used by the converter) ------------------------------------
 GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
-
 
 def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], bos_id: int, eos_id: int,
                              unk_id: int | None, *, digits_individual: bool = True) -> dict:
@@ -414,7 +393,6 @@ def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: 
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)},
     }
-
 
 def build_tokenizer_config(tokens: list[str], bos_id: int, eos_id: int, unk_id: int | None,
                            chat_template: str | None = None, add_bos_token: bool = False,

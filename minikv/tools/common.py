@@ -19,7 +19,6 @@ from minikv.policies import get_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
-
 def _checked(cast, ok, want: str):
     """An argparse type: a bad value is refused at parse time, naming it (argparse prints one line)."""
     def parse(text: str):
@@ -32,13 +31,11 @@ def _checked(cast, ok, want: str):
         return value
     return parse
 
-
 count_arg = _checked(int, lambda v: v >= 0, "a whole number >= 0")
 seed_arg = _checked(int, lambda v: 0 <= v < 2 ** 64, "a whole number in 0..2**64-1")      # what torch.Generator takes
 temperature_arg = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
 top_p_arg = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 prompt_arg = _checked(str, bool, "at least one character (the prompt is empty)")
-
 
 def budget_arg(text: str) -> str:
     """The budget as written, checked now (a count or a ratio) so a typo fails before the model loads."""
@@ -48,13 +45,11 @@ def budget_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="full", help="cache policy (minikv policies lists them)")
@@ -62,7 +57,6 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="entries per (layer, KV head): a count (512) or a ratio with a decimal point (0.2)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. --option window=16 (repeatable; a,b,c gives a list)")
-
 
 def parse_value(text: str):
     """One option value: true/false -> bool, none/null -> None, an int, a float, a,b,c or [a,b] -> a list, else text."""
@@ -82,7 +76,6 @@ def parse_value(text: str):
             pass
     return text
 
-
 def parse_options(pairs: list[str]) -> dict:
     """KEY=VALUE strings -> dict (values through parse_value); a malformed pair or a key given twice is refused."""
     out = {}
@@ -99,17 +92,14 @@ def parse_options(pairs: list[str]) -> dict:
         out[key] = parse_value(value)
     return out
 
-
 def make_policy(args):
     return get_policy(args.policy, args.budget, **parse_options(args.option))
-
 
 def load_model_and_tokenizer(args):
     """The model and tokenizer named by --model, fetching the default model when it is missing."""
     device = resolve_device(args.device)             # before any file is read: a missing GPU fails fast
     folder = ensure_default_model() if args.model is None else Path(args.model)
     return load_model(folder, dtype=DTYPES[args.dtype], device=device), load_tokenizer(folder)
-
 
 def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4) -> str:
     """A markdown table from dicts (columns: `keys`, default the first row's keys); floats to `digits` figures."""
@@ -121,7 +111,6 @@ def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
-
 # How each policy spreads its budget, appended to the budget reading.
 BUDGET_NOTES = {"d2o": ", on average over layers (weighted by attention variance)",
                 "pyramidkv": ", on average over layers (deeper layers get less)",
@@ -129,13 +118,11 @@ BUDGET_NOTES = {"d2o": ", on average over layers (weighted by attention variance
                 "adakv-pyramidkv": ", on average over layers and heads",
                 "adakv-h2o": ", on average over the heads of a layer"}
 
-
 def describe_budget(budget) -> str:
     """How a budget was read, e.g. 'budget 0.2 = 20% of each prompt's tokens per (layer, KV head)'."""
     if budget.is_ratio:
         return f"budget {budget} = {budget.value * 100:.4g}% of each prompt's tokens per (layer, KV head)"
     return f"budget {budget} = {budget.value} entr{'y' if budget.value == 1 else 'ies'} per (layer, KV head)"
-
 
 def print_run_notes(policy, res, max_new_tokens: int) -> None:
     """On stderr, after the run (so a refusal during prefill stays the only stderr line): how the policy read its
@@ -149,7 +136,6 @@ def print_run_notes(policy, res, max_new_tokens: int) -> None:
         print(f"stopped at the model's context ({res.context} tokens): prompt {res.prompt_tokens[0]} + "
               f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
 
-
 def result_summary(res) -> str:
     """A GenerationResult's cache ratio, KV bytes and timings on one line."""
     mib = 1 << 20
@@ -157,7 +143,6 @@ def result_summary(res) -> str:
             f"allocated {res.kv_bytes_allocated / mib:.2f} MiB, full cache {res.kv_bytes_full / mib:.2f} MiB | "
             f"prefill {res.prefill_seconds:.2f}s, decode {sum(map(len, res.tokens))} tok in "
             f"{res.decode_seconds:.2f}s")
-
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or MissingExtra naming how to install it."""
@@ -169,7 +154,6 @@ def pyplot():
         raise MissingExtra("plots need matplotlib: pip install matplotlib (or pip install minikv[plot])") from None
     return plt
 
-
 def save_figure(fig, plt, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +161,10 @@ def save_figure(fig, plt, path) -> Path:
     plt.close(fig)
     return path
 
-
 def duration(seconds: float) -> str:
     """'7s', '3m05s', '2h14m'."""
     s = int(seconds)
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
 
 class Counter:
     """tqdm's stand-in on stderr: done/total, elapsed and time left; rewritten in place on a terminal, else one line."""
@@ -210,7 +192,6 @@ class Counter:
         if sys.stderr.isatty():
             print(file=sys.stderr)
 
-
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
     """tqdm when installed, else a plain stderr Counter (None when disabled)."""
     if not enabled:
@@ -220,7 +201,6 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
         return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
     except ImportError:
         return Counter(total, initial, desc)
-
 
 def note(bar, line: str) -> None:
     """One line on stderr that does not garble the progress bar."""

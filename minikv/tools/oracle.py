@@ -41,7 +41,6 @@ SMALL_CASE = {"full": (None, {}), "streaming": (16, {}), "h2o": (16, {}), "snapk
               "pyramidkv": (16, {"window": 4}), "d2o": (0.3, {}), "corm": (None, {"w": 4, "r": 8}),
               "adakv-snapkv": (16, {"window": 4}), "adakv-pyramidkv": (16, {"window": 4}), "adakv-h2o": (16, {})}
 
-
 def small_model(seed: int) -> Llama:
     """A tiny random float64 Llama (3 layers, Hq=4, Hkv=2, d=8), weights ~ N(0, 0.4²) from `seed`."""
     torch.manual_seed(seed)
@@ -54,7 +53,6 @@ def small_model(seed: int) -> Llama:
             p.normal_(0, 0.4)
     return model.eval()
 
-
 def case_tensors(rec: Recorder) -> dict[str, torch.Tensor]:
     """Flatten a recording into named tensors: {phase}/L{layer}/{in|stats|out|probe}/{name}."""
     out = {}
@@ -63,7 +61,6 @@ def case_tensors(rec: Recorder) -> dict[str, torch.Tensor]:
         for role, tensors in (("in", ev.before), ("stats", ev.inputs), ("out", ev.after), ("probe", probe)):
             out.update({f"{ev.phase}/L{ev.layer}/{role}/{k}": v for k, v in tensors.items()})
     return {k: v.contiguous().cpu() for k, v in out.items()}
-
 
 def record_cases(make_policy, seed: int, n_cases: int, real_model: bool) -> list[tuple]:
     """(name, description, recording) of n_cases tiny seeded models (max_new_tokens 5: 4 decode steps after the
@@ -83,14 +80,12 @@ def record_cases(make_policy, seed: int, n_cases: int, real_model: bool) -> list
                       "float64, first 96 GPL-3 tokens, 2 greedy decode steps", rec))
     return cases
 
-
 def write(path: Path, save, what: str = "write") -> None:
     """save(path), with a full disk or a read-only folder reported as a named error."""
     try:
         save(path)
     except (OSError, SafetensorError) as e:
         raise BadInput(f"--out {path.parent}: cannot {what} {path.name} ({getattr(e, 'strerror', 0) or e})") from None
-
 
 def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 2, real_model: bool = True,
            budget=None, options: dict | None = None, overwrite: bool = False) -> Path:
@@ -129,7 +124,6 @@ def export(policy_name: str, out_dir: str | Path, seed: int = 0, n_cases: int = 
     write(path, lambda f: f.write_text(json.dumps(manifest, indent=1)))
     return path
 
-
 def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict, live: torch.Tensor | None = None):
     """(max abs error, max rel error, passed) of a candidate tensor of the golden one's shape; only live rows of k/v
     when `live` is given. A NaN or infinity in the candidate passes only where the golden tensor holds the same."""
@@ -141,7 +135,6 @@ def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict, live: torch.Ten
     # Only finite pairs go through the tolerance: atol + rtol * |inf| would let any value "match" an infinity.
     close = g.isfinite() & c.isfinite() & (err <= tol["atol"] + tol["rtol"] * g.abs())
     return err.max().item(), (err / g.abs().clamp_min(1e-30)).max().item(), bool(torch.all(same | close))
-
 
 def read_manifest(golden_dir: Path) -> dict:
     """The golden set's manifest.json, checked for every key check() reads; a named error otherwise."""
@@ -175,14 +168,12 @@ def read_manifest(golden_dir: Path) -> dict:
         require(roles & set(CHECKED_ROLES), f"cases[{i}] ({f}) lists no out/ or probe/ tensor, so it checks nothing")
     return manifest
 
-
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a missing, unreadable or corrupt file is a named error."""
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:      # missing, truncated, not safetensors, a folder, unreadable
         raise BadInput(f"{what} file {path}: not found or not a readable safetensors file ({e})") from None
-
 
 def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_missing: bool):
     """Rows (case, tensor, abs, rel, result) and counts for one case; a missing candidate file is one row."""
@@ -212,7 +203,6 @@ def compare_case(golden_dir: Path, cand_dir: Path, case: dict, tol: dict, allow_
         rows.append((f, name, a, r, "PASS" if ok else f"FAIL ({why})" if why else "FAIL"))
     return rows, counts
 
-
 def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = False, out=None) -> bool:
     """Print a table comparing the candidate's out/ and probe/ tensors with the golden ones, and a summary. True when
     at least one tensor was compared, none failed and none is missing (unless allow_missing)."""
@@ -240,7 +230,6 @@ def check(golden_dir: str | Path, cand_dir: str | Path, allow_missing: bool = Fa
           file=out or sys.stdout)                # sys.stdout looked up now: callers may redirect it
     return ok
 
-
 def cmd_oracle(args) -> int:
     if args.action == "export":
         path = export(args.policy, args.out, seed=args.seed, n_cases=args.cases, real_model=not args.no_real_model,
@@ -248,7 +237,6 @@ def cmd_oracle(args) -> int:
         print(f"wrote golden vectors: {path}")
         return 0
     return 0 if check(args.golden, args.candidate, allow_missing=args.allow_missing) else 1
-
 
 def register(sub) -> None:
     p = sub.add_parser("oracle", help="golden vectors for kernel authors: export / check")

@@ -18,14 +18,12 @@ from minikv.tools.common import (add_model_args, add_policy_args, count_arg, loa
 
 PROBE_SEED = 1234
 
-
 def snapshot(store: LayerStore) -> dict[str, torch.Tensor]:
     """The live part of a layer store: k, v, pos, length, and every statistic (copies, trimmed to the longest head)."""
     n = max(1, int(store.length.max()))
     snap = {"k": store.k[:, :, :n], "v": store.v[:, :, :n], "pos": store.pos[:, :, :n], "length": store.length}
     snap.update({f"stat.{name}": t[:, :, :n] for name, t in store.stats.items()})
     return {name: t.detach().clone().contiguous() for name, t in snap.items()}
-
 
 @dataclass
 class Event:
@@ -36,7 +34,6 @@ class Event:
     inputs: dict[str, torch.Tensor]              # attention statistics handed to the policy
     probe_out_before: torch.Tensor               # (B, Hq, 1, d) attention of the probe query over the full store
     probe_out_after: torch.Tensor                # the same query over the compressed store
-
 
 @dataclass
 class Recorder:
@@ -73,12 +70,10 @@ class Recorder:
         self.step += layer == 0                      # a decode step starts at layer 0
         self._record(f"step{self.step}", self.policy.after_step, layer, store, stats)
 
-
 def record(model, prompt: list[int], policy, max_new_tokens: int, layers: set[int] | None = None):
     """(recorder, result) of a greedy run of one prompt with `policy` recorded (reference attention, no early stop)."""
     rec = Recorder(policy, model.cfg.num_attention_heads, layers=layers)
     return rec, generate(model, [prompt], rec, max_new_tokens=max_new_tokens, stop_ids=[], use_sdpa=False)
-
 
 def head_changes(event: Event, b: int = 0) -> list[dict]:
     """Per KV head: positions kept, evicted, and merged into (kept entries whose key changed) in this event."""
@@ -92,13 +87,11 @@ def head_changes(event: Event, b: int = 0) -> list[dict]:
         out.append({"head": h, "kept": pa, "evicted": [p for p in pb if p not in kept], "merged_into": merged})
     return out
 
-
 def _compact(positions: list[int]) -> str:
     """Increasing positions as '0-3,7,9-12' style ranges (a run keeps p - i constant), cut at 120 characters."""
     runs = [[p for _, p in run] for _, run in groupby(enumerate(positions), key=lambda ip: ip[1] - ip[0])]
     text = ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "-"
     return text if len(text) <= 120 else text[:117] + "..."
-
 
 def layers_arg(text: str) -> set[int] | None:
     """--layers: 'all' (None) or comma-separated layer numbers >= 0 (the upper bound is checked in cmd_trace)."""
@@ -109,7 +102,6 @@ def layers_arg(text: str) -> set[int] | None:
     if layers is not None and min(layers) < 0:
         raise argparse.ArgumentTypeError(f"expected 'all' or layer numbers >= 0 like 0,2, got {text!r}")
     return layers
-
 
 def cmd_trace(args) -> int:
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads
@@ -140,7 +132,6 @@ def cmd_trace(args) -> int:
     print("policy report:", json.dumps(res.policy_report, default=lambda x: x.tolist() if isinstance(x, torch.Tensor)
                                        else sorted(x) if isinstance(x, set) else str(x)))
     return 0
-
 
 def register(sub) -> None:
     p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")

@@ -25,7 +25,6 @@ from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, TASK_NAMES
 REPORT_VIEWS = {"d2o": ("d2o_layers_", 4, plots.format_d2o_report, plots.plot_d2o_report),
                 "adakv": ("adakv_heads_", 1, plots.format_head_budgets, plots.plot_head_budgets)}
 
-
 def register(sub) -> None:
     """Add the `eval` subcommand to minikv's argument parser."""
     p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl",
@@ -53,7 +52,6 @@ def register(sub) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_eval, eval_parser=p)
 
-
 def config_from_args(args, model_name: str) -> EvalConfig:
     """The grid the arguments describe, checked (with --threads) before the model loads."""
     cpus = os.cpu_count() or 1
@@ -70,7 +68,6 @@ def config_from_args(args, model_name: str) -> EvalConfig:
         chat=args.chat or None, ppl_prefix=args.ppl_prefix, model_name=model_name, dtype=args.dtype,
         subtasks=tuple(split_list(args.subtasks, "--subtasks", f"some of {', '.join(RULER_SUBTASKS)}")))
 
-
 def output_folder(args) -> Path:
     """--out (default runs/eval/<task>) as a folder that exists."""
     out = Path(args.out or Path("runs") / "eval" / args.task)
@@ -82,7 +79,6 @@ def output_folder(args) -> Path:
     except OSError as e:
         raise BadInput(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
     return out
-
 
 def command_line(args, resume: Path | None = None) -> str:
     """The `minikv eval` command that reproduces this run (options that differ from their defaults); with `resume`
@@ -100,7 +96,6 @@ def command_line(args, resume: Path | None = None) -> str:
                                                for x in (flag, shlex.quote(str(v)))]
     return " ".join(parts) + (f" --out {shlex.quote(str(resume))}" if resume and not args.out else "")
 
-
 def cmd_eval(args) -> int:
     """Run the grid (resuming), print and save the table, plot when asked; inputs are checked before any cell runs.
     One run at a time holds the output folder; Ctrl-C keeps every finished cell and prints how to resume (130)."""
@@ -117,7 +112,6 @@ def cmd_eval(args) -> int:
               f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}",
               file=sys.stderr)
         return 130
-
 
 def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: str) -> int:
     """Load the model, run the grid, write the table and the plots (the part of `eval` that holds the lock)."""
@@ -139,7 +133,6 @@ def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: s
     for path in make_plots(model, tok, cfg, result, out, args.view_layer, args.view_head) if args.plot else []:
         print(f"plot: {path}", file=sys.stderr)
     return 0
-
 
 def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer=None, view_head=0) -> list[Path]:
     """Every plot that applies: quality vs ratio, depth heatmaps, and on the grid's first prompt at the first budget

@@ -11,10 +11,8 @@ from minikv.generate import generate
 from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
 from minikv.tools.eval.records import group_by as _by, mean as _mean
 
-
 def _ok(records):
     return [r for r in records if not r.get("error") and r.get("score") is not None]
-
 
 def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode)."""
@@ -47,7 +45,6 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
     fig.tight_layout()
     return _save(fig, plt, path)
 
-
 def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     """Mean score over (length, depth), one panel per (policy, budget), for records that have a depth."""
     plt = _plt()
@@ -78,7 +75,6 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     fig.suptitle("score over prompt length × needle depth")
     return _save(fig, plt, path)
 
-
 def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
                         question: list[int] | None = None) -> list[int]:
     """Positions still cached in (layer, KV head) after prefill and the first decode step (D2O compresses there),
@@ -87,7 +83,6 @@ def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
                    question=[question] if question else None)
     pos = res.cache.layers[layer].pos[0, head]                               # (S,)
     return sorted(int(p) for p in pos[pos >= 0].tolist())
-
 
 def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str | Path, layer: int, head: int,
                    marks: list[tuple[int, int, str]] | None = None, title: str | None = None) -> Path:
@@ -107,7 +102,6 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
     fig.tight_layout()
     return _save(fig, plt, path)
 
-
 # ---- policy reports (the common report: options, and per layer each row's state; row 0 is shown) --------------------
 def _d2o_layers(report: dict) -> list[dict]:
     if report.get("policy") != "d2o":
@@ -116,10 +110,8 @@ def _d2o_layers(report: dict) -> list[dict]:
         raise BadInput("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
     return report["layers"]
 
-
 def _num(x, digits: int = 3) -> str:
     return "-" if x is None or x != x else f"{x:.{digits}f}"
-
 
 def format_d2o_report(report: dict) -> str:
     """A per-layer table of D2O's decisions (row 0; merged / dropped: all rows), with the options above it."""
@@ -137,7 +129,6 @@ def format_d2o_report(report: dict) -> str:
     head = f"D2O budget {report['budget']} (rho row 0 = {_num(report['layers'][0]['rho'][0])}), {options}"
     return head + "\n" + format_rows(rows, ["layer", "F", "L*w", "ratio", "S_h", "S_r", "merged", "dropped", "merge%",
                                             "tau"])
-
 
 def plot_d2o_report(report: dict, path: str | Path) -> Path:
     """Three panels: per-layer ratio (gray: protected), merged vs dropped per layer, tau over compression steps."""
@@ -165,14 +156,12 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
     fig.tight_layout()
     return _save(fig, plt, path)
 
-
 def head_budget_matrix(report: dict) -> tuple[list[int], list[list[int]]]:
     """(compressed layers, budgets[layer][head]) of row 0: entries per KV head, window included."""
     if not any("head_budget" in x for x in report.get("layers", [])):
         raise BadInput(f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV report?)")
     layers = [x for x in report["layers"] if any(x["compressed"])]
     return [x["layer"] for x in layers], [x["head_budget"][0] for x in layers]
-
 
 def format_head_budgets(report: dict) -> str:
     """One line per compressed layer: the budget of each KV head (entries incl. window), min / max / sum."""
@@ -181,7 +170,6 @@ def format_head_budgets(report: dict) -> str:
         return "no layer was compressed (the prompt fits the budget)"
     return format_rows([{"layer": l, **{f"h{i}": x for i, x in enumerate(r)}, "min": min(r), "max": max(r),
                          "sum": sum(r)} for l, r in zip(layers, m)])
-
 
 def plot_head_budgets(report: dict, path: str | Path) -> Path:
     """Heatmap of per-head budgets (heads x layers)."""

@@ -26,7 +26,6 @@ from minikv.tools.common import format_rows
 
 RECORDS, LOCK = "records.jsonl", "eval.lock"
 
-
 # ---- ids and provenance -------------------------------------------------------------------------------------------
 def cell_id(key: dict) -> str:
     """'passkey|h2o|b0.2|n2000|d0.5|s0|aware|<10 hex>': readable fields, then a hash of everything that decides the
@@ -36,16 +35,13 @@ def cell_id(key: dict) -> str:
     return (f"{key['task']}|{key['policy']}|b{key.get('budget') or '-'}|n{key.get('length')}|d{depth}|"
             f"s{key.get('sample')}|{key.get('question')}|{digest}")
 
-
 def minikv_version() -> str:
     try:
         return version("minikv")
     except PackageNotFoundError:
         return "unknown"
 
-
 _rss_peak_was_reset = False                    # set once /proc/self/clear_refs accepted a reset
-
 
 def reset_peak_memory(device) -> None:
     """Start a new peak-memory window: CUDA's counter, or Linux's peak RSS (VmHWM, reset via clear_refs)."""
@@ -59,7 +55,6 @@ def reset_peak_memory(device) -> None:
     except OSError:
         _rss_peak_was_reset = False            # not Linux, or not allowed: peak_memory says it is the process peak
 
-
 def peak_memory(device) -> tuple[int, str]:
     """(bytes, kind) since the last reset_peak_memory: "cuda_max_allocated"; on Linux "rss_peak_since_reset" (the
     whole process, weights included); else "process_peak_rss" (the lifetime peak, the largest cell so far)."""
@@ -71,12 +66,10 @@ def peak_memory(device) -> tuple[int, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
-
 # ---- records.jsonl ---------------------------------------------------------------------------------------------------
 # What the resume logic and the table need of a record (key -> accepted types); the result fields unless it failed.
 RECORD_FIELDS = {"id": (str,), "task": (str,), "policy": (str,), "question": (str,), "budget": (str, type(None))}
 RESULT_FIELDS = {"score": (int, float, type(None)), "cache_ratio": (int, float)}
-
 
 def record_problem(rec) -> str | None:
     """Why a parsed JSON value cannot be used as a record (None when it can)."""
@@ -88,7 +81,6 @@ def record_problem(rec) -> str | None:
            or (k == "id" and not rec[k])]
     return (f"missing key(s) {', '.join(missing)}" if missing else
             f"{bad[0]} is {json.dumps(rec[bad[0]], default=str)[:40]}, of the wrong type" if bad else None)
-
 
 def read_records(out_dir: str | Path, warn: bool = False) -> list[dict]:
     """Every usable record in DIR/records.jsonl; with `warn`, a warning naming FILE:LINE for each line skipped."""
@@ -115,7 +107,6 @@ def read_records(out_dir: str | Path, warn: bool = False) -> list[dict]:
             print(f"minikv eval: warning: {path}:{i}: {problem}; skipped, its cell runs again", file=sys.stderr)
     return out
 
-
 def append_record(out_dir: str | Path, record: dict) -> None:
     """Append one record and force it to disk, so a crash right after loses nothing."""
     with open(Path(out_dir) / RECORDS, "a+b") as f:
@@ -125,18 +116,15 @@ def append_record(out_dir: str | Path, record: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-
 def finished_ids(records: list[dict]) -> set[str]:
     """Ids of cells that completed (records with an error are run again)."""
     return {r["id"] for r in records if not r.get("error")}
-
 
 # ---- the table -------------------------------------------------------------------------------------------------------
 def mean(xs) -> float:
     """The mean of the values that are not None or NaN; NaN when there is none."""
     xs = [x for x in xs if x is not None and x == x]
     return sum(xs) / len(xs) if xs else math.nan
-
 
 def group_by(records: list[dict], *keys) -> dict[tuple, list[dict]]:
     """Records grouped by the values of `keys`, in first-seen order."""
@@ -145,7 +133,6 @@ def group_by(records: list[dict], *keys) -> dict[tuple, list[dict]]:
         out[tuple(r[k] for k in keys)].append(r)
     return out
 
-
 def _entry(rs: list[dict]) -> str:
     """One table entry: mean score (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
     ok, errors = [r for r in rs if not r.get("error")], len([r for r in rs if r.get("error")])
@@ -153,7 +140,6 @@ def _entry(rs: list[dict]) -> str:
         return "error" if errors else ""
     score, ratio = mean(r["score"] for r in ok), mean(r["cache_ratio"] for r in ok)
     return ("-" if score != score else f"{score:.2f}") + f" ({ratio:.2f})" + (f" [{errors} err]" if errors else "")
-
 
 def markdown_table(records: list[dict], budgets: list[str] | None = None, policies: list[str] | None = None) -> str:
     """Policy rows × budget columns: mean score (mean measured cache ratio). Budget-free policies (full, corm, ...)
@@ -179,7 +165,6 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
         parts += [f"**{task}** ({mode}{what}; in parentheses: mean measured cache ratio)\n", format_rows(rows),
                   f"\n{max(map(len, cells.values()))} cell(s) per entry (lengths × depths × samples).\n"]
     return "\n".join(parts).rstrip() + "\n"
-
 
 # ---- one run per output folder ---------------------------------------------------------------------------------------
 @contextmanager
@@ -216,7 +201,6 @@ def output_lock(folder: str | Path, command: str):
             yield
         finally:
             path.unlink(missing_ok=True)
-
 
 def _refuse(path: Path, text: str, held: bool) -> None:
     """Refuse a lock naming no holder, or one held or of another host; else note that we take it over."""

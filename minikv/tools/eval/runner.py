@@ -29,13 +29,11 @@ from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, Example, make_e
 MAX_CELLS = 1_000_000                             # far beyond any useful grid; more is a typo (e.g. --samples 1e9)
 MAX_SEED = 2**64 - 1                              # the largest seed torch.Generator.manual_seed takes
 
-
 # ---- what to run -----------------------------------------------------------------------------------------------------
 def refuse(bad, message: str) -> None:
     """Raise BadInput(message) when `bad`."""
     if bad:
         raise BadInput(message)
-
 
 def split_list(text: str, flag: str, example: str, cast=str) -> list:
     """A comma-separated list, refused (naming the flag) when it is empty or an item does not convert with `cast`."""
@@ -45,7 +43,6 @@ def split_list(text: str, flag: str, example: str, cast=str) -> list:
         values = []
     refuse(not values, f"{flag} {text!r}: give {example}")
     return values
-
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -58,7 +55,6 @@ class PolicySpec:
     def build(self, budget: str | int | None) -> Policy:
         """A fresh policy object at `budget` (ignored when the policy is budget-free)."""
         return get_policy(self.name, budget if self.takes_budget else None, **dict(self.options))
-
 
 def parse_policies(text: str, common: dict | None = None, probe_budget: str | None = "0.5") -> list[PolicySpec]:
     """'full,h2o,snapkv:window=16:kernel=5' -> specs, each built once (at `probe_budget`) to check its options.
@@ -77,11 +73,9 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
     refuse(len({s.label for s in specs}) != len(specs), f"--policies lists a policy twice: {text}")
     return specs
 
-
 def parse_budgets(text: str) -> list[str]:
     """'0.1,0.2' or '128,256' -> the budget strings, each checked by parse_budget (which raises on a bad one)."""
     return [b for b in split_list(text, "--budgets", "ratios (0.1,0.2) or counts (128,256)") if parse_budget(b)]
-
 
 @dataclass
 class EvalConfig:
@@ -130,7 +124,6 @@ class EvalConfig:
         per_task = sum(len(self.depths) if t in DEPTH_TASKS else 1 for t in self.tasks())
         return per_task * len(self.lengths) * self.samples * per_prompt
 
-
 @dataclass
 class Cell:
     """One grid point: a prompt (task, length, depth, sample) under one policy and budget."""
@@ -142,7 +135,6 @@ class Cell:
     sample: int
     question: str               # "aware" | "agnostic" | "none" (ppl)
     id: str = ""                # records.cell_id of everything that decides the result
-
 
 def build_grid(cfg: EvalConfig) -> list[Cell]:
     """Every cell of the run, in a stable order (prompt-major, so policies compare on the same prompt in turn)."""
@@ -158,7 +150,6 @@ def build_grid(cfg: EvalConfig) -> list[Cell]:
                      **({"ppl_prefix": cfg.ppl_prefix} if task == "ppl" else {})})))
     return cells
 
-
 # ---- running one cell ------------------------------------------------------------------------------------------------
 def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Example:
     """The prompt of a cell (the same for every policy and budget); refused when it does not fit a context `ctx`."""
@@ -169,11 +160,9 @@ def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Exa
                        f"{ctx - ex.max_new_tokens}")
     return ex
 
-
 def string_match_all(pred: str, refs: list[str]) -> float:
     """RULER string_match_all: fraction of the references found (case-insensitive) in the prediction."""
     return sum(r.lower() in pred.lower() for r in refs) / len(refs)
-
 
 @torch.no_grad()
 def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk: int = 256):
@@ -195,7 +184,6 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
             tgt = target[s + 1: s + 1 + out.shape[0]]
             nll = nll - torch.log_softmax(out.double(), -1).gather(-1, tgt[:, None]).sum()
     return float(nll), len(ids) - prefix, cache, t_prefill
-
 
 def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = None) -> dict:
     """Run one cell and return its record (not yet written)."""
@@ -241,7 +229,6 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
         "minikv_version": rec.minikv_version(), "torch_version": torch.__version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": ex.meta,
     }
-
 
 # ---- the grid -------------------------------------------------------------------------------------------------------
 def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True) -> dict:

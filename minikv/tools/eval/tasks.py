@@ -28,7 +28,6 @@ DEPTH_TASKS = {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalu
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Accra", "Kyoto", "Porto", "Tunis",
           "Riga", "Sofia", "Perth", "Bergen", "Cusco", "Malmo", "Turin", "Dakar", "Hobart")
 
-
 @dataclass
 class Example:
     """One prompt with its references."""
@@ -47,11 +46,9 @@ class Example:
         """The whole prompt: context then question."""
         return self.context + self.question
 
-
 def rng_for(*parts) -> random.Random:
     """A Random seeded from a stable hash of the parts (Python's hash() of str changes between processes)."""
     return random.Random(int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big"))
-
 
 # ---- text sources ------------------------------------------------------------------------------------------------
 def pseudo_words(n: int, seed: int = 0) -> list[str]:
@@ -60,7 +57,6 @@ def pseudo_words(n: int, seed: int = 0) -> list[str]:
     while len(out) < n:
         out.setdefault("".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3))))
     return list(out)
-
 
 @lru_cache(maxsize=None)
 def prose_source() -> tuple[str, str]:
@@ -78,11 +74,9 @@ def prose_source() -> tuple[str, str]:
     return "generated-prose", " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(6, 16))).capitalize()
                                        + "." for _ in range(3000))
 
-
 def split_sentences(text: str, marks: str = ".!?;:") -> list[str]:
     """Whitespace collapsed, split after sentence (and clause) marks; each piece returned with a leading space."""
     return [" " + s for s in re.split(rf"(?<=[{re.escape(marks)}])\s+", " ".join(text.split())) if s]
-
 
 def encode_units(tok, sentences: list[str], max_tokens: int = 48) -> list[list[int]]:
     """Encode sentences; one longer than max_tokens is cut after its commas into runs of at most max_tokens (a
@@ -103,18 +97,15 @@ def encode_units(tok, sentences: list[str], max_tokens: int = 48) -> list[list[i
         units.append(run)
     return units
 
-
 # ---- encoding, cached per tokenizer --------------------------------------------------------------------------------
 def encode(tok, text: str, first: bool = False) -> list[int]:
     """Ids of a piece of the prompt; only the first piece gets the tokenizer's default BOS."""
     return tok.encode(text) if first else tok.encode(text, add_bos=False)
 
-
 @lru_cache(maxsize=8)
 def filler_units(tok) -> list[list[int]]:
     """The passkey filler's five sentences."""
     return [encode(tok, s) for s in split_sentences(FILLER, ".")]
-
 
 @lru_cache(maxsize=8)
 def prose_units(tok) -> tuple[list[list[int]], str]:
@@ -122,12 +113,10 @@ def prose_units(tok) -> tuple[list[list[int]], str]:
     source, text = prose_source()
     return encode_units(tok, split_sentences(text)), source
 
-
 @lru_cache(maxsize=8)
 def prose_ids(tok) -> list[int]:
     """The whole prose text, for perplexity."""
     return encode(tok, prose_source()[1])
-
 
 # ---- chat wrapping -------------------------------------------------------------------------------------------------
 def resolve_chat(tok, chat: bool | None) -> bool:
@@ -141,7 +130,6 @@ def resolve_chat(tok, chat: bool | None) -> bool:
         raise BadInput("--chat: this tokenizer has no chat format minikv knows (ChatML, Llama-2)")
     return bool(chat)
 
-
 def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[str, str]:
     """(head, tail) text around the haystack: plain, or the chat template with the answer prefix opening the reply."""
     if not chat:
@@ -149,7 +137,6 @@ def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -
     marker = "\x00MINIKV-HAYSTACK\x00"
     head, tail = apply_chat_template(tok, [{"role": "user", "content": instruction + marker + question}]).split(marker)
     return head, tail + answer_prefix.lstrip()
-
 
 # ---- haystack assembly ---------------------------------------------------------------------------------------------
 def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
@@ -162,7 +149,6 @@ def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
             total += len(s)
         i = (i + 1) % len(units)
     return out
-
 
 def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]]) -> tuple[list[int], list[int]]:
     """Put each needle at the sentence boundary nearest depth × haystack tokens. Returns (ids, needle offsets)."""
@@ -184,7 +170,6 @@ def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]
             ids += hay[b]
     return ids, offsets
 
-
 def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[list[int]], start: int,
                     needles: list[tuple[str, float]], question: str, answer_prefix: str):
     """(context ids, question ids, needle spans as meta) of exactly `length` tokens."""
@@ -199,7 +184,6 @@ def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[
     return head + body, tail, {"needle_offsets": [len(head) + o for o in offsets],
                                "needle_lengths": [len(ids) for ids, _ in needle_ids]}
 
-
 # ---- the tasks -------------------------------------------------------------------------------------------------------
 def passkey(tok, length: int, depth: float, rng: random.Random, chat: bool) -> Example:
     """A 5-digit pass key at `depth` in repeated filler; the prompt ends with "The pass key is"."""
@@ -213,10 +197,8 @@ def passkey(tok, length: int, depth: float, rng: random.Random, chat: bool) -> E
     return Example("passkey", ctx, q, [key], "contains", 8, chat,
                    {"depth": depth, **spans, "key": key, "haystack": "filler"})
 
-
 _NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
                        "I will quiz you about the numbers afterwards.\n")
-
 
 def magic_numbers(tok, length: int, depth: float, rng: random.Random, chat: bool, sub: str | None) -> Example:
     """Needles "The special magic number for <city> is <n>." in real prose, the first at `depth`: needle (one), RULER
@@ -241,9 +223,7 @@ def magic_numbers(tok, length: int, depth: float, rng: random.Random, chat: bool
     del meta["key"]
     return Example("ruler-lite/multivalue", ctx, q, numbers, "string_match_all", 8 * len(numbers) + 8, chat, meta)
 
-
 _VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
-
 
 def _vt_chain(rng: random.Random, n_hops: int) -> tuple[list[str], str, list[str]]:
     """(variable names, value, assignment sentences) of one chain: VAR A = value, VAR B = VAR A, ..."""
@@ -256,12 +236,10 @@ def _vt_chain(rng: random.Random, n_hops: int) -> tuple[list[str], str, list[str
     chain = [f" VAR {names[0]} = {value}."] + [f" VAR {names[j + 1]} = VAR {names[j]}." for j in range(n_hops)]
     return names, value, chain
 
-
 def _vt_question(value: str, n: int) -> tuple[str, str]:
     return (f"\nQuestion: Find all variables that are assigned the value {value} in the text above.",
             f" Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
             f"assigned the value {value}, they are:")
-
 
 def ruler_vt(tok, length: int, rng: random.Random, chat: bool, n_hops: int = 4) -> Example:
     """RULER variable tracking: VAR A = 12345, VAR B = VAR A, ... in filler; name every variable holding the value.
@@ -277,15 +255,12 @@ def ruler_vt(tok, length: int, rng: random.Random, chat: bool, n_hops: int = 4) 
     return Example("ruler-lite/vt", ctx, q_ids, names, "string_match_all", 30, chat,
                    {"depth": None, **spans, "value": value, "haystack": "filler", "icl": True})
 
-
 _CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often than others. "
                     "Memorize the ones that appear most often.\n")
-
 
 def _cwe_question(num_cw: int) -> tuple[str, str]:
     return (f"\nQuestion: What are the {num_cw} most common words in the above list?",
             f" Answer: The top {num_cw} words that appear most often in the list are:")
-
 
 def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10, freq_ucw: int = 3) -> Example:
     """RULER common words extraction: a numbered word list where num_cw words repeat often; name those words.
@@ -322,7 +297,6 @@ def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10
     return Example("ruler-lite/cwe", head + body, tail, common, "string_match_all", 120, chat,
                    {"depth": None, "freq_cw": freq_cw, "uncommon_words": lo, "haystack": "word-list", "icl": True})
 
-
 def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     """A window of `length` tokens of real text (GPL-3 first); the first `prefix` are prefilled, the rest scored."""
     doc, source = prose_ids(tok), prose_source()[0]
@@ -331,7 +305,6 @@ def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     start = (sample * length) % max(1, len(doc) - length + 1)
     return Example("ppl", doc[start:start + length], [], [], "ppl", 0, False,
                    {"start": start, "haystack": source}, prefix=prefix)
-
 
 def make_example(tok, task: str, length: int, depth: float | None = None, sample: int = 0, seed: int = 0,
                  chat: bool | None = None, ppl_prefix: int = 512) -> Example:
