@@ -226,8 +226,10 @@ def max_batch(fn, total_bytes: int, small: int = PROBE_BATCH, large: int = 3 * P
         batch = int(batch * 0.92)
     return batch
 
-def run_hf(shape: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """transformers' generate (default dynamic cache, SDPA), random bf16 weights, greedy."""
+def run_hf(shape: str, batch: int, prompt_len: int, new_tokens: int, static: bool = False) -> dict:
+    """transformers' generate (SDPA), random bf16 weights, greedy: the default dynamic cache (eager), or with
+    static=True `cache_implementation="static"`, whose decode step generate compiles; one untimed warm-up run
+    excludes the compilation."""
     import transformers
     _free()
     cfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
@@ -239,8 +241,10 @@ def run_hf(shape: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
         hf.model.rotary_emb.__init__(hf.config, device="cuda")
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device="cuda")
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static" if static else None)
     with torch.no_grad():
+        if static:
+            hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         torch.cuda.synchronize(); t0 = time.perf_counter()
         hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
         torch.cuda.synchronize(); t1 = time.perf_counter()
@@ -248,7 +252,7 @@ def run_hf(shape: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
         torch.cuda.synchronize(); t2 = time.perf_counter()
     prefill = t1 - t0
     decode = max(1e-9, (t2 - t1) - prefill)
-    out = {"engine": "transformers", "policy": "full", "batch": batch, "prefill_s": prefill,
+    out = {"engine": "transformers static" if static else "transformers", "policy": "full", "batch": batch, "prefill_s": prefill,
            "decode_ms_per_step": 1000 * decode / (new_tokens - 1),
            "decode_tok_per_s": batch * (new_tokens - 1) / decode, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del hf
@@ -313,8 +317,9 @@ def gpu_main(args) -> int:
         del model
         _free()
         for batch in (1, 16) if os.environ.get("MINIKV_BENCH_HF", "1") == "1" else ():
-            r = fits(lambda b: run_hf(shape, b, prompt_len, new_tokens), batch)
-            add([] if r is None else [dict(r, shape=shape)])
+            for static in (False, True):
+                r = fits(lambda b: run_hf(shape, b, prompt_len, new_tokens, static), batch)
+                add([] if r is None else [dict(r, shape=shape)])
     print(format_rows(rows, GPU_KEYS, 3))
     write_json(out, {"info": info, "rows": rows})
     print(f"saved {out}")
