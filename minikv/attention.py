@@ -34,8 +34,9 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
            window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
     """Attention of queries over the store. Returns (out (B, Hq, T, d), stats dict as requested in `need`).
     q: (B, Hq, T, d) already rotated; qpos: (B, T) absolute positions, -1 for padding queries (output 0).
-    need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows";
-    padded: False promises that no query is padding (lets the SDPA path use a plain causal mask on a fresh prompt)."""
+    need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows"; use_sdpa: outputs through
+    torch's fused SDPA, statistics (if any) in a second pass; padded: False promises that no query is padding
+    (lets the SDPA path use a plain causal mask on a fresh prompt)."""
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
     if Hq % Hkv:
@@ -43,20 +44,20 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     G = Hq // Hkv
     if qpos.shape != (B, T):
         raise BadInput(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
+    out = _attend_sdpa(q, qpos, store, padded) if use_sdpa else torch.empty_like(q)   # fused outputs, no probs
     if use_sdpa and not need:
-        return _attend_sdpa(q, qpos, store, padded), {}
-
+        return out, {}
     scale = 1.0 / math.sqrt(d)
     if chunk is None:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * S))
-    out = torch.empty_like(q)
     w = min(window, T)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     shapes = {"colsum": (B, Hkv, G, S), "last_rows": (B, Hkv, G, w, S), "probs": (B, Hkv, G, T, S)}
     stats = {name: torch.zeros(shape, dtype=acc_dtype, device=q.device)
              for name, shape in shapes.items() if name in need}
     kT = store.k.transpose(-1, -2)                                          # (B, Hkv, d, S)
-    for t0 in range(0, T, chunk):
+    # With SDPA's outputs only the statistics are left to compute: "last_rows" alone needs the last w queries only.
+    for t0 in range(T - w if use_sdpa and need == {"last_rows"} else 0, T, chunk):
         t1 = min(T, t0 + chunk)
         tc = t1 - t0
         qc = q[:, :, t0:t1].reshape(B, Hkv, G * tc, d)                      # (B, Hkv, G*tc, d), groups folded
@@ -64,8 +65,8 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
         visible = (store.pos[:, :, None, None, :] >= 0) & \
                   (store.pos[:, :, None, None, :] <= qpos[:, None, None, t0:t1, None])   # (B, Hkv, 1, tc, S)
         p = softmax_visible(scores, visible)                                # (B, Hkv, G, tc, S)
-        oc = p.to(store.v.dtype).view(B, Hkv, G * tc, S) @ store.v          # (B, Hkv, G*tc, d)
-        out[:, :, t0:t1] = oc.view(B, Hq, tc, d)
+        if not use_sdpa:
+            out[:, :, t0:t1] = (p.to(store.v.dtype).view(B, Hkv, G * tc, S) @ store.v).view(B, Hq, tc, d)
         _accumulate(stats, p, t0, t1, T - w)
     return out, stats
 
@@ -81,10 +82,8 @@ def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) 
         stats["last_rows"][:, :, :, lo - first_row:t1 - first_row] = p[:, :, :, lo - t0:]
 
 def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
-    """The same attention through torch's fused SDPA (no probabilities); used when no policy needs them."""
-    B, Hq, T, d = q.shape
-    Hkv, S = store.k.shape[1], store.k.shape[2]
-    G = Hq // Hkv
+    """The same attention through torch's fused SDPA (no probabilities)."""
+    T, G = q.shape[2], q.shape[1] // store.k.shape[1]
     # Decided from host-side bookkeeping only (no GPU sync): the store's first append, without padding.
     fresh = store.n_appends == 1 and not padded
     if fresh:

@@ -96,7 +96,7 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
             logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
     else:
         logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs,
-                       window=policy.window, use_sdpa=sdpa and not policy.prefill_needs, last_only=True)[:, -1]
+                       window=policy.window, use_sdpa=sdpa, last_only=True)[:, -1]
     policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)

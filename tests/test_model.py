@@ -101,6 +101,28 @@ def test_sdpa_path_matches_reference():
     assert torch.allclose(ref[0, 5:], fast[0, 5:], atol=1e-5) and torch.allclose(ref[1], fast[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("need", [{"last_rows"}, {"colsum"}, {"colsum", "last_rows"}])
+def test_sdpa_outputs_with_statistics_match_reference(need):
+    """With use_sdpa the outputs come from SDPA and the statistics from a second pass: both equal the reference
+    path's to float32 rounding (left padding included)."""
+    model = tiny_model(torch.float32)
+    ids = torch.randint(0, 101, (2, 40))
+    pos = torch.arange(40).expand(2, 40).clone()
+    pos[0, :6] = -1
+    runs = []
+    for use_sdpa in (False, True):
+        seen = {}
+        with torch.no_grad():
+            logits = model(ids, model.new_cache(2), pos.clone(), need=frozenset(need), window=7, use_sdpa=use_sdpa,
+                           hook=lambda layer, store, stats: seen.__setitem__(layer, stats))
+        runs.append((logits, seen))
+    (ref, ref_stats), (fast, fast_stats) = runs
+    assert torch.allclose(ref[0, 6:], fast[0, 6:], atol=1e-5) and torch.allclose(ref[1], fast[1], atol=1e-5)
+    for layer, stats in ref_stats.items():
+        for name in need:
+            assert torch.allclose(stats[name], fast_stats[layer][name], atol=1e-6), (layer, name)
+
+
 def test_left_padded_batch_equals_single_rows():
     model = tiny_model(torch.float64)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
