@@ -16,6 +16,7 @@ import torch
 from minikv.model import Llama
 from minikv.policies.full import FullCache
 from minikv.store import KVCache
+from minikv.errors import BadInput
 from minikv.checks import check_arguments, check_inputs, check_policy, check_stop_ids, context_room
 
 # Decode room reserved right after prefill when the caller does not say: enough for short answers, small enough
@@ -67,6 +68,7 @@ class GenerationResult:
     # True when generation stopped because the context was full, before max_new_tokens and any stop token.
     stopped_at_context: bool = False
     context: int = 0                               # the model's context, in tokens (for the message)
+    capture_seconds: float = 0.0                   # time spent capturing the CUDA graph (inside decode_seconds)
 
 def full_cache_bytes(model: Llama, cache: KVCache) -> int:
     c = model.cfg
@@ -87,22 +89,25 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
     # Never more room than the context leaves (a huge request must not allocate what can never be used).
     room = min(extra_capacity, context_room(model, prompts, question))
-    evicts = policy.decode_evicts or policy.prefill_needs or policy.prefill_pass != "one_pass"
-    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + (0 if evicts else room))
-    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts]))
+    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + room)
+    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts], device=model.device))
     ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)      # (B, T) each; padding has pos -1
+
+    def compress(layer: int, store, stats) -> None:
+        policy.after_prefill(layer, store, stats)
+        if not store.heads_aligned:      # it evicted: give the memory back before the next layer runs (one sync)
+            store.fit(room)
+
     if policy.prefill_pass == "token_by_token":                         # the prompt as decode steps (CORM exact)
         for j in range(ids.shape[1]):                                    # left-padded rows skip their padding
             logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
     else:
-        logits = model(ids, cache, pos, hook=policy.after_prefill, need=policy.prefill_needs,
+        logits = model(ids, cache, pos, hook=compress, need=policy.prefill_needs,
                        window=policy.window, use_sdpa=sdpa, last_only=True)[:, -1]
     policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
-    if not policy.decode_evicts:
-        cache.reserve(room)                      # a no-op when the room was allocated up front
     return logits, cache
 
 @torch.no_grad()
@@ -110,18 +115,23 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: list[int] | None = None,
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
-             keep_cache: bool = False, reserve_tokens: int | None = None) -> GenerationResult:
+             keep_cache: bool = False, reserve_tokens: int | None = None,
+             cuda_graph: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
     Generation never runs past the model's context: at most context - (longest prompt) new tokens, and the result's
     `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
     for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
-    more than the context leaves, and grows geometrically beyond that as tokens really arrive."""
+    more than the context leaves, and grows geometrically beyond that as tokens really arrive. With cuda_graph (a
+    CUDA model) the first decode step runs eagerly, the cache is fitted to every remaining token, and one decode
+    step is captured as a CUDA graph and replayed for the rest (the eager path is the readable one and the oracle)."""
     policy = FullCache() if policy is None else policy
     check_policy(policy)
     check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     stop = check_stop_ids(model.cfg.eos_ids if stop_ids is None else stop_ids)
     check_arguments(reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
+    if cuda_graph and model.device.type != "cuda":
+        raise BadInput(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
     fed = max(n_steps - 1, 0)          # the last sampled token is never fed back
     reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
@@ -131,7 +141,8 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
     t1 = time.perf_counter()
     gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     sampler = lambda lg: sample(lg, temperature, top_p, gen)
-    out, done = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens, use_sdpa)
+    out, all_stopped, capture_s = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens,
+                                       use_sdpa, cuda_graph, reserve)
     _sync(model)
     t2 = time.perf_counter()
     return GenerationResult(
@@ -139,42 +150,71 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
         kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
         kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
         cache=cache if keep_cache else None, policy_report=policy.report(cache),
-        stopped_at_context=n_steps < max_new_tokens and not bool(done.all()),
-        context=model.cfg.max_position_embeddings)
+        stopped_at_context=n_steps < max_new_tokens and not all_stopped,
+        context=model.cfg.max_position_embeddings, capture_seconds=capture_s)
 
 def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_steps: int, sampler, stop: set[int],
-                pad_id: int, on_tokens, use_sdpa) -> tuple[list[list[int]], torch.Tensor]:
-    """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most.
-    Returns (new tokens per row, stop token excluded; (B,) bool: the row hit a stop token)."""
+                pad_id: int, on_tokens, use_sdpa, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK):
+    """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most. After the first
+    step (D2O compresses then) the cache is fitted to the tokens left (at most `reserve` of them when eager: it grows
+    past them if it must); with cuda_graph one step is then captured and replayed. The steps make no host sync.
+    Returns (new tokens per row, stop token excluded; whether every row hit a stop token; capture seconds)."""
     B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    finished, done = [False] * B, torch.zeros(B, dtype=torch.bool, device=model.device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=model.device)
+    step_fn = lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
+    capture_s = 0.0
     for step in range(n_steps):
         nxt = sampler(logits)                                                  # (B,)
-        is_stop = torch.tensor([int(t) in stop for t in nxt.tolist()], device=model.device)
-        newly = ~done & ~is_stop
-        for b in torch.nonzero(newly).flatten().tolist():
-            out[b].append(int(nxt[b]))
+        new = [None if f or t in stop else t for f, t in zip(finished, nxt.tolist())]   # the step's one sync
+        for b in (b for b in range(B) if new[b] is not None):
+            out[b].append(new[b])
         if on_tokens is not None:
-            on_tokens([int(nxt[b]) if newly[b] else None for b in range(B)])
-        done |= is_stop
-        if bool(done.all()) or step == n_steps - 1:
+            on_tokens(new)
+        finished = [f or t is None for f, t in zip(finished, new)]
+        done |= torch.isin(nxt, stop_ids)
+        if all(finished) or step == n_steps - 1:
             break
+        if step == 1:                                                           # fit, and capture the step
+            step_fn, capture_s = fixed_capacity_step(model, cache, policy, use_sdpa, n_steps - 2, cuda_graph, reserve)
         # Finished rows feed a padding token at position -1: nothing is cached for them.
-        logits = decode_step(model, cache, torch.where(done, pad_id, nxt), policy,
-                             pos=torch.where(done, -1, cache.seen), use_sdpa=use_sdpa)
-    return out, done
+        logits = step_fn(torch.where(done, pad_id, nxt), torch.where(done, -1, cache.seen))
+    return out, all(finished), capture_s
+
+def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, cuda_graph: bool, reserve: int):
+    """Fit the cache to the `left` tokens still to feed (eager: at most `reserve`, then it grows if it must) and
+    return (step(tokens, pos) -> logits, capture seconds): with cuda_graph one decode step recorded as a CUDA graph
+    over the cache's tensors (every step updates them in place) and replayed, else the eager decode_step."""
+    cache.fit(left if cuda_graph else min(left, reserve))
+    if not cuda_graph:
+        return lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False), 0.0
+    t0 = time.perf_counter()
+    tokens, pos = torch.zeros_like(cache.seen), cache.seen.clone()             # (B,) static inputs
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
+    for layer in cache.layers:    # replays do not advance the host-side bounds: a later append re-reads them
+        layer.max_len_bound = layer.capacity
+
+    def replay(new_tokens: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
+        tokens.copy_(new_tokens)
+        pos.copy_(new_pos)
+        graph.replay()
+        return logits
+    return replay, time.perf_counter() - t0
 
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
-                use_sdpa: bool | None = None) -> torch.Tensor:
+                use_sdpa: bool | None = None, validate: bool = True) -> torch.Tensor:
     """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
     tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
-    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path)."""
+    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path).
+    validate=False skips the token/position check, the one host sync (once the cache is fitted: see decode_loop)."""
     sdpa = (model.dtype != torch.float64 if use_sdpa is None else use_sdpa) and not policy.decode_needs
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,
-                 window=policy.window, use_sdpa=sdpa)[:, -1]
+                 window=policy.window, use_sdpa=sdpa, validate=validate)[:, -1]
 
 def _sync(model: Llama) -> None:
     if model.device.type == "cuda":

@@ -148,21 +148,23 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,
                 hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
-                use_sdpa: bool = False, last_only: bool = False) -> torch.Tensor:
+                use_sdpa: bool = False, last_only: bool = False, validate: bool = True) -> torch.Tensor:
         """Run T new tokens per row through the model, appending their keys/values to `cache`.
         tokens: (B, T) ids; pos: (B, T) absolute positions (-1 marks left padding, which is not cached);
-        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only)."""
+        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only).
+        validate=False skips the token and position range check (its host sync): the decode loop's own tokens."""
         B, T = tokens.shape
         if pos is None:
             pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)
-        # One host sync per forward reads the position range and the token range together.
-        lo, hi, t_lo, t_hi = torch.stack([x.long() for x in (*pos.aminmax(), *tokens.aminmax())]).tolist()
-        if t_lo < 0 or t_hi >= self.cfg.vocab_size:
-            bad = t_lo if t_lo < 0 else t_hi
-            raise BadInput(f"token id {bad} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
-        if hi >= self.cfg.max_position_embeddings:
-            raise BadInput(f"sequence of {hi + 1} tokens exceeds the model's context "
-                             f"({self.cfg.max_position_embeddings} tokens)")
+        lo = -1                                                # unknown: assume padding (the masked SDPA path)
+        if validate:   # one host sync reads the position range and the token range together
+            lo, hi, t_lo, t_hi = torch.stack([x.long() for x in (*pos.aminmax(), *tokens.aminmax())]).tolist()
+            if t_lo < 0 or t_hi >= self.cfg.vocab_size:
+                bad = t_lo if t_lo < 0 else t_hi
+                raise BadInput(f"token id {bad} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
+            if hi >= self.cfg.max_position_embeddings:
+                raise BadInput(f"sequence of {hi + 1} tokens exceeds the model's context "
+                               f"({self.cfg.max_position_embeddings} tokens)")
         if len(cache.layers) != len(self.layers) or cache.seen.shape != (B,):
             raise BadInput(f"cache has {len(cache.layers)} layers and batch {tuple(cache.seen.shape)}; "
                              f"model has {len(self.layers)} layers, tokens batch {B}")

@@ -1,15 +1,18 @@
-"""The explicit KV store: per layer, per (batch row, KV head), a compacted list of entries.
+"""The explicit KV store: per layer, per (batch row, KV head), a fixed set of slots holding entries in any order.
 
-Layout (padded per head; slots past a head's length are empty):
+Layout (slots past a head's entries are empty):
     k, v   : (B, Hkv, S, d)   keys are stored *after* RoPE at their true position
     pos    : (B, Hkv, S)      absolute token position of each entry, -1 = empty slot
-    length : (B, Hkv)         live entries of each head; live entries occupy slots [0, length) in position order
     stats  : name -> (B, Hkv, S) per-entry statistics owned by the policy (accumulated attention, last hit, ...)
     rows   : name -> (B, ...)    per-row state of the layer: the prompt lengths (set by prefill) and what a policy
                                  decided for the row (D2O's threshold and sizes, Ada-KV's head budgets, ...)
+    host   : name -> value       host-side facts a policy decided once (Python values, read without a GPU sync)
 
-Code that needs "how old" or "how recent" reads `pos`, never the slot. Statistics live beside the entries so `keep`
-moves them together; per-row state lives beside the rows, so a policy is a configuration only."""
+Eviction empties slots in place (pos = -1) and an appended entry takes the first empty slot, so a decode step moves
+no data and never waits for the GPU: slot order is NOT position order. Code that needs "how old" or "how recent",
+and every tie-break, reads `pos`, never the slot. `fit` compacts the entries to the front in position order and
+sizes the tensors (one host sync; after prefill, before a fixed-capacity decode). Statistics live beside the
+entries; per-row state lives beside the rows, so a policy is a configuration only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,23 +22,29 @@ from minikv.errors import BadInput, is_int
 
 # Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
 _ROUND = 16
+# Sort key of an empty slot: after every real position.
+NO_POS = 2 ** 62
 
 def _round_up(n: int) -> int:
     return max(_ROUND, -(-n // _ROUND) * _ROUND)
+
+def position_order(pos: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """Slots sorted by position, the slots `among` first (B, Hkv, S) -> (B, Hkv, S) slot indices."""
+    return torch.argsort(torch.where(among, pos, NO_POS), dim=-1, stable=True)
 
 @dataclass
 class LayerStore:
     k: torch.Tensor                                   # (B, Hkv, S, d)
     v: torch.Tensor                                   # (B, Hkv, S, d)
     pos: torch.Tensor                                 # (B, Hkv, S) int64, -1 = empty
-    length: torch.Tensor                              # (B, Hkv) int64
     seen: torch.Tensor                                # (B,) tokens appended so far = the next token's position
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # each (B, Hkv, S)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)   # each (B, ...), e.g. "prompt_len" (B,)
+    host: dict[str, object] = field(default_factory=dict)
     # Host-side bookkeeping, so the decode path never waits for the GPU to learn a length:
-    max_len_bound: int = 0        # >= the longest head's length (exact after every keep)
+    max_len_bound: int = 0        # >= the longest head's entries (exact after `fit`; eviction does not lower it)
     n_appends: int = 0            # append calls so far (the first one, without padding, is a plain causal prompt)
-    heads_aligned: bool = True    # every head holds the same positions (False after any eviction)
+    heads_aligned: bool = True    # every head holds the same positions in the same slots (False after any keep)
     # Geometric growth stops here (the model's context: no head can hold more); 0 = unbounded.
     max_capacity: int = 0
     n_layers: int = 1             # layers of the cache this store belongs to (PyramidKV's schedule reads it)
@@ -48,7 +57,6 @@ class LayerStore:
             k=torch.zeros(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device),
             v=torch.zeros(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device),
             pos=torch.full((batch, n_kv_heads, S), -1, dtype=torch.long, device=device),
-            length=torch.zeros(batch, n_kv_heads, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
             max_capacity=max_capacity, n_layers=n_layers,
         )
@@ -62,96 +70,80 @@ class LayerStore:
         """(B, Hkv, S) bool: slot holds a live entry."""
         return self.pos >= 0
 
+    @property
+    def length(self) -> torch.Tensor:
+        """(B, Hkv) live entries of each head."""
+        return self.valid.sum(-1)
+
     def add_stat(self, name: str, fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
         """Create a per-entry statistic (if absent) aligned with the slots."""
         if name not in self.stats:
             self.stats[name] = torch.full(self.pos.shape, fill, dtype=dtype, device=self.pos.device)
         return self.stats[name]
 
-    def _resize(self, new_capacity: int) -> None:
-        """Reallocate every slot tensor to `new_capacity` slots (>= the longest head)."""
-        S_new = _round_up(new_capacity)
-        n = min(S_new, self.capacity)
+    def fit(self, extra: int = 0, spare: int = 0) -> None:
+        """Room for exactly `extra` more entries per head (+ `spare`, never past max_capacity, the context): the
+        live entries compacted to the front in position order, the tensors reallocated. One host sync."""
+        if not is_int(extra) or extra < 0:
+            raise BadInput(f"fit: extra entries must be an integer >= 0, got {extra!r}")
+        n = self.length                                                  # (B, Hkv)
+        longest = self.max_len_bound = int(n.max()) if n.numel() else 0
+        need = longest + int(extra) + 1                                  # +1: a free slot for a padding token
+        S_new = _round_up(need + spare)
+        if self.max_capacity:                    # spare room past the context could never be used
+            S_new = max(need, min(S_new, self.max_capacity))
+        if S_new == self.capacity and self.heads_aligned:
+            return                                                       # never evicted: compact and sized already
+        order = position_order(self.pos, self.valid)[..., :S_new]        # (B, Hkv, min(S, S_new))
+        live = torch.arange(order.shape[-1], device=order.device) < n[..., None]
 
-        def grow(t: torch.Tensor, fill) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[2] = S_new
-            out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-            out[:, :, :n] = t[:, :, :n]
+        def move(t: torch.Tensor, fill) -> torch.Tensor:
+            idx = order if t.dim() == 3 else order[..., None].expand(*order.shape, t.shape[-1])
+            out = torch.full((*t.shape[:2], S_new, *t.shape[3:]), fill, dtype=t.dtype, device=t.device)
+            out[:, :, :order.shape[-1]] = torch.where(live if t.dim() == 3 else live[..., None],
+                                                      torch.gather(t, 2, idx), fill)
             return out
 
-        self.k, self.v = grow(self.k, 0), grow(self.v, 0)
-        self.pos = grow(self.pos, -1)
-        self.stats = {name: grow(t, 0) for name, t in self.stats.items()}
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more entries in every head (call before a long decode to avoid regrowth).
-        Never beyond max_capacity: room past the context could not be used."""
-        if not is_int(extra) or extra < 0:
-            raise BadInput(f"reserve: extra entries must be an integer >= 0, got {extra!r}")
-        longest = int(self.length.max()) if self.length.numel() else 0
-        need = longest + int(extra) + 1               # +1: the spare slot append uses for padding
-        if self.max_capacity:
-            need = min(need, max(self.max_capacity, longest + 1))
-        if need > self.capacity:
-            self._resize(need)
+        self.k, self.v, self.pos = move(self.k, 0), move(self.v, 0), move(self.pos, -1)
+        self.stats = {name: move(t, 0) for name, t in self.stats.items()}
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Append T new tokens to every head of each batch row; tokens with pos < 0 (left padding) are skipped.
-        k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot each token went to, (B, Hkv, T) (-1 if skipped)."""
+        """Write T new tokens into empty slots of every head of each batch row; tokens with pos < 0 (left padding)
+        are not cached. k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot of each token, (B, Hkv, T) (-1 if not)."""
         B, Hkv, T, d = k.shape
         if v.shape != k.shape or pos.shape != (B, T) or (B, Hkv, d) != tuple(self.k.shape[i] for i in (0, 1, 3)):
             raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not fit "
                            f"the store's (B, Hkv, S, d) = {tuple(self.k.shape)}")
-        real = (pos >= 0)                                             # (B, T)
-        n_new = real.sum(-1)                                          # (B,)
-        # +1 spare slot: skipped (padding) tokens are written there and left marked empty.
-        need = self.max_len_bound + T + 1
-        if need > self.capacity:
-            # Geometric growth keeps appends amortised O(1); it stops at max_capacity unless `need` is larger.
-            grown = int(self.capacity * 1.5)
-            if self.max_capacity:
-                grown = min(grown, self.max_capacity)
-            self._resize(max(need, grown))
-        offset = torch.cumsum(real.long(), dim=-1) - 1                # (B, T) rank among the real tokens
-        slot = self.length[:, :, None] + offset[:, None, :]           # (B, Hkv, T)
-        spare = self.length + n_new[:, None]                          # (B, Hkv) first slot after the new ones
-        slot = torch.where(real[:, None, :], slot, spare[:, :, None])
+        if self.max_len_bound + T + 1 > self.capacity:                   # the host bound says it may not fit:
+            self.max_len_bound = int(self.length.max())                  # one sync reads the real lengths
+            if self.max_len_bound + T + 1 > self.capacity:
+                self.fit(T, spare=self.capacity // 2)                    # geometric growth: amortised O(1)
+        real = (pos >= 0)                                                # (B, T)
+        # Real tokens take the first empty slots in order, padding tokens the next ones (written, left empty).
+        rank = torch.where(real, real.cumsum(-1) - 1, real.sum(-1, keepdim=True) + (~real).cumsum(-1) - 1)
+        empty = ~self.valid                                              # (B, Hkv, S)
+        first_empty = empty.to(torch.int8).argmax(-1, keepdim=True) if T == 1 else \
+            torch.argsort((~empty).to(torch.int8), dim=-1, stable=True)[..., :T]   # (B, Hkv, T)
+        slot = torch.gather(first_empty, 2, rank[:, None, :].expand(B, Hkv, T))   # (B, Hkv, T)
         idx = slot[..., None].expand(B, Hkv, T, d)
         self.k.scatter_(2, idx, k.to(self.k.dtype))
         self.v.scatter_(2, idx, v.to(self.v.dtype))
-        new_pos = torch.where(real, pos, -1)[:, None, :].expand(B, Hkv, T)
-        self.pos.scatter_(2, slot, new_pos)
-        self.pos.scatter_(2, spare[:, :, None], -1)                  # the spare slot stays empty
-        for t in self.stats.values():                                 # new entries start with zero statistics
+        self.pos.scatter_(2, slot, torch.where(real, pos, -1)[:, None, :].expand(B, Hkv, T))
+        for t in self.stats.values():                                    # new entries start with zero statistics
             t.scatter_(2, slot, 0)
-        self.length += n_new[:, None]
-        self.seen += n_new
+        self.seen += real.sum(-1)
         self.max_len_bound += T
         self.n_appends += 1
         return torch.where(real[:, None, :], slot, -1)
 
     def keep(self, keep_mask: torch.Tensor) -> None:
-        """Evict every live entry whose `keep_mask` is False and compact the survivors to the front, in order.
-        keep_mask: (B, Hkv, S) bool. Heads may keep different counts (uneven budgets are stored for real).
-        When the longest head shrinks below half the capacity the tensors are reallocated, returning memory."""
+        """Evict every live entry whose `keep_mask` is False: its slot is emptied in place (nothing moves, no sync).
+        keep_mask: (B, Hkv, S) bool. Heads may keep different counts (uneven budgets are stored for real)."""
         if keep_mask.shape != self.pos.shape:
             raise BadInput(f"keep: mask shape {tuple(keep_mask.shape)} != store slots {tuple(self.pos.shape)}")
-        keep_mask = keep_mask & self.valid
-        new_len = keep_mask.sum(-1)                                   # (B, Hkv)
-        S_new = int(new_len.max()) if new_len.numel() else 0
-        S_alloc = self.capacity if S_new + 1 > self.capacity // 2 else _round_up(S_new + 1)
-        # Stable sort puts kept slots first, preserving their (position) order.
-        order = torch.argsort((~keep_mask).to(torch.int8), dim=-1, stable=True)[..., :S_alloc]  # (B, Hkv, S_alloc)
-        live = torch.arange(S_alloc, device=order.device) < new_len[..., None]                 # (B, Hkv, S_alloc)
-        d = self.k.shape[-1]
-        idx = order[..., None].expand(*order.shape, d)
-        self.k = torch.where(live[..., None], torch.gather(self.k, 2, idx), 0)
-        self.v = torch.where(live[..., None], torch.gather(self.v, 2, idx), 0)
-        self.pos = torch.where(live, torch.gather(self.pos, 2, order), -1)
-        self.stats = {n: torch.where(live, torch.gather(t, 2, order), 0) for n, t in self.stats.items()}
-        self.length = new_len
-        self.max_len_bound = S_new
+        self.pos.masked_fill_(~keep_mask, -1)
+        for t in self.stats.values():
+            t.masked_fill_(~keep_mask, 0)
         self.heads_aligned = False
 
     def merge(self, dst_slot: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
@@ -160,21 +152,19 @@ class LayerStore:
         k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * src_k[e]   (the same for v)
         dst_slot: (B, Hkv, E) int64; src_k, src_v: (B, Hkv, E, d); src_weight: (B, Hkv, E) (0 = not merged);
         dst_scale: (B, Hkv, S), 1 for entries that receive nothing."""
-        d = self.k.shape[-1]
-        idx = dst_slot[..., None].expand(*dst_slot.shape, d)
+        idx = dst_slot[..., None].expand(*dst_slot.shape, self.k.shape[-1])
         w = src_weight[..., None].to(self.k.dtype)
         scale = dst_scale[..., None].to(self.k.dtype)
-        self.k = (self.k * scale).scatter_add(2, idx, w * src_k.to(self.k.dtype))
-        self.v = (self.v * scale).scatter_add(2, idx, w * src_v.to(self.v.dtype))
+        self.k.mul_(scale).scatter_add_(2, idx, w * src_k.to(self.k.dtype))
+        self.v.mul_(scale).scatter_add_(2, idx, w * src_v.to(self.v.dtype))
 
     def nbytes_live(self) -> int:
         """Bytes of keys and values in live entries: sum of lengths x 2 x d x itemsize."""
         return int(self.length.sum()) * 2 * self.k.shape[-1] * self.k.element_size()
 
     def nbytes_allocated(self) -> int:
-        """Bytes the key/value/position/statistic tensors really occupy (padding to the longest head included)."""
-        total = self.k.nbytes + self.v.nbytes + self.pos.nbytes + self.length.nbytes
-        return total + sum(t.nbytes for t in self.stats.values())
+        """Bytes the key/value/position/statistic tensors really occupy (empty slots included)."""
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes + sum(t.nbytes for t in self.stats.values())
 
 @dataclass
 class KVCache:
@@ -222,6 +212,7 @@ class KVCache:
         full = int(self.seen.sum()) * Hkv * len(self.layers)
         return self.entries() / full if full else 1.0
 
-    def reserve(self, extra: int) -> None:
+    def fit(self, extra: int) -> None:
+        """Every layer compacted, with room for exactly `extra` more entries per head (see LayerStore.fit)."""
         for layer in self.layers:
-            layer.reserve(extra)
+            layer.fit(extra)

@@ -19,3 +19,13 @@ def gqa_shapes(draw, max_batch=2, max_kv_heads=3, max_group=3, max_len=40, head_
 def seeded_randn(seed: int, *shape, dtype=torch.float64, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=dtype) * scale
+
+
+def in_position_order(store):
+    """A copy of a LayerStore whose live entries sit in slots [0, n) in position order, as a compacting store
+    keeps them (the real store empties slots in place and reuses them, so its slot order is arbitrary)."""
+    import copy
+    out = copy.deepcopy(store)
+    out.heads_aligned = False                  # force the compaction even when nothing was evicted
+    out.fit()
+    return out

@@ -347,8 +347,8 @@ def test_store_grows_geometrically_and_stops_at_max_capacity():
         sizes.add(store.capacity)
     assert len(sizes) <= 12                                              # about log_1.5(1000 / 16) reallocations
     assert max(sizes) <= 1008                                            # never past the context (rounded to 16)
-    with pytest.raises(ValueError, match="reserve: .* got -1"):
-        store.reserve(-1)
+    with pytest.raises(ValueError, match="fit: .* got -1"):
+        store.fit(-1)
 
 
 # ---- model folders: config.json, weights, tokenizer -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from conftest import tiny_model
 from minikv.tools.eval.plots import format_d2o_report, plot_d2o_report
 from minikv.generate import generate, prefill
 from minikv.policies import get_policy
-from minikv.policies.base import Policy, apply_keep
+from minikv.policies.base import Policy
 from minikv.policies.d2o import (D2O, evict_and_merge, head_variances, heavy_recent_sizes, layer_caps, layer_ratios,
                                  layer_weights, merge_decision, merge_weights_code, merge_weights_paper,
                                  nearest_kept, update_threshold, variance_statistic)
@@ -73,7 +73,7 @@ class H2OFixedSizes(Policy):
         if layer in self.S_h:
             keep = heavy_recent_keep(store, store.stats["score"], torch.tensor([self.S_h[layer]]),
                                      torch.tensor([self.S_r[layer]]), self.n_sink)
-            apply_keep(store, keep)
+            store.keep(keep)
 
 
 # ---- Step 1 --------------------------------------------------------------------------------------------------
@@ -144,7 +144,8 @@ def test_nearest_kept_is_max_cosine_over_kept(B, Hkv, S, d, seed):
     keep = seeded_randn(seed + 7, B, Hkv, S) > 0
     keep[..., 0] = True
     src = torch.randint(0, S, (B, Hkv, 3), generator=torch.Generator().manual_seed(seed))
-    m, j = nearest_kept(k, src, keep)
+    pos = torch.randperm(S, generator=torch.Generator().manual_seed(seed)).expand(B, Hkv, S)  # slots in any order
+    m, j = nearest_kept(k, src, keep, pos)
     for b in range(B):
         for h in range(Hkv):
             for e in range(3):
@@ -255,10 +256,10 @@ def test_merge_equals_brute_force_loop(B, Hkv, S, d, seed, rule, first, tau_leve
     assert torch.allclose(got_tau, want_tau, rtol=1e-12, atol=1e-12, equal_nan=True)
     for b in range(B):
         for h in range(Hkv):
-            n = int(store.length[b, h])
-            assert n == len(want_k[b][h])
-            assert torch.allclose(store.k[b, h, :n], want_k[b][h], rtol=1e-12, atol=1e-12)
-            assert torch.allclose(store.v[b, h, :n], want_v[b][h], rtol=1e-12, atol=1e-12)
+            live = store.pos[b, h] >= 0                             # eviction is in place: slots do not move
+            assert int(live.sum()) == len(want_k[b][h])
+            assert torch.allclose(store.k[b, h][live], want_k[b][h], rtol=1e-12, atol=1e-12)
+            assert torch.allclose(store.v[b, h][live], want_v[b][h], rtol=1e-12, atol=1e-12)
 
 
 @settings(deadline=None)

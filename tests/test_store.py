@@ -1,4 +1,6 @@
-"""The KV store: append / keep / merge invariants (stateful), byte accounting, masked == compacted attention."""
+"""The KV store: append / keep / merge / fit invariants (stateful), byte accounting, masked == compacted attention.
+Slots are not in position order (eviction empties a slot, an append takes the first empty one): the model of the
+store is a list per head in position order, and entries are matched to slots by position."""
 from __future__ import annotations
 
 import pytest
@@ -43,6 +45,10 @@ class StoreMachine(RuleBasedStateMachine):
                         self.store.stats["tag"][b, h, slots[b, h, t]] = tag
                         self.model[b][h].append((int(pos[b, t]), k[b, h, t].clone(), v[b, h, t].clone(), tag))
 
+    def slot_of(self, b: int, h: int, p: int) -> int:
+        """The slot holding position p in head (b, h)."""
+        return int((self.store.pos[b, h] == p).nonzero()[0, 0])
+
     @rule(data=st.data())
     def keep(self, data):
         mask = torch.zeros(self.store.pos.shape, dtype=torch.bool)
@@ -50,9 +56,15 @@ class StoreMachine(RuleBasedStateMachine):
             for h in range(self.H):
                 n = len(self.model[b][h])
                 chosen = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label=f"keep[{b},{h}]")
-                mask[b, h, :n] = torch.tensor(chosen, dtype=torch.bool)
+                for e, c in zip(self.model[b][h], chosen):
+                    mask[b, h, self.slot_of(b, h, e[0])] = c
                 self.model[b][h] = [e for e, c in zip(self.model[b][h], chosen) if c]
         self.store.keep(mask)
+
+    @rule(extra=st.integers(0, 5))
+    def fit(self, extra):
+        self.store.fit(extra)                       # compaction moves entries, never changes them
+        assert self.store.capacity >= int(self.store.length.max()) + extra + 1
 
     @precondition(lambda self: all(len(self.model[b][h]) for b in range(2) for h in range(2)))
     @rule(data=st.data())
@@ -67,18 +79,18 @@ class StoreMachine(RuleBasedStateMachine):
         for b in range(self.B):
             for h in range(self.H):
                 n = len(self.model[b][h])
+                entry = [data.draw(st.integers(0, n - 1), label="dst") for e in range(E)]
                 for e in range(E):
-                    dst[b, h, e] = data.draw(st.integers(0, n - 1), label="dst")
+                    dst[b, h, e] = self.slot_of(b, h, self.model[b][h][entry[e]][0])
                     w[b, h, e] = data.draw(st.floats(0, 1), label="w")
                 s = data.draw(st.floats(0.5, 1.0), label="scale")
-                slot = int(dst[b, h, 0])
-                scale[b, h, slot] = s
+                scale[b, h, int(dst[b, h, 0])] = s
                 new = []
                 for i, (p, k, v, tag) in enumerate(self.model[b][h]):
-                    sc = s if i == slot else 1.0
+                    sc = s if i == entry[0] else 1.0
                     k, v = k * sc, v * sc
                     for e in range(E):
-                        if int(dst[b, h, e]) == i:
+                        if entry[e] == i:
                             k, v = k + w[b, h, e] * src_k[b, h, e], v + w[b, h, e] * src_v[b, h, e]
                     new.append((p, k, v, tag))
                 self.model[b][h] = new
@@ -92,13 +104,13 @@ class StoreMachine(RuleBasedStateMachine):
             for h in range(self.H):
                 n = int(s.length[b, h])
                 entries = self.model[b][h]
-                assert n == len(entries)
-                pos = s.pos[b, h, :n]
-                assert (pos[1:] > pos[:-1]).all(), "positions strictly increasing"
-                assert (pos < s.seen[b]).all() and (s.pos[b, h, n:] == -1).all()
-                assert pos.tolist() == [e[0] for e in entries]
-                assert s.stats["tag"][b, h, :n].tolist() == [e[3] for e in entries], "stats aligned with entries"
-                for i, (p, k, v, tag) in enumerate(entries):
+                assert n == len(entries) and n <= s.max_len_bound, "the host bound never undercounts"
+                pos = s.pos[b, h][s.pos[b, h] >= 0]
+                assert (pos < s.seen[b]).all()
+                assert sorted(pos.tolist()) == [e[0] for e in entries]
+                for p, k, v, tag in entries:
+                    i = self.slot_of(b, h, p)
+                    assert s.stats["tag"][b, h, i] == tag, "stats move with their entries"
                     assert torch.allclose(s.k[b, h, i], k, atol=1e-12) and torch.allclose(s.v[b, h, i], v, atol=1e-12)
 
     @invariant()
@@ -134,15 +146,15 @@ def test_masked_eviction_equals_compaction(shape, data):
     mask[..., :T] = keep
     q = seeded_randn(3, B, Hkv * G, 2, d)
     qpos = torch.full((B, 2), T)
-    masked = LayerStore(store.k.clone(), store.v.clone(), torch.where(mask, store.pos, -1), store.length.clone(),
-                        store.seen.clone())
+    masked = LayerStore(store.k.clone(), store.v.clone(), torch.where(mask, store.pos, -1), store.seen.clone())
     out_masked, _ = attend(q, qpos, masked)
     store.keep(mask)
+    store.fit()                                                     # real compaction
     out_kept, _ = attend(q, qpos, store)
     assert torch.allclose(out_masked, out_kept, atol=1e-12)
 
 
-def test_keep_returns_memory_and_bytes_are_counted():
+def test_fit_returns_memory_and_bytes_are_counted():
     store = LayerStore.empty(1, 2, 8, capacity=1000)
     store.append(torch.randn(1, 2, 1000, 8), torch.randn(1, 2, 1000, 8), torch.arange(1000)[None])
     before = store.nbytes_allocated()
@@ -152,6 +164,8 @@ def test_keep_returns_memory_and_bytes_are_counted():
     mask[0, 1, :50] = True
     store.keep(mask)
     assert store.nbytes_live() == 150 * 2 * 8 * 4                   # uneven heads, counted per entry
+    assert store.nbytes_allocated() == before                       # eviction frees slots, not memory
+    store.fit()
     assert store.nbytes_allocated() < before / 5                    # the longest head (100) sets the allocation
     assert store.length.tolist() == [[100, 50]]
 

@@ -15,7 +15,7 @@ import torch
 
 from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
-from minikv.policies.base import apply_keep, choice_option, float_option, int_option
+from minikv.policies.base import choice_option, float_option
 from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
 from minikv.policies.snapkv import PyramidKV, SnapKV, window_plus_topk_keep, window_scores
 from minikv.errors import BadInput
@@ -32,28 +32,33 @@ def safeguard_floor(prefix_budget: torch.Tensor, alpha: float) -> torch.Tensor:
     return (prefix_budget.double() * alpha).floor().long()
 
 def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alpha: float = 0.2,
-                   variant: str = "official", valid: torch.Tensor | None = None) -> torch.Tensor:
+                   variant: str = "official", valid: torch.Tensor | None = None,
+                   pos: torch.Tensor | None = None) -> torch.Tensor:
     """Ada-KV head-wise prefix budgets (B, Hkv) from scores (B, Hkv, m) and the average prefix budget b per head.
     official: B_i = round((1 - alpha) f_i + floor(alpha b)), f_i = head i's share of the global top-(Hkv*b);
     exact: each head's top floor(alpha b), then a global top fills the rest (sum = Hkv*b); train_free.md §8.1, §9.
-    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,)."""
+    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
+    pos: (B, Hkv, m) positions for the tie-break (None: slot order); the global ranking breaks ties by head, then
+    position."""
     check_allocation_options(alpha, variant)
     B, H, m = scores.shape
     valid = (scores > float("-inf")) if valid is None else valid
     b = torch.as_tensor(prefix_budget, device=scores.device).long().expand(B)              # (B,)
-    if bool((b < 0).any()):
+    if b.device.type == "cpu" and bool((b < 0).any()):         # (on GPU this check would sync every step)
         raise BadInput(f"adakv: prefix budget must be >= 0, got {b.tolist()}")
     n_cand = valid.sum(-1)                                                                  # (B, Hkv)
     floor = safeguard_floor(b, alpha)                                                        # (B,)
+    # Flattened over heads, the tie-break key is (head, position): head i's positions shifted by i * 2^40.
+    flat_pos = None if pos is None else (pos + torch.arange(H, device=pos.device)[:, None] * 2 ** 40).reshape(B, -1)
     if variant == "official":
-        top = select_topk(scores.reshape(B, H * m), H * b, valid.reshape(B, H * m))         # (B, Hkv*m)
+        top = select_topk(scores.reshape(B, H * m), H * b, valid.reshape(B, H * m), flat_pos)   # (B, Hkv*m)
         f = top.view(B, H, m).sum(-1)                                                       # (B, Hkv)
         counts = torch.round((1 - alpha) * f.double() + floor[:, None].double()).long()
     else:
-        safe = select_topk(scores, floor[:, None], valid)                                  # (B, Hkv, m)
+        safe = select_topk(scores, floor[:, None], valid, pos)                             # (B, Hkv, m)
         n_safe = safe.sum(-1)                                                               # (B, Hkv)
         rest = (H * b - n_safe.sum(-1)).clamp_min(0)                                        # (B,)
-        extra = select_topk(scores.reshape(B, H * m), rest, (valid & ~safe).reshape(B, H * m))
+        extra = select_topk(scores.reshape(B, H * m), rest, (valid & ~safe).reshape(B, H * m), flat_pos)
         counts = n_safe + extra.view(B, H, m).sum(-1)
     return torch.minimum(counts, n_cand)
 
@@ -73,10 +78,10 @@ class AdaSnapKV(SnapKV):
         heads = (n - self.window)[:, None].expand(store.length.shape)                       # (B, Hkv) if it fits
         if not bool(fits.all()):
             score = window_scores(store, stats["last_rows"], self.window, self.kernel)      # (B, Hkv, S)
-            counts = adakv_allocate(score, b, self.alpha, self.variant)                     # (B, Hkv)
+            counts = adakv_allocate(score, b, self.alpha, self.variant, pos=store.pos)      # (B, Hkv)
             keep = window_plus_topk_keep(store, score, counts, self.window)
             keep |= fits[:, None, None] & store.valid                                      # rows that fit keep all
-            apply_keep(store, keep)
+            store.keep(keep)
             heads = torch.where(fits[:, None], heads, counts)
         _log_heads(store, b, heads, self.window, ~fits)
 
@@ -100,29 +105,29 @@ class AdaH2O(H2O):
         super().__init__(budget, heavy_share, n_sink)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
-    def _compress(self, layer: int, store: LayerStore) -> None:
+    def _compress(self, layer: int, store: LayerStore, at_prefill: bool = False) -> None:
         budget = self.budget_entries(store)                                                 # (B,)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)                          # (B,), (B,)
-        # Heavy counts per head (B, Hkv), -1 until the row first overflows; kept beside the rows.
-        heavy = store.rows.setdefault("heavy", torch.full(store.length.shape, -1, device=store.k.device))
-        new = (heavy[:, 0] < 0) & (store.seen > budget)                                     # rows that overflow now
-        if bool(new.any()):
+        # Heavy counts per head (B, Hkv), -1 until the row first overflows; kept beside the rows, updated in place.
+        heavy = store.rows.setdefault("heavy", torch.full(store.pos.shape[:2], -1, device=store.k.device))
+        if not store.host.get("adakv_all_allocated"):          # a row may overflow now: allocate, branch-free
+            new = (heavy[:, 0] < 0) & (store.seen > budget)                                 # rows that overflow now
             recent = recent_mask(store.pos, n_recent[:, None], store.seen)                  # (B, Hkv, S)
             # Sinks rank first (they count inside the heavy share), as in heavy_recent_keep.
             score = store.stats["score"].masked_fill(first_positions_mask(store.pos, self.n_sink), float("inf"))
-            counts = adakv_allocate(score, n_heavy, self.alpha, self.variant, valid=store.valid & ~recent)
-            heavy = store.rows["heavy"] = torch.where(new[:, None], counts, heavy)
+            counts = adakv_allocate(score, n_heavy, self.alpha, self.variant, store.valid & ~recent, store.pos)
+            heavy.copy_(torch.where(new[:, None], counts, heavy))
+            if at_prefill:                                     # (prefill may sync; a decode step never does)
+                store.host["adakv_all_allocated"] = bool((heavy >= 0).all())
         active = heavy[:, 0] >= 0                                                           # (B,)
         _log_heads(store, n_heavy, heavy.clamp_min(0), n_recent[:, None], active)
-        if not bool(active.any()):
-            return
         keep = heavy_recent_keep(store, store.stats["score"], heavy.clamp_min(0), n_recent, self.n_sink)
         keep |= ~active[:, None, None] & store.valid                                       # rows that still fit
-        apply_keep(store, keep)
+        store.keep(keep)
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
-        self._compress(layer, store)
+        self._compress(layer, store, at_prefill=True)
 
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])

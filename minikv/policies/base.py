@@ -36,7 +36,7 @@ class Policy:
         """(B,) entries per (layer, head) for each row, or None for no budget (keep everything)."""
         if self.budget is None:
             return None
-        return self.budget.entries(store.rows["prompt_len"].cpu()).to(store.k.device)
+        return self.budget.entries(store.rows["prompt_len"])
 
     def after_prefill(self, layer: int, store: LayerStore, stats: dict) -> None:
         pass
@@ -55,13 +55,6 @@ class Policy:
             r["layers"] = [{"layer": l, "entries": s.length.tolist(), **{k: v.tolist() for k, v in s.rows.items()}}
                            for l, s in enumerate(cache.layers)]
         return r
-
-def apply_keep(store: LayerStore, keep: torch.Tensor) -> bool:
-    """Compact the store to `keep` unless it keeps every live entry (no reallocation then). Returns True if evicted."""
-    if bool((keep | ~store.valid).all()):
-        return False
-    store.keep(keep)
-    return True
 
 # ---- option checking: every constructor validates its options through these, so messages read alike ----------
 def _range_text(lo, hi) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from minikv.ops import first_positions_mask
 from minikv.store import LayerStore
-from minikv.policies.base import Policy, apply_keep, choice_option, int_option
+from minikv.policies.base import Policy, choice_option, int_option
 from minikv.errors import BadInput
 
 THRESHOLDS = ("step", "cached")
@@ -104,11 +104,11 @@ class CORM(Policy):
         steps = oneshot_window_steps(store, rows.shape[3])                # (B, w')
         tau = step_thresholds(store, steps - 1, self.threshold, rows.dtype)
         record_hits(last_hit, important_mask(rows, tau), steps)
-        apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
+        store.keep(corm_keep(store, last_hit, self.w, self.r, self.n_sink))
 
     def after_step(self, layer, store, stats):
         last_hit = init_last_hit(store)
         steps = store.seen[:, None]                                       # (B, 1): step t = position t-1 + 1
         tau = step_thresholds(store, steps - 1, self.threshold, stats["probs"].dtype)
         record_hits(last_hit, important_mask(stats["probs"], tau), steps)
-        apply_keep(store, corm_keep(store, last_hit, self.w, self.r, self.n_sink))
+        store.keep(corm_keep(store, last_hit, self.w, self.r, self.n_sink))

@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from minikv.store import KVCache, LayerStore
-from minikv.policies.base import Policy, apply_keep, choice_option, float_option, int_option
+from minikv.store import KVCache, LayerStore, position_order
+from minikv.policies.base import Policy, choice_option, float_option, int_option
 from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
 from minikv.errors import BadInput, is_int
 
@@ -86,25 +86,29 @@ def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float)
     return (budget * heavy_share).floor().long(), (budget * (1 - heavy_share)).floor().long()
 
 # ---- Step 4: nearest kept entry, threshold, decision -----------------------------------------------------------
-def evicted_slots(evict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of the evicted entries of each head in position order, padded: ((B, Hkv, E) long, (B, Hkv, E) real)."""
+def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of the evicted entries of each head in position order, padded to E (None: the most any head evicts,
+    one host sync): ((B, Hkv, E) long, (B, Hkv, E) real)."""
     counts = evict.sum(-1)                                                # (B, Hkv)
-    E = int(counts.max()) if counts.numel() else 0
-    # Stable sort puts evicted slots first in slot order, which is position order (live slots are sorted).
-    order = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[..., :E]   # (B, Hkv, E)
-    real = torch.arange(E, device=evict.device) < counts[..., None]      # (B, Hkv, E)
+    if E is not None and evict.device.type == "cpu" and counts.numel() and int(counts.max()) > E:
+        raise RuntimeError(f"d2o: a head evicts {int(counts.max())} entries, more than the bound {E}")
+    E = (int(counts.max()) if counts.numel() else 0) if E is None else E
+    order = position_order(pos, evict)[..., :E]                           # (B, Hkv, E) evicted first, oldest first
+    real = torch.arange(order.shape[-1], device=evict.device) < counts[..., None]   # (B, Hkv, E)
     return order, real
 
-def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, eps: float = 1e-8):
+def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, eps: float = 1e-8):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
-    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep: (B, Hkv, S) kept slots.
-    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the lower slot (older position)."""
+    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep, pos: (B, Hkv, S).
+    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the older position."""
     d = k.shape[-1]
+    by_pos = position_order(pos, keep)                                    # (B, Hkv, S) kept slots, oldest first
     kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)                  # (B, Hkv, S, d) unit keys
     ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, d))   # (B, Hkv, E, d)
-    u = (ke @ kn.transpose(-1, -2)).masked_fill(~keep[:, :, None, :], float("-inf"))   # (B, Hkv, E, S)
-    m, j = u.max(dim=-1)                                                  # first maximum = lower slot
-    return m, j
+    kc = torch.gather(kn, 2, by_pos[..., None].expand(*by_pos.shape, d))  # (B, Hkv, S, d) in position order
+    u = (ke @ kc.transpose(-1, -2)).masked_fill(~torch.gather(keep, 2, by_pos)[:, :, None, :], float("-inf"))
+    m, j = u.max(dim=-1)                                                  # (B, Hkv, E): first maximum = oldest
+    return m, torch.gather(by_pos, 2, j)
 
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
@@ -156,16 +160,15 @@ def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor
 
 # ---- Step 6: one compression of one layer ----------------------------------------------------------------------
 def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
-                    merge_weights: str = "code", tau_override: float | None = None, threshold_rule: str | None = None):
-    """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then compaction.
+                    merge_weights: str = "code", tau_override: float | None = None, threshold_rule: str | None = None,
+                    max_evicted: int | None = None):
+    """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then eviction.
     keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression); threshold_rule
-    defaults to the rule named like the weights. Returns (new tau (B,), merged (B,), dropped (B,) entries per row)."""
+    defaults to the rule named like the weights; max_evicted: a host bound on the entries a head evicts (None: read
+    it, one sync). Returns (new tau (B,), merged (B,), dropped (B,) entries per row). No branch reads a tensor."""
     evict = store.valid & ~keep                                           # (B, Hkv, S)
-    if not bool(evict.any()):
-        zero = torch.zeros(tau.shape, dtype=torch.long, device=tau.device)
-        return tau, zero, zero
-    src, real = evicted_slots(evict)                                      # (B, Hkv, E)
-    m, j = nearest_kept(store.k, src, keep)
+    src, real = evicted_slots(evict, store.pos, max_evicted)              # (B, Hkv, E)
+    m, j = nearest_kept(store.k, src, keep, store.pos)
     real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
     if tau_override is None:
         tau = update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights)   # before its use
@@ -173,13 +176,11 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
         tau = torch.full_like(tau, float(tau_override))
     merged = merge_decision(m, real_m, tau)                               # (B, Hkv, E)
     n_merged = merged.sum(dim=(1, 2))                                     # (B,)
-    if bool(n_merged.any()):
-        weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
-        src_w, dst_scale = weights(m, j, merged, store.capacity)
-        d = store.k.shape[-1]
-        idx = src[..., None].expand(*src.shape, d)
-        store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
-    apply_keep(store, keep)
+    weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
+    src_w, dst_scale = weights(m, j, merged, store.capacity)              # weight 0 / scale 1: nothing merged
+    idx = src[..., None].expand(*src.shape, store.k.shape[-1])
+    store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
+    store.keep(keep)
     return tau, n_merged, real.sum(dim=(1, 2)) - n_merged
 
 def protected_layer_option(value) -> tuple[int, ...] | None:
@@ -230,7 +231,7 @@ class D2O(Policy):
 
     def rho(self, cache: KVCache) -> torch.Tensor:
         """(B,) the nominal ratio of each row: the budget, or count / prompt length."""
-        n = cache.prompt_len.double()
+        n = cache.prompt_len.cpu().double()
         return torch.full_like(n, self.budget.value) if self.budget.is_ratio else self.budget.value / n
 
     def after_prefill(self, layer, store, stats):
@@ -240,7 +241,15 @@ class D2O(Policy):
     def after_prompt(self, cache):
         """Step 2 once every layer's F is known; each layer is first compressed at the first decode step."""
         for store, layer_rows in zip(cache.layers, self.allocate(cache)):
-            store.rows.update(layer_rows)
+            store.host["never_compressed"] = bool(layer_rows["full"].all())
+            store.rows.update({name: x.to(store.k.device) for name, x in layer_rows.items()})
+
+    def report(self, cache=None):
+        """The generic report, with each row's threshold history cut to its compressions."""
+        r = super().report(cache)
+        for layer in r.get("layers", []):
+            layer["tau_history"] = [h[:n] for h, n in zip(layer["tau_history"], layer.pop("compressions"))]
+        return r
 
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])
@@ -258,7 +267,7 @@ class D2O(Policy):
             full = (ratios >= 1.0) | (rho >= 1.0)[None, :]
         else:                                   # a count: fixed per-layer caps, sizes known now (module docstring)
             caps = layer_caps(F, int(self.budget.value), protected, self.allocation, B)   # (L, B)
-            ratios = caps.double() / cache.prompt_len.double()[None, :]                   # reported only
+            ratios = caps.double() / cache.prompt_len.cpu().double()[None, :]             # reported only
             full = caps < 0
             S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
             S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
@@ -268,25 +277,30 @@ class D2O(Policy):
         return [{"F": F[l].expand(B), "Lw": Lw[l].expand(B), "rho": rho, "protected": torch.full((B,), l in protected),
                  "ratio": ratios[l], "full": full[l], "S_h": S_h[l], "S_r": S_r[l],
                  "tau": torch.full((B,), float("nan"), dtype=torch.float64),
-                 "tau_history": torch.zeros(B, 0, dtype=torch.float64),
+                 "tau_history": torch.full((B, cache.layers[0].max_capacity or 1 << 14), float("nan"),
+                                           dtype=torch.float64), "compressions": torch.zeros(B, dtype=torch.long),
                  "merged": torch.zeros(B, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.long)}
                 for l in range(L)]
 
     def _compress(self, store: LayerStore) -> None:
-        """Step 3 selection (sizes fixed at the layer's first compression), then Steps 4-5."""
-        r, dev = store.rows, store.k.device
-        full = r["full"].to(dev)                                          # (B,)
-        if bool(full.all()):
+        """Step 3 selection (sizes fixed at the layer's first compression), then Steps 4-5; state updated in place."""
+        r = store.rows
+        if store.host["never_compressed"]:
             return
-        if int(r["S_h"][0]) < 0:                                          # first compression: T = entries now
-            r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen.cpu(), r["ratio"], self.heavy_share)
-        keep = heavy_recent_keep(store, store.stats["score"], r["S_h"].to(dev), r["S_r"].to(dev), self.n_sink)
-        keep |= full[:, None, None] & store.valid
-        tau, merged, dropped = evict_and_merge(store, keep, r["tau"].to(dev), self.alpha, self.beta,
-                                               self.merge_weights, self.tau_override, self.threshold_rule)
-        r["tau"] = tau.cpu()
-        r["merged"], r["dropped"] = r["merged"] + merged.cpu(), r["dropped"] + dropped.cpu()
-        r["tau_history"] = torch.cat([r["tau_history"], r["tau"][:, None]], dim=1)
+        first = not store.host.get("compressed")
+        if first and self.budget.is_ratio:                                # first compression: T = entries now
+            r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
+        keep = heavy_recent_keep(store, store.stats["score"], r["S_h"], r["S_r"], self.n_sink)
+        keep |= r["full"][:, None, None] & store.valid
+        # Once compressed a head holds <= S_h + S_r entries, so the one token a decode step adds evicts <= 1.
+        tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,
+                                               self.tau_override, self.threshold_rule, None if first else 1)
+        store.host["compressed"] = True
+        r["tau"].copy_(tau)
+        r["merged"] += merged
+        r["dropped"] += dropped
+        r["tau_history"].scatter_(1, r["compressions"][:, None], tau[:, None])
+        r["compressions"] += 1
 
 def layer_statistics(cache: KVCache) -> torch.Tensor:
     """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""

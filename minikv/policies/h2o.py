@@ -9,7 +9,7 @@ import torch
 
 from minikv.ops import first_positions_mask, group_mean, recent_mask, select_topk
 from minikv.store import LayerStore
-from minikv.policies.base import Policy, apply_keep, float_option, int_option
+from minikv.policies.base import Policy, float_option, int_option
 from minikv.errors import BadInput
 
 def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Ten
     n_heavy, n_recent = (x if x.dim() == 2 else x[:, None] for x in (n_heavy, n_recent))
     recent = recent_mask(store.pos, n_recent, store.seen)
     score = score.masked_fill(first_positions_mask(store.pos, n_sink), float("inf"))
-    heavy = select_topk(score, n_heavy, valid=store.valid & ~recent)
+    heavy = select_topk(score, n_heavy, valid=store.valid & ~recent, pos=store.pos)
     return recent | heavy
 
 def split_budget(budget: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +54,7 @@ class H2O(Policy):
     def _compress(self, store: LayerStore) -> None:
         budget = self.budget_entries(store)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)
-        apply_keep(store, heavy_recent_keep(store, store.stats["score"], n_heavy, n_recent, self.n_sink))
+        store.keep(heavy_recent_keep(store, store.stats["score"], n_heavy, n_recent, self.n_sink))
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])

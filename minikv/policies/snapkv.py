@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from minikv.budgets import pyramid_prefix_budgets
 from minikv.ops import group_mean, recent_mask, select_topk
 from minikv.store import LayerStore
-from minikv.policies.base import Policy, apply_keep, int_option
+from minikv.policies.base import Policy, int_option
 from minikv.errors import BadInput
 
 def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kernel: int = 7) -> torch.Tensor:
     """SnapKV prefix scores (B, Hkv, S): window-mean attention, group mean, max-pool; -inf outside the prefix.
-    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries."""
+    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries. Pooling runs along the slots, which hold
+    the prompt in position order: the layer's store is fresh (nothing evicted yet) when prefill calls this."""
     s = group_mean(last_rows.mean(dim=3))                                  # (B, Hkv, S)
     prefix = store.valid & ~recent_mask(store.pos, window, store.seen)     # earlier entries, not the window
     s = s.masked_fill(~prefix, float("-inf"))
@@ -33,7 +34,7 @@ def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget:
     """(B, Hkv, S): the last `window` positions plus the top prefix_budget earlier entries ((B,) or (B, Hkv))."""
     k = prefix_budget if prefix_budget.dim() == 2 else prefix_budget[:, None]
     win = recent_mask(store.pos, window, store.seen)
-    return win | select_topk(score, k.clamp_min(0), valid=store.valid & ~win)
+    return win | select_topk(score, k.clamp_min(0), valid=store.valid & ~win, pos=store.pos)
 
 class SnapKV(Policy):
     name = "snapkv"
@@ -70,7 +71,7 @@ class SnapKV(Policy):
         score = window_scores(store, stats["last_rows"], self.window, self.kernel)
         keep = window_plus_topk_keep(store, score, budget, self.window)
         keep |= fits[:, None, None] & store.valid                           # rows that fit keep everything
-        apply_keep(store, keep)
+        store.keep(keep)
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"

@@ -8,7 +8,7 @@ import torch
 
 from minikv.ops import first_positions_mask, recent_mask
 from minikv.store import LayerStore
-from minikv.policies.base import Policy, apply_keep, int_option
+from minikv.policies.base import Policy, int_option
 from minikv.errors import BadInput
 
 def sink_window_keep(store: LayerStore, budget: torch.Tensor, n_sink: int) -> torch.Tensor:
@@ -29,13 +29,11 @@ class Streaming(Policy):
             raise BadInput(f"streaming: budget {self.budget} must exceed n_sink = {self.n_sink} (the sinks alone "
                            f"would fill it)")
 
-    def _compress(self, store: LayerStore) -> None:
-        budget = self.budget_entries(store)
-        if bool((budget <= self.n_sink).any()):
-            raise BadInput(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
-        apply_keep(store, sink_window_keep(store, budget, self.n_sink))
-
     def after_prefill(self, layer, store, stats):
-        self._compress(store)
+        budget = self.budget_entries(store)
+        if bool((budget <= self.n_sink).any()):           # checked once, at prefill (a decode step never syncs)
+            raise BadInput(f"streaming: budget {int(budget.min())} must exceed n_sink = {self.n_sink}")
+        self.after_step(layer, store, stats)
 
-    after_step = after_prefill                 # the same rule after every decode step
+    def after_step(self, layer, store, stats):
+        store.keep(sink_window_keep(store, self.budget_entries(store), self.n_sink))

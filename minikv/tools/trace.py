@@ -12,18 +12,27 @@ import torch
 from minikv.attention import attend
 from minikv.errors import BadInput
 from minikv.generate import generate
-from minikv.store import LayerStore
+from minikv.store import LayerStore, position_order
 from minikv.tools.common import (add_model_args, add_policy_args, count_arg, load_model_and_tokenizer, make_policy,
                                  print_run_notes, prompt_arg, result_summary)
 
 PROBE_SEED = 1234
 
-def snapshot(store: LayerStore) -> dict[str, torch.Tensor]:
-    """The live part of a layer store: k, v, pos, length, and every statistic (copies, trimmed to the longest head)."""
+def in_order(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """t (B, Hkv, ..., S) with its last (slot) axis taken in `order` (B, Hkv, n): (B, Hkv, ..., n)."""
+    idx = order.view(*order.shape[:2], *[1] * (t.dim() - 3), order.shape[-1])
+    return torch.gather(t, -1, idx.expand(*t.shape[:-1], order.shape[-1]))
+
+def snapshot(store: LayerStore) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The live part of a layer store in position order (the store's slots are in any order): k, v, pos, length and
+    every statistic, copies trimmed to the longest head; and the order, (B, Hkv, n) slots, to reorder other tensors."""
     n = max(1, int(store.length.max()))
-    snap = {"k": store.k[:, :, :n], "v": store.v[:, :, :n], "pos": store.pos[:, :, :n], "length": store.length}
-    snap.update({f"stat.{name}": t[:, :, :n] for name, t in store.stats.items()})
-    return {name: t.detach().clone().contiguous() for name, t in snap.items()}
+    order = position_order(store.pos, store.valid)[:, :, :n]                        # (B, Hkv, n)
+    snap = {"k": in_order(store.k.transpose(-1, -2), order).transpose(-1, -2),
+            "v": in_order(store.v.transpose(-1, -2), order).transpose(-1, -2),
+            "pos": in_order(store.pos, order), "length": store.length}
+    snap.update({f"stat.{name}": in_order(t, order) for name, t in store.stats.items()})
+    return {name: t.detach().clone().contiguous() for name, t in snap.items()}, order
 
 @dataclass
 class Event:
@@ -57,11 +66,11 @@ class Recorder:
     def _record(self, phase: str, hook, layer: int, store: LayerStore, stats: dict) -> None:
         if self.layers is not None and layer not in self.layers:
             return hook(layer, store, stats)
-        before, probe_before = snapshot(store), self._probe(store)
+        (before, order), probe_before = snapshot(store), self._probe(store)
+        # Statistics (last dim = slots) in the snapshot's position order, taken before the hook moves anything.
+        inputs = {name: in_order(t, order).detach().clone().contiguous() for name, t in stats.items()}
         hook(layer, store, stats)
-        n = before["pos"].shape[-1]         # statistics are trimmed to the same slots as the snapshot (last dim = S)
-        inputs = {name: t[..., :n].detach().clone().contiguous() for name, t in stats.items()}
-        self.events.append(Event(phase, layer, before, snapshot(store), inputs, probe_before, self._probe(store)))
+        self.events.append(Event(phase, layer, before, snapshot(store)[0], inputs, probe_before, self._probe(store)))
 
     def after_prefill(self, layer, store, stats):
         self._record("prefill", self.policy.after_prefill, layer, store, stats)
