@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from minikv.store import LayerStore
 from minikv.errors import BadInput
 
-# Scores are materialised for at most this many elements per query chunk (all batch rows and heads together):
-# 2^26 float32 scores = 256 MiB, a few times that with the softmax temporaries.
-_CHUNK_ELEMENTS = 1 << 26
+_CHUNK_ELEMENTS = 1 << 26   # scores per query chunk (all rows and heads): 256 MiB of float32, a few x with softmax
 
 def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Softmax over the visible entries (float32, or float64 in oracle mode); a row that sees nothing gives 0."""
@@ -84,10 +82,8 @@ def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) 
 def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
     """The same attention through torch's fused SDPA (no probabilities)."""
     T, G = q.shape[2], q.shape[1] // store.k.shape[1]
-    # Decided from host-side bookkeeping only (no GPU sync): the store's first append, without padding.
-    fresh = store.n_appends == 1 and not padded
-    if fresh:
-        # A fresh prompt without padding: the plain causal mask is exact, and lets SDPA use its flash kernel.
+    if store.heads_aligned and store.max_len_bound == T and not padded:     # (host-side facts: no GPU sync)
+        # The store's first append, without padding: the plain causal mask is exact, and SDPA may use flash.
         out = _sdpa(q, store.k[:, :, :T], store.v[:, :, :T], None, G, is_causal=True)
     else:
         visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)

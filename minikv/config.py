@@ -4,7 +4,7 @@ Dimension letters used in shape comments across minikv:
   B batch, T new tokens (queries), S cache slots, Hq query heads, Hkv KV heads, G = Hq // Hkv, d head dim, L layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from minikv.errors import BadInput
 
 POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -55,12 +55,6 @@ class LlamaConfig:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
-
-    def to_dict(self) -> dict:
-        """Every key written explicitly, so the file means the same whatever the reader's defaults are."""
-        d = asdict(self)
-        extra = d.pop("extra")
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **extra, **d}
 
 def check_positive_int(name: str, value) -> None:
     """Sizes are JSON integers > 0 (not booleans, not 4096.0: transformers refuses floats here too)."""

@@ -19,9 +19,7 @@ from minikv.store import KVCache
 from minikv.errors import BadInput
 from minikv.checks import check_arguments, check_inputs, check_policy, check_stop_ids, context_room
 
-# Decode room reserved right after prefill when the caller does not say: enough for short answers, small enough
-# that a huge max_new_tokens costs nothing up front (the store grows geometrically past it).
-RESERVE_CHUNK = 256
+RESERVE_CHUNK = 256   # default decode room: enough for short answers; the store grows geometrically past it
 
 # ---- sampling (outside the model, as in nanoGPT / gpt-fast) ---------------------------------------------------
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -65,8 +63,7 @@ class GenerationResult:
     decode_seconds: float
     cache: KVCache | None = field(default=None, repr=False)
     policy_report: dict = field(default_factory=dict)
-    # True when generation stopped because the context was full, before max_new_tokens and any stop token.
-    stopped_at_context: bool = False
+    stopped_at_context: bool = False               # the context, not max_new_tokens or a stop token, ended it
     context: int = 0                               # the model's context, in tokens (for the message)
     capture_seconds: float = 0.0                   # time spent capturing the CUDA graph (inside decode_seconds)
 
@@ -86,11 +83,12 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
     prompts, question = check_inputs(model, prompts, question, pad_id)
     check_arguments(extra_capacity=extra_capacity)
     sdpa = model.dtype != torch.float64 if use_sdpa is None else use_sdpa     # float64 = the oracle: one exact path
-    # A cache that keeps everything gets its decode room now, avoiding a reallocation right after prefill.
-    # Never more room than the context leaves (a huge request must not allocate what can never be used).
+    # Decode room, given with a layer's first allocation; never more than the context leaves (nor allocates).
     room = min(extra_capacity, context_room(model, prompts, question))
-    cache = model.new_cache(len(prompts), capacity=max(map(len, prompts)) + 1 + room)
-    cache.set_rows("prompt_len", torch.tensor([len(p) for p in prompts], device=model.device))
+    cache = model.new_cache(len(prompts))              # a layer takes its memory when it first runs
+    prompt_len = torch.tensor([len(p) for p in prompts], device=model.device)
+    for store in cache.layers:
+        store.room, store.rows["prompt_len"] = room, prompt_len
     ids, pos = left_pad(prompts, pad_id, cache.seen, model.device)      # (B, T) each; padding has pos -1
 
     def compress(layer: int, store, stats) -> None:
@@ -118,32 +116,31 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              keep_cache: bool = False, reserve_tokens: int | None = None,
              cuda_graph: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
-    Generation never runs past the model's context: at most context - (longest prompt) new tokens, and the result's
-    `stopped_at_context` says when that limit, not max_new_tokens or a stop token, ended it. The cache reserves room
-    for `reserve_tokens` decode entries right after prefill (default: min(max_new_tokens, RESERVE_CHUNK)), never
-    more than the context leaves, and grows geometrically beyond that as tokens really arrive. With cuda_graph (a
-    CUDA model) the first decode step runs eagerly, the cache is fitted to every remaining token, and one decode
-    step is captured as a CUDA graph and replayed for the rest (the eager path is the readable one and the oracle)."""
+    Never past the model's context: `stopped_at_context` says when that limit, not max_new_tokens or a stop token,
+    ended it. The cache has room for `reserve_tokens` decode entries (default min(max_new_tokens, RESERVE_CHUNK))
+    and grows geometrically past them. With cuda_graph (a CUDA model) the first decode step runs eagerly, the cache
+    is fitted to every remaining token, and one step is captured as a CUDA graph and replayed (decode_loop)."""
     policy = FullCache() if policy is None else policy
     check_policy(policy)
-    check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
     prompts, question = check_inputs(model, prompts, question, pad_id)
     stop = check_stop_ids(model.cfg.eos_ids if stop_ids is None else stop_ids)
-    check_arguments(reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
     if cuda_graph and model.device.type != "cuda":
         raise BadInput(f"cuda_graph needs the model on a CUDA device; it is on {model.device}")
     n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
     fed = max(n_steps - 1, 0)          # the last sampled token is never fed back
     reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)     # honest wall times
     t0 = time.perf_counter()
     logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, reserve)
-    _sync(model)
+    sync()
     t1 = time.perf_counter()
     gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     sampler = lambda lg: sample(lg, temperature, top_p, gen)
     out, all_stopped, capture_s = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens,
                                        use_sdpa, cuda_graph, reserve)
-    _sync(model)
+    sync()
     t2 = time.perf_counter()
     return GenerationResult(
         tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
@@ -167,19 +164,20 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
     capture_s = 0.0
     for step in range(n_steps):
         nxt = sampler(logits)                                                  # (B,)
+        done |= torch.isin(nxt, stop_ids)
+        if step == 1 and step < n_steps - 1:                                    # fit, and capture the step
+            step_fn, capture_s = fixed_capacity_step(model, cache, policy, use_sdpa, n_steps - 2, cuda_graph, reserve)
+        if step < n_steps - 1:   # the next step is queued before the host reads this one's tokens (no GPU idling)
+            # Finished rows feed a padding token at position -1: nothing is cached for them.
+            logits = step_fn(torch.where(done, pad_id, nxt), torch.where(done, -1, cache.seen))
         new = [None if f or t in stop else t for f, t in zip(finished, nxt.tolist())]   # the step's one sync
         for b in (b for b in range(B) if new[b] is not None):
             out[b].append(new[b])
         if on_tokens is not None:
             on_tokens(new)
         finished = [f or t is None for f, t in zip(finished, new)]
-        done |= torch.isin(nxt, stop_ids)
-        if all(finished) or step == n_steps - 1:
+        if all(finished):        # the step queued for it fed padding alone: nothing was cached
             break
-        if step == 1:                                                           # fit, and capture the step
-            step_fn, capture_s = fixed_capacity_step(model, cache, policy, use_sdpa, n_steps - 2, cuda_graph, reserve)
-        # Finished rows feed a padding token at position -1: nothing is cached for them.
-        logits = step_fn(torch.where(done, pad_id, nxt), torch.where(done, -1, cache.seen))
     return out, all(finished), capture_s
 
 def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, cuda_graph: bool, reserve: int):
@@ -215,7 +213,3 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos:
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,
                  window=policy.window, use_sdpa=sdpa, validate=validate)[:, -1]
-
-def _sync(model: Llama) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()

@@ -23,11 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (float64 in oracle mode)."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = x.to(dtype)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        """x * rsqrt(mean(x^2) + eps) * weight, normalised in float32 (float64 in oracle mode), then cast back."""
+        h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return self.weight * F.rms_norm(h, (h.shape[-1],), eps=self.eps).to(x.dtype)
 
 # ---- RoPE --------------------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig, dtype=torch.float64) -> torch.Tensor:
@@ -63,8 +61,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 # ---- attention block ---------------------------------------------------------------------------------------
-# A per-layer hook the generation loop passes in: hook(layer_index, store, stats) runs right after the layer's
-# attention, so a policy compresses layer l's cache before layer l+1 is computed (keeps prefill peak memory low).
+# hook(layer_index, store, stats) runs right after a layer's attention: layer l is compressed before l+1 runs.
 LayerHook = Callable[[int, LayerStore, dict], None]
 
 class Attention(nn.Module):

@@ -1,12 +1,9 @@
 """The explicit KV store: per layer, per (batch row, KV head), a fixed set of slots holding entries in any order.
 
-Layout (slots past a head's entries are empty):
-    k, v   : (B, Hkv, S, d)   keys are stored *after* RoPE at their true position
-    pos    : (B, Hkv, S)      absolute token position of each entry, -1 = empty slot
-    stats  : name -> (B, Hkv, S) per-entry statistics owned by the policy (accumulated attention, last hit, ...)
-    rows   : name -> (B, ...)    per-row state of the layer: the prompt lengths (set by prefill) and what a policy
-                                 decided for the row (D2O's threshold and sizes, Ada-KV's head budgets, ...)
-    host   : name -> value       host-side facts a policy decided once (Python values, read without a GPU sync)
+Layout: k, v (B, Hkv, S, d), keys stored after RoPE at their true position; pos (B, Hkv, S), each entry's absolute
+position, -1 = empty slot; stats: name -> (B, Hkv, S) per-entry statistics of the policy (accumulated attention, last
+hit); rows: name -> (B, ...) per-row state (the prompt lengths, D2O's threshold and sizes, Ada-KV's head budgets);
+host: name -> value, facts a policy decided once (Python values, read without a GPU sync).
 
 Eviction empties slots in place (pos = -1) and an appended entry takes the first empty slot, so a decode step moves
 no data and never waits for the GPU: slot order is NOT position order. Code that needs "how old" or "how recent",
@@ -20,10 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from minikv.errors import BadInput, is_int
 
-# Capacity grows in steps of this many slots (and geometrically), so decoding does not reallocate every token.
-_ROUND = 16
-# Sort key of an empty slot: after every real position.
-NO_POS = 2 ** 62
+_ROUND = 16           # capacity grows in steps of this many slots (and geometrically: amortised O(1) appends)
+NO_POS = 2 ** 62      # the sort key of an empty slot: after every real position
 
 def _round_up(n: int) -> int:
     return max(_ROUND, -(-n // _ROUND) * _ROUND)
@@ -41,12 +36,10 @@ class LayerStore:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # each (B, Hkv, S)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)   # each (B, ...), e.g. "prompt_len" (B,)
     host: dict[str, object] = field(default_factory=dict)
-    # Host-side bookkeeping, so the decode path never waits for the GPU to learn a length:
-    max_len_bound: int = 0        # >= the longest head's entries (exact after `fit`; eviction does not lower it)
-    n_appends: int = 0            # append calls so far (the first one, without padding, is a plain causal prompt)
+    max_len_bound: int = 0        # host-side, >= the longest head's entries (exact after `fit`; keep does not lower it)
     heads_aligned: bool = True    # every head holds the same positions in the same slots (False after any keep)
-    # Geometric growth stops here (the model's context: no head can hold more); 0 = unbounded.
-    max_capacity: int = 0
+    max_capacity: int = 0         # geometric growth stops here (the context: no head holds more); 0 = unbounded
+    room: int = 0                 # slots a growth adds at least beyond the entries (prefill sets the decode room)
     n_layers: int = 1             # layers of the cache this store belongs to (PyramidKV's schedule reads it)
 
     @classmethod
@@ -117,14 +110,14 @@ class LayerStore:
         if self.max_len_bound + T + 1 > self.capacity:                   # the host bound says it may not fit:
             self.max_len_bound = int(self.length.max())                  # one sync reads the real lengths
             if self.max_len_bound + T + 1 > self.capacity:
-                self.fit(T, spare=self.capacity // 2)                    # geometric growth: amortised O(1)
+                self.fit(T, spare=max(self.capacity // 2, self.room))    # geometric growth: amortised O(1)
         real = (pos >= 0)                                                # (B, T)
-        # Real tokens take the first empty slots in order, padding tokens the next ones (written, left empty).
-        rank = torch.where(real, real.cumsum(-1) - 1, real.sum(-1, keepdim=True) + (~real).cumsum(-1) - 1)
-        empty = ~self.valid                                              # (B, Hkv, S)
-        first_empty = empty.to(torch.int8).argmax(-1, keepdim=True) if T == 1 else \
-            torch.argsort((~empty).to(torch.int8), dim=-1, stable=True)[..., :T]   # (B, Hkv, T)
-        slot = torch.gather(first_empty, 2, rank[:, None, :].expand(B, Hkv, T))   # (B, Hkv, T)
+        if T == 1:                                                       # a decode step: the first empty slot
+            slot = self.pos.argmin(-1, keepdim=True)                     # (B, Hkv, 1): pos -1 is the minimum
+        else:      # real tokens take the first empty slots in order, padding tokens the next ones (left empty)
+            rank = torch.where(real, real.cumsum(-1) - 1, real.sum(-1, keepdim=True) + (~real).cumsum(-1) - 1)
+            first_empty = torch.argsort(self.valid.to(torch.int8), dim=-1, stable=True)[..., :T]   # (B, Hkv, T)
+            slot = torch.gather(first_empty, 2, rank[:, None, :].expand(B, Hkv, T))   # (B, Hkv, T)
         idx = slot[..., None].expand(B, Hkv, T, d)
         self.k.scatter_(2, idx, k.to(self.k.dtype))
         self.v.scatter_(2, idx, v.to(self.v.dtype))
@@ -133,7 +126,6 @@ class LayerStore:
             t.scatter_(2, slot, 0)
         self.seen += real.sum(-1)
         self.max_len_bound += T
-        self.n_appends += 1
         return torch.where(real[:, None, :], slot, -1)
 
     def keep(self, keep_mask: torch.Tensor) -> None:
@@ -177,11 +169,6 @@ class KVCache:
         return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device, max_capacity, n_layers)
                     for _ in range(n_layers)])
 
-    def set_rows(self, name: str, value: torch.Tensor) -> None:
-        """Give every layer the same per-row tensor (B, ...), e.g. the prompt lengths."""
-        for layer in self.layers:
-            layer.rows[name] = value
-
     @property
     def seen(self) -> torch.Tensor:
         """(B,) tokens each batch row has seen so far (the next token's position)."""
@@ -203,14 +190,10 @@ class KVCache:
     def nbytes_allocated(self) -> int:
         return sum(layer.nbytes_allocated() for layer in self.layers)
 
-    def entries(self) -> int:
-        return sum(int(layer.length.sum()) for layer in self.layers)
-
     def cache_ratio(self) -> float:
         """Measured ratio: live entries / entries a full cache would hold (averaged over layers and heads)."""
-        B, Hkv = self.layers[0].length.shape
-        full = int(self.seen.sum()) * Hkv * len(self.layers)
-        return self.entries() / full if full else 1.0
+        full = int(self.seen.sum()) * self.layers[0].pos.shape[1] * len(self.layers)
+        return sum(int(layer.length.sum()) for layer in self.layers) / full if full else 1.0
 
     def fit(self, extra: int) -> None:
         """Every layer compacted, with room for exactly `extra` more entries per head (see LayerStore.fit)."""

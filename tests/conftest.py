@@ -96,6 +96,7 @@ def write_tiny_model_dir(folder: Path, seed: int = 0, config_overrides: dict | N
     byte tokens and ChatML specials) that `minikv --model FOLDER` loads in well under a second."""
     import json
     from safetensors.torch import save_file
+    from minikv.io.hf_config import config_to_dict
     from minikv.io.tokenizer import build_bpe_tokenizer_json
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + [bytes_to_unicode()[b] for b in range(256)]
@@ -103,7 +104,7 @@ def write_tiny_model_dir(folder: Path, seed: int = 0, config_overrides: dict | N
     model = tiny_model(seed=seed, vocab_size=len(tokens), bos_token_id=1, eos_token_id=2,
                        **(config_overrides or {}))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    (folder / "config.json").write_text(json.dumps(config_to_dict(model.cfg), indent=1))
     state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))

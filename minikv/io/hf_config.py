@@ -7,6 +7,7 @@ transformers would load. A wrong value, or a feature minikv does not implement (
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import math
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def load_config(path: str | Path) -> LlamaConfig:
         return config_from_dict(d)
     except BadInput as e:
         raise BadInput(f"{path}: {str(e).removeprefix('config: ')}") from None
+
+def config_to_dict(cfg: LlamaConfig) -> dict:
+    """config.json's keys, every one written explicitly, so the file means the same whatever the reader's defaults."""
+    d = asdict(cfg)
+    extra = d.pop("extra")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **extra, **d}
 
 def config_from_dict(d: dict) -> LlamaConfig:
     """A checked config from a `config.json` dict; absent keys take transformers' LlamaConfig defaults."""

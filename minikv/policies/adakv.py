@@ -17,7 +17,7 @@ from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import choice_option, float_option
 from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
-from minikv.policies.snapkv import PyramidKV, SnapKV, window_plus_topk_keep, window_scores
+from minikv.policies.snapkv import PyramidKV, SnapKV
 from minikv.errors import BadInput
 
 VARIANTS = ("official", "exact")
@@ -71,19 +71,8 @@ class AdaSnapKV(SnapKV):
         super().__init__(budget, window, kernel)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
-    def after_prefill(self, layer, store, stats):
-        n = store.seen                                                                      # (B,)
-        b = self.prefix_budgets(layer, store)                                               # (B,)
-        fits = n <= b + self.window                                                         # (B,) nothing to evict
-        heads = (n - self.window)[:, None].expand(store.length.shape)                       # (B, Hkv) if it fits
-        if not bool(fits.all()):
-            score = window_scores(store, stats["last_rows"], self.window, self.kernel)      # (B, Hkv, S)
-            counts = adakv_allocate(score, b, self.alpha, self.variant, pos=store.pos)      # (B, Hkv)
-            keep = window_plus_topk_keep(store, score, counts, self.window)
-            keep |= fits[:, None, None] & store.valid                                      # rows that fit keep all
-            store.keep(keep)
-            heads = torch.where(fits[:, None], heads, counts)
-        _log_heads(store, b, heads, self.window, ~fits)
+    def head_counts(self, score, prefix_budget, store):
+        return adakv_allocate(score, prefix_budget, self.alpha, self.variant, pos=store.pos)      # (B, Hkv)
 
 class AdaPyramidKV(PyramidKV, AdaSnapKV):
     """PyramidKV's per-layer prefix budget (PyramidKV.prefix_budgets), then the Ada-KV allocation per layer."""

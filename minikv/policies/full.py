@@ -9,7 +9,6 @@ class FullCache(Policy):
 
     def __init__(self, budget=None):
         if budget is not None:
-            # A budget here would be echoed back while meaning nothing: refuse it.
             raise BadInput(f"full keeps every entry, so budget {budget!r} would mean nothing; leave the budget out, "
                            f"or pick a policy that takes one (e.g. h2o, snapkv, streaming)")
         super().__init__(None)

@@ -61,17 +61,22 @@ class SnapKV(Policy):
                              f"({self.window}); use a budget >= window or a smaller window")
         return budget - self.window
 
+    def head_counts(self, score: torch.Tensor, prefix_budget: torch.Tensor, store: LayerStore) -> torch.Tensor:
+        """Prefix entries each KV head keeps: the layer's prefix budget for every head (B,); Ada-KV splits it."""
+        return prefix_budget
+
     def after_prefill(self, layer, store, stats):
         n = store.seen
-        budget = self.prefix_budgets(layer, store)
+        budget = self.prefix_budgets(layer, store)                         # (B,)
         fits = n <= budget + self.window                                   # (B,) the prompt already fits
-        store.rows.update(prefix_budget=budget, compressed=~fits)
-        if bool(fits.all()):
-            return
-        score = window_scores(store, stats["last_rows"], self.window, self.kernel)
-        keep = window_plus_topk_keep(store, score, budget, self.window)
-        keep |= fits[:, None, None] & store.valid                           # rows that fit keep everything
-        store.keep(keep)
+        counts = (n - self.window)[:, None].expand(store.pos.shape[:2])    # (B, Hkv) prefix entries if it fits
+        if not bool(fits.all()):
+            score = window_scores(store, stats["last_rows"], self.window, self.kernel)
+            heads = self.head_counts(score, budget, store)                 # (B,) or (B, Hkv)
+            keep = window_plus_topk_keep(store, score, heads, self.window)
+            store.keep(keep | fits[:, None, None] & store.valid)           # rows that fit keep everything
+            counts = torch.where(fits[:, None], counts, heads if heads.dim() == 2 else heads[:, None])
+        store.rows.update(prefix_budget=budget, compressed=~fits, head_prefix=counts, head_budget=counts + self.window)
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"
