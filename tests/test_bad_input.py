@@ -159,6 +159,7 @@ GENERATE_CLI_CASES = [
     (gen, ["--prompt", "hi", "--device", "foo"], "'foo'"),
     (gen, ["--prompt", "hi", "--device", "meta"], "'meta'"),
     (gen, ["--prompt", "hi", "--dtype", "float16"], "'float16'"),
+    (gen, ["--prompt", "hi", "--device", "cpu", "--cuda-graph"], "cuda_graph needs the model on a CUDA device"),
     # trace
     (trace, ["--prompt", "hello", "--layers", "99"], "layer 99 is out of range"),
     (trace, ["--prompt", "hello", "--layers", "3"], "0..2"),

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from minikv.config import LlamaConfig
 from minikv.errors import BadInput, MissingExtra, NoDevice, NotFound
-from minikv.generate import decode_step, generate, prefill
+from minikv.generate import decode_step, fixed_capacity_step, generate, prefill
 from minikv.io.checkpoint import load_model
 from minikv.io.convert import ensure_default_model
 from minikv.model import Llama
@@ -299,12 +299,8 @@ def profile_decode(model: Llama, name: str, ratio: float, batch: int, prompt_len
             return {"ok": False, "checked": on, "error": str(e).splitlines()[0][:300]}
         finally:
             torch.cuda.set_sync_debug_mode(old) if on else None
-    step()
-    if mode == "graph":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        step = graph.replay
+    step_fn, _ = fixed_capacity_step(model, cache, policy, None, 2 * steps + 2, mode == "graph", 2 * steps + 2)
+    step = lambda: step_fn(tok, cache.seen.clone())
     _sync_peak(); t0 = time.perf_counter()
     for _ in range(steps):
         step()
