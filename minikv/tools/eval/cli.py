@@ -30,13 +30,13 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="quality under a budget: passkey, needle, ruler-lite, ppl",
                        description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TASK_NAMES)
-    p.add_argument("--policies", default="full,streaming,h2o,snapkv",
-                   help="comma-separated; per-policy options after colons, e.g. snapkv:window=16,corm:w=64:r=64")
+    p.add_argument("--policies", default="full,streaming,h2o,snapkv", help="comma-separated, the first is the "
+                   "tables' reference ('*'); per-policy options after colons, e.g. snapkv:window=16,corm:w=64:r=64")
     p.add_argument("--budgets", default="0.2", help="ratios (0.1,0.2,0.5) or counts (128,256)")
     p.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 2000; ppl 2048)")
     p.add_argument("--depths", default="0.5", help="needle depths in [0, 1] (passkey, needle, ruler multikey/value)")
     p.add_argument("--question-agnostic", action="store_true", help="compress the context, then append the question")
-    p.add_argument("--samples", type=int, default=1, help="prompts per cell")
+    p.add_argument("--samples", type=int, default=1, help="prompts per (length, depth); 50+ for narrow intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<task>); re-running resumes")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -73,11 +73,10 @@ def output_folder(args) -> Path:
     out = Path(args.out or Path("runs") / "eval" / args.task)
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise BadInput(f"--out {out} is an existing file; give a folder (it will hold records.jsonl and "
-                       f"table.md; re-running with the same folder resumes)") from None
     except OSError as e:
-        raise BadInput(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
+        raise BadInput(f"--out {out} is an existing file; give a folder (it will hold records.jsonl and table.md; "
+                       f"re-running with the same folder resumes)" if isinstance(e, FileExistsError) else
+                       f"--out {out}: cannot create this folder ({e.strerror or e})") from None
     return out
 
 def command_line(args, resume: Path | None = None) -> str:
@@ -100,9 +99,7 @@ def cmd_eval(args) -> int:
     """Run the grid (resuming), print and save the table, plot when asked; inputs are checked before any cell runs.
     One run at a time holds the output folder; Ctrl-C keeps every finished cell and prints how to resume (130)."""
     model_name = Path(args.model).name if args.model else "smollm2-135m-instruct"
-    cfg = config_from_args(args, model_name)
-    out = output_folder(args)
-    command = command_line(args)
+    cfg, out, command = config_from_args(args, model_name), output_folder(args), command_line(args)   # arguments first
     try:                                     # around the lock too: Ctrl-C while it is being taken is still one line
         with rec.output_lock(out, command):
             return run_and_report(args, cfg, out, command, model_name)

@@ -2,32 +2,31 @@
 vs measured cache ratio, depth heatmaps, surviving positions, D2O's per-layer report, Ada-KV's per-head budgets."""
 from __future__ import annotations
 
-import itertools
-from collections import defaultdict
 from pathlib import Path
 
 from minikv.errors import BadInput
 from minikv.generate import generate
 from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
-from minikv.tools.eval.records import group_by as _by, mean as _mean
+from minikv.tools.eval.records import group_by as _by, mean as _mean, summary
 
 def _ok(records):
     return [r for r in records if not r.get("error") and r.get("score") is not None]
 
 def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode)."""
+    """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode); error
+    bars: the tables' 95% intervals (records.summary)."""
     plt, groups = _plt(), _by(_ok(records), "task", "question")
     if not groups:
         raise BadInput("no finished records to plot")
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((task, qmode), recs) in zip(axes[0], groups.items()):
-        points = defaultdict(list)                    # policy -> [(mean measured ratio, mean score, budget)]
-        for (p, b), rs in _by(recs, "policy", "budget").items():
-            points[p].append((_mean(r["cache_ratio"] for r in rs), _mean(r["score"] for r in rs), b or "-"))
-        for p, pts in points.items():
-            xs, ys, labels = zip(*sorted(pts))
+        for (p,), of_p in _by(recs, "policy").items():   # points: (mean measured ratio, mean score, low, high, budget)
+            pts = sorted((_mean(r["cache_ratio"] for r in rs), *summary(rs)[:3], b or "-")
+                         for (b,), rs in _by(of_p, "budget").items())
+            xs, ys, lo, hi, labels = zip(*pts)
             style = dict(marker="*", ms=12, ls="none") if len(pts) == 1 else dict(marker="o")
-            ax.plot(xs, ys, label=p, **style)
+            err = [[max(0.0, a - b) for a, b in pairs] for pairs in (zip(ys, lo), zip(hi, ys))]   # max(0, NaN) = 0
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=p, **style)
             for x, y, b in zip(xs, ys, labels):
                 if b != "-":
                     ax.annotate(b, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
@@ -41,7 +40,7 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
     for ax in axes[0]:
         legend.update({lab: h for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in legend})
     fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle(title or "")
+    fig.suptitle((title + ": " if title else "") + "bars = 95% intervals (Wilson; perplexity: bootstrap over texts)")
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -59,20 +58,21 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
                              constrained_layout=True)
     for ax, ((task, p, b), rs) in zip(axes.flat, panels.items()):
         cell = _by(rs, "depth", "length")
-        grid = [[_mean(r["score"] for r in cell.get((d, n), [])) for n in lengths] for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        stats = [[summary(cell.get((d, n), [])) for n in lengths] for d in depths]
+        im = ax.imshow([[x[0] for x in row] for row in stats], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(f"{p}" + (f" @ {b}" if b else "") + (f"\n{task}" if len({t for t, _, _ in panels}) > 1 else ""),
                      fontsize=9)
         ax.set(xlabel="length (tokens)", ylabel="depth")
-        for i, j in itertools.product(range(len(depths)), range(len(lengths))):
-            if grid[i][j] == grid[i][j]:
-                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
+        for i, row in enumerate(stats):
+            for j, (m, lo, hi, k) in enumerate(row):
+                if k:
+                    ax.text(j, i, f"{m:.2f} n={k}\n[{lo:.2f}, {hi:.2f}]", ha="center", va="center", fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score")
-    fig.suptitle("score over prompt length × needle depth")
+    fig.suptitle("mean score over prompt length × needle depth, n prompts, [95% Wilson interval]")
     return _save(fig, plt, path)
 
 def surviving_positions(model, ids: list[int], policy, layer: int, head: int,
@@ -176,8 +176,7 @@ def plot_head_budgets(report: dict, path: str | Path) -> Path:
     layers, m = head_budget_matrix(report)
     if not layers:
         raise BadInput("nothing to plot: no layer was compressed (the prompt fits the budget)")
-    plt = _plt()
-    grid = [[m[j][i] for j in range(len(layers))] for i in range(len(m[0]))]      # (heads, layers)
+    plt, grid = _plt(), [list(heads) for heads in zip(*m)]                        # (heads, layers)
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), max(2, 0.4 * len(grid) + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=7)

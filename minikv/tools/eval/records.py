@@ -8,12 +8,12 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import resource
 import socket
 import sys
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +24,7 @@ import torch
 from minikv.errors import BadInput
 from minikv.tools.common import format_rows
 
-RECORDS, LOCK = "records.jsonl", "eval.lock"
+RECORDS, LOCK, RESAMPLES = "records.jsonl", "eval.lock", 2000     # RESAMPLES: of a perplexity interval's bootstrap
 
 # ---- ids and provenance -------------------------------------------------------------------------------------------
 def cell_id(key: dict) -> str:
@@ -49,8 +49,7 @@ def reset_peak_memory(device) -> None:
     if torch.device(device).type == "cuda":
         return torch.cuda.reset_peak_memory_stats(device)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        Path("/proc/self/clear_refs").write_text("5")
         _rss_peak_was_reset = True
     except OSError:
         _rss_peak_was_reset = False            # not Linux, or not allowed: peak_memory says it is the process peak
@@ -66,8 +65,7 @@ def peak_memory(device) -> tuple[int, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
-# ---- records.jsonl ---------------------------------------------------------------------------------------------------
-# What the resume logic and the table need of a record (key -> accepted types); the result fields unless it failed.
+# ---- records.jsonl: what the resume logic and the table need of a record (key -> types; results unless it failed) --
 RECORD_FIELDS = {"id": (str,), "task": (str,), "policy": (str,), "question": (str,), "budget": (str, type(None))}
 RESULT_FIELDS = {"score": (int, float, type(None)), "cache_ratio": (int, float)}
 
@@ -85,11 +83,8 @@ def record_problem(rec) -> str | None:
 def read_records(out_dir: str | Path, warn: bool = False) -> list[dict]:
     """Every usable record in DIR/records.jsonl; with `warn`, a warning naming FILE:LINE for each line skipped."""
     path, out = Path(out_dir) / RECORDS, []
-    if not path.exists():
-        return []
-    try:
-        with open(path, "rb") as f:                   # bytes: a line of binary garbage must not stop the others
-            lines = f.read().split(b"\n")
+    try:                                              # bytes: a line of binary garbage must not stop the others
+        lines = path.read_bytes().split(b"\n") if path.exists() else []
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
     for i, raw in enumerate(lines, 1):
@@ -128,23 +123,51 @@ def mean(xs) -> float:
 
 def group_by(records: list[dict], *keys) -> dict[tuple, list[dict]]:
     """Records grouped by the values of `keys`, in first-seen order."""
-    out = defaultdict(list)
+    out: dict[tuple, list[dict]] = {}
     for r in records:
-        out[tuple(r[k] for k in keys)].append(r)
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
     return out
 
-def _entry(rs: list[dict]) -> str:
-    """One table entry: mean score (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the proportion successes / n (z = 1.96: 95%): the p with (s/n - p)² <= z² p(1-p) / n.
+    `successes` may be fractional (a sum of scores in [0, 1]: p(1-p) bounds their variance); NaN, NaN when n = 0."""
+    if n < 1:
+        return math.nan, math.nan
+    p, d = successes / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n)))
+    return max(0.0, c - h), min(1.0, c + h)
+
+def bootstrap_interval(values: list, stat=mean, n_resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap: `stat` of `n_resamples` resamples of `values` with replacement (random.Random(seed),
+    so deterministic), sorted; the (k+1)-th smallest and (k+1)-th largest, k = floor(0.025 · n_resamples)."""
+    rng, k = random.Random(seed), int(0.025 * n_resamples)
+    stats = sorted(stat(rng.choices(values, k=len(values))) for _ in range(n_resamples))
+    return stats[k], stats[-1 - k]
+
+def summary(rs: list[dict]) -> tuple[float, float, float, int]:
+    """(mean score, low, high, n) of finished records: the Wilson interval of the score (passkey, needle,
+    ruler-lite), for perplexity the bootstrap over the n texts of their mean (NaN for one text)."""
+    xs = [r["score"] for r in rs if not r.get("error") and r["score"] is not None and r["score"] == r["score"]]
+    if rs and rs[0]["task"] == "ppl":
+        return mean(xs), *(bootstrap_interval(xs) if len(xs) > 1 else (math.nan, math.nan)), len(xs)
+    return mean(xs), *wilson_interval(sum(xs), len(xs)), len(xs)
+
+def _entry(rs: list[dict], ref: tuple) -> str:
+    """One table entry: mean score, '*' when its interval and `ref` (the reference's (low, high)) are disjoint,
+    [interval] n=prompts (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
     ok, errors = [r for r in rs if not r.get("error")], len([r for r in rs if r.get("error")])
     if not ok:
         return "error" if errors else ""
-    score, ratio = mean(r["score"] for r in ok), mean(r["cache_ratio"] for r in ok)
-    return ("-" if score != score else f"{score:.2f}") + f" ({ratio:.2f})" + (f" [{errors} err]" if errors else "")
+    (score, lo, hi, n), ratio = summary(ok), mean(r["cache_ratio"] for r in ok)
+    mark, ci = "*" if hi < ref[0] or lo > ref[1] else "", "" if lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+    return ("-" if score != score else f"{score:.2f}") + mark + ci + f" n={n} ({ratio:.2f})" + \
+        (f" [{errors} err]" if errors else "")
 
 def markdown_table(records: list[dict], budgets: list[str] | None = None, policies: list[str] | None = None) -> str:
-    """Policy rows × budget columns: mean score (mean measured cache ratio). Budget-free policies (full, corm, ...)
-    ran once per cell and are repeated in every column. One table per (task, question mode), and one of all the
-    subtasks of a task together ("ruler-lite (all)")."""
+    """Policy rows × budget columns: mean score [95% interval] n=prompts (mean measured cache ratio); '*' marks an
+    interval disjoint from the first row's (full, when listed first) in that column. Budget-free policies (full,
+    corm, ...) ran once per cell and are repeated in every column. One table per (task, question mode), and one of
+    all the subtasks of a task together ("ruler-lite (all)")."""
     if not records:
         return "(no records)"
     groups, parts = group_by(records, "task", "question"), []
@@ -157,13 +180,18 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
         pols = [p for p in (policies or []) if any(r["policy"] == p for r in recs)]
         pols += [p for p in dict.fromkeys(r["policy"] for r in recs) if p not in pols]
         cells = group_by(recs, "policy", "budget")
+        entry = {(p, b): cells.get((p, b)) or cells.get((p, None)) or [] for p in pols for b in budgets_here}
+        ref = {b: summary(entry[(pols[0], b)])[1:3] for b in budgets_here}
         metrics = "/".join(dict.fromkeys(str(r.get("metric")) for r in recs if r.get("metric")))
-        what = "perplexity, lower is better" if task == "ppl" else f"mean score ({metrics})"
+        what, n, interval = ("perplexity, lower is better", "texts", f"percentile bootstrap over the texts "
+                             f"({RESAMPLES} resamples, seed 0; none for one text)") if task == "ppl" else \
+            (f"mean score ({metrics})", "prompts", "Wilson score interval")
         mode = "" if qmode == "none" else f"question-{qmode}; "          # ppl has no question
-        rows = [{"policy": p, **{f"budget {b}": _entry(cells.get((p, b)) or cells.get((p, None)) or [])
-                                 for b in budgets_here}} for p in pols]
-        parts += [f"**{task}** ({mode}{what}; in parentheses: mean measured cache ratio)\n", format_rows(rows),
-                  f"\n{max(map(len, cells.values()))} cell(s) per entry (lengths × depths × samples).\n"]
+        rows = [{"policy": p, **{f"budget {b}": _entry(entry[(p, b)], ref[b] if i else (math.nan,) * 2)
+                                 for b in budgets_here}} for i, p in enumerate(pols)]
+        parts += [f"**{task}** ({mode}{what} [95% interval] n={n} (mean measured cache ratio))\n", format_rows(rows),
+                  f"\nn = lengths × depths × samples; interval: {interval}; *: the interval does not overlap "
+                  f"{pols[0]}'s in the same column (a conservative test: a difference without * may be real too).\n"]
     return "\n".join(parts).rstrip() + "\n"
 
 # ---- one run per output folder ---------------------------------------------------------------------------------------
@@ -181,16 +209,13 @@ def output_lock(folder: str | Path, command: str):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             time.sleep(0.2)                                 # a run that has just taken it writes its name
-            f.seek(0)
-            text = f.read()
-            f.close()
-            _refuse(path, text, held=True)
+            with f:                                         # held: _refuse raises
+                _refuse(path, (f.seek(0), f.read())[1], held=True)
         if os.fstat(f.fileno()).st_nlink:                   # not removed by the run that held it before us
             break
         f.close()
     with f:
-        f.seek(0)
-        text = f.read()
+        text = (f.seek(0), f.read())[1]
         if text:
             _refuse(path, text, held=False)
         f.truncate(0)

@@ -106,9 +106,8 @@ class EvalConfig:
             refuse(not 0 <= d <= 1, f"--depths {d!r} is outside [0, 1] (0 = start of the context, 1 = its end)")
         unknown = [s for s in self.subtasks if s not in RULER_SUBTASKS]
         refuse(unknown, f"unknown ruler-lite subtask(s) {unknown}; subtasks: {', '.join(RULER_SUBTASKS)}")
-        budgets = [str(parse_budget(b)) for b in self.budgets]          # '0.2' and '0.20' are one budget
-        for flag, values in (("--lengths", self.lengths), ("--depths", self.depths),
-                             ("--subtasks", list(self.subtasks)), ("--budgets", budgets)):
+        for flag, values in (("--lengths", self.lengths), ("--depths", self.depths), ("--subtasks", self.subtasks),
+                             ("--budgets", [str(parse_budget(b)) for b in self.budgets])):   # '0.2' = '0.20'
             twice = [v for i, v in enumerate(values) if v in values[:i]] + [None]
             refuse(len(twice) > 1, f"{flag} lists {twice[0]!r} twice; give each value once")
         refuse(self.max_cells() > MAX_CELLS,
@@ -187,8 +186,7 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
 
 def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = None) -> dict:
     """Run one cell and return its record (not yet written)."""
-    ex = example or example_for(tok, cell, cfg)
-    dev = model.device
+    ex, dev = example or example_for(tok, cell, cfg), model.device
     rec.reset_peak_memory(dev)
     t0 = time.perf_counter()
     if ex.metric == "ppl":                # a ratio budget: of the whole text if the policy evicts while decoding
@@ -217,18 +215,14 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
                    new_tokens=len(res.tokens[0]),
                    budget_entries=(None if not cell.policy.takes_budget else
                                    int(parse_budget(cell.budget).entries(torch.tensor([len(prompt)]))[0])))
-    wall = time.perf_counter() - t0
-    peak, peak_kind = rec.peak_memory(dev)
-    return {
-        "id": cell.id, "task": cell.task, "policy": cell.policy.label, "policy_name": cell.policy.name,
-        "options": dict(cell.policy.options), "budget": cell.budget, "length": cell.length, "depth": cell.depth,
-        "sample": cell.sample, "seed": cfg.seed, "question": cell.question, "chat": ex.chat, "metric": ex.metric,
-        "answers": ex.answers, "prompt_tokens": len(ex.ids), "context_tokens": len(ex.context),
-        "question_tokens": len(ex.question), **out, "wall_s": wall, "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind, "model": cfg.model_name, "dtype": cfg.dtype, "device": str(dev),
-        "minikv_version": rec.minikv_version(), "torch_version": torch.__version__,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": ex.meta,
-    }
+    wall, (peak, peak_kind) = time.perf_counter() - t0, rec.peak_memory(dev)
+    return {**vars(cell), "policy": cell.policy.label, "policy_name": cell.policy.name,    # id, task, budget, ...
+            "options": dict(cell.policy.options), "seed": cfg.seed, "chat": ex.chat, "metric": ex.metric,
+            "answers": ex.answers, "prompt_tokens": len(ex.ids), "context_tokens": len(ex.context),
+            "question_tokens": len(ex.question), **out, "wall_s": wall, "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind, "model": cfg.model_name, "dtype": cfg.dtype, "device": str(dev),
+            "minikv_version": rec.minikv_version(), "torch_version": torch.__version__,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": ex.meta}
 
 # ---- the grid -------------------------------------------------------------------------------------------------------
 def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True) -> dict:
@@ -253,9 +247,7 @@ def run_grid(model, tok, cfg: EvalConfig, out_dir, progress: bool = True) -> dic
             try:
                 record = run_cell(model, tok, c, cfg, ex)
             except ValueError as e:                   # a policy/budget combination that cannot run: record it
-                record = {"id": c.id, "task": c.task, "policy": c.policy.label, "budget": c.budget,
-                          "length": c.length, "depth": c.depth, "sample": c.sample, "question": c.question,
-                          "error": str(e), "score": None, "cache_ratio": None}
+                record = {**vars(c), "policy": c.policy.label, "error": str(e), "score": None, "cache_ratio": None}
                 note(bar, f"minikv eval: cell {c.id}: {e}")
             rec.append_record(out_dir, record)
             if bar is not None:

@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 
 from minikv.errors import BadInput
@@ -23,8 +24,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 LICENSES = Path("/usr/share/common-licenses")
 RULER_SUBTASKS = ("multikey", "multivalue", "vt", "cwe")
 TASK_NAMES = ("passkey", "needle", "ruler-lite", "ppl")
-# Tasks whose needle sits at a requested depth; the others ignore --depths.
-DEPTH_TASKS = {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalue"}
+DEPTH_TASKS = {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalue"}   # the others ignore --depths
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Accra", "Kyoto", "Porto", "Tunis",
           "Riga", "Sofia", "Perth", "Bergen", "Cusco", "Malmo", "Turin", "Dakar", "Hobart")
 
@@ -62,12 +62,11 @@ def pseudo_words(n: int, seed: int = 0) -> list[str]:
 def prose_source() -> tuple[str, str]:
     """(source name, text): the license texts (GPL-3 first, each once), else deterministic pseudo-prose."""
     texts: dict[str, str] = {}
-    if LICENSES.is_dir():
-        for p in sorted((p for p in LICENSES.iterdir() if p.is_file()), key=lambda p: (p.name != "GPL-3", p.name)):
-            try:
-                texts.setdefault(p.read_text(encoding="utf-8"), p.name)
-            except (OSError, UnicodeDecodeError):
-                continue
+    for p in sorted((p for p in LICENSES.glob("*") if p.is_file()), key=lambda p: (p.name != "GPL-3", p.name)):
+        try:                                          # (glob of a missing folder: nothing)
+            texts.setdefault(p.read_text(encoding="utf-8"), p.name)
+        except (OSError, UnicodeDecodeError):
+            continue
     if texts:
         return "common-licenses:" + ",".join(texts.values()), "\n\n".join(texts)
     rng, words = random.Random(0), pseudo_words(600, 0)
@@ -83,13 +82,9 @@ def encode_units(tok, sentences: list[str], max_tokens: int = 48) -> list[list[i
     needle can then sit close to any depth; license sentences reach 200+ tokens)."""
     units = []
     for s in sentences:
-        ids = encode(tok, s)
-        if len(ids) <= max_tokens or "," not in s:
-            units.append(ids)
-            continue
-        run: list[int] = []
-        for piece in re.split(r"(?<=,) ", s[1:]):
-            p = encode(tok, " " + piece)
+        ids, run = encode(tok, s), []
+        split = len(ids) > max_tokens and "," in s
+        for p in [encode(tok, " " + x) for x in re.split(r"(?<=,) ", s[1:])] if split else [ids]:
             if run and len(run) + len(p) > max_tokens:
                 units.append(run)
                 run = []
@@ -97,7 +92,7 @@ def encode_units(tok, sentences: list[str], max_tokens: int = 48) -> list[list[i
         units.append(run)
     return units
 
-# ---- encoding, cached per tokenizer --------------------------------------------------------------------------------
+# ---- encoding, cached per tokenizer; chat wrapping -----------------------------------------------------------------
 def encode(tok, text: str, first: bool = False) -> list[int]:
     """Ids of a piece of the prompt; only the first piece gets the tokenizer's default BOS."""
     return tok.encode(text) if first else tok.encode(text, add_bos=False)
@@ -118,7 +113,6 @@ def prose_ids(tok) -> list[int]:
     """The whole prose text, for perplexity."""
     return encode(tok, prose_source()[1])
 
-# ---- chat wrapping -------------------------------------------------------------------------------------------------
 def resolve_chat(tok, chat: bool | None) -> bool:
     """Plain prompts unless asked (on SmolLM2-135M-Instruct passkey fails inside the chat template, and multikey does
     worse in it); chat needs a format minikv knows (ChatML, Llama-2) for the tokenizer."""
@@ -130,13 +124,13 @@ def resolve_chat(tok, chat: bool | None) -> bool:
         raise BadInput("--chat: this tokenizer has no chat format minikv knows (ChatML, Llama-2)")
     return bool(chat)
 
-def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[str, str]:
-    """(head, tail) text around the haystack: plain, or the chat template with the answer prefix opening the reply."""
-    if not chat:
-        return instruction, question + answer_prefix
-    marker = "\x00MINIKV-HAYSTACK\x00"
-    head, tail = apply_chat_template(tok, [{"role": "user", "content": instruction + marker + question}]).split(marker)
-    return head, tail + answer_prefix.lstrip()
+def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[list[int], list[int]]:
+    """(head, tail) ids around the haystack: plain, or the chat template with the answer prefix opening the reply."""
+    if chat:
+        marker, answer_prefix = "\x00MINIKV-HAYSTACK\x00", answer_prefix.lstrip()
+        text = apply_chat_template(tok, [{"role": "user", "content": instruction + marker + question}])
+        instruction, question = text.split(marker)                # the text before and after the haystack
+    return encode(tok, instruction, first=True), encode(tok, question + answer_prefix)
 
 # ---- haystack assembly ---------------------------------------------------------------------------------------------
 def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
@@ -152,9 +146,7 @@ def take_tokens(units: list[list[int]], start: int, n: int) -> list[list[int]]:
 
 def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]]) -> tuple[list[int], list[int]]:
     """Put each needle at the sentence boundary nearest depth × haystack tokens. Returns (ids, needle offsets)."""
-    bounds = [0]
-    for s in hay:
-        bounds.append(bounds[-1] + len(s))
+    bounds = [0, *accumulate(map(len, hay))]
     at: dict[int, list[int]] = {}
     for k, (_, depth) in enumerate(needles):
         if not 0 <= depth <= 1:
@@ -162,19 +154,17 @@ def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]
         b = min(range(len(bounds)), key=lambda i: (abs(bounds[i] - depth * bounds[-1]), i))
         at.setdefault(b, []).append(k)
     ids, offsets = [], [0] * len(needles)
-    for b in range(len(hay) + 1):
+    for b, s in enumerate(hay + [[]]):                 # boundary b comes before sentence b ([]: the end)
         for k in at.get(b, []):
             offsets[k] = len(ids)
             ids += needles[k][0]
-        if b < len(hay):
-            ids += hay[b]
+        ids += s
     return ids, offsets
 
 def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[list[int]], start: int,
                     needles: list[tuple[str, float]], question: str, answer_prefix: str):
     """(context ids, question ids, needle spans as meta) of exactly `length` tokens."""
-    head_text, tail_text = wrap(tok, chat, instruction, question, answer_prefix)
-    head, tail = encode(tok, head_text, first=True), encode(tok, tail_text)
+    head, tail = wrap(tok, chat, instruction, question, answer_prefix)
     needle_ids = [(encode(tok, text), depth) for text, depth in needles]
     n_hay = length - len(head) - len(tail) - sum(len(ids) for ids, _ in needle_ids)
     if n_hay < 1:
@@ -227,12 +217,10 @@ _VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden
 
 def _vt_chain(rng: random.Random, n_hops: int) -> tuple[list[str], str, list[str]]:
     """(variable names, value, assignment sentences) of one chain: VAR A = value, VAR B = VAR A, ..."""
-    names: list[str] = []
-    while len(names) < n_hops + 1:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-        if name not in names:
-            names.append(name)
-    value = str(rng.randint(10000, 99999))
+    distinct: dict[str, None] = {}                   # insertion-ordered, as a list, without repeats
+    while len(distinct) < n_hops + 1:
+        distinct.setdefault("".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)))
+    names, value = list(distinct), str(rng.randint(10000, 99999))
     chain = [f" VAR {names[0]} = {value}."] + [f" VAR {names[j + 1]} = VAR {names[j]}." for j in range(n_hops)]
     return names, value, chain
 
@@ -265,8 +253,7 @@ def _cwe_question(num_cw: int) -> tuple[str, str]:
 def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10, freq_ucw: int = 3) -> Example:
     """RULER common words extraction: a numbered word list where num_cw words repeat often; name those words.
     As in RULER, a short solved example (common words 3 times, others once) comes first."""
-    vocab = pseudo_words(4000, seed=1)
-    words = rng.sample(vocab, len(vocab))
+    words = rng.sample(pseudo_words(4000, seed=1), 4000)           # the vocabulary, shuffled
     common, uncommon = words[:num_cw], words[num_cw + 20:-10]
     example = words[num_cw:num_cw + 10] * 3 + words[-10:]
     random.Random(rng.random()).shuffle(example)
@@ -274,8 +261,7 @@ def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10
     answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words[num_cw:num_cw + 10]))
     listed = "".join(f" {i + 1}. {w}" for i, w in enumerate(example))
     instruction = f"{_CWE_INSTRUCTION}{listed}{q}{a} {answer}\n\n{_CWE_INSTRUCTION}"
-    head_text, tail_text = wrap(tok, chat, instruction, *_cwe_question(num_cw))
-    head, tail = encode(tok, head_text, first=True), encode(tok, tail_text)
+    head, tail = wrap(tok, chat, instruction, *_cwe_question(num_cw))
     avail = length - len(head) - len(tail)
     n_items = max(1, avail // max(1, len(encode(tok, f" 100. {common[0]}"))))
     freq_cw = max(freq_ucw + 2, min(30, n_items // 20))     # RULER: 30 at 4k+; always clearly above freq_ucw
