@@ -16,7 +16,8 @@ import torch
 from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import choice_option, float_option
-from minikv.policies.h2o import H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep, split_budget
+from minikv.policies.h2o import (H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep,
+                                 ranked_scores, split_budget)
 from minikv.policies.snapkv import PyramidKV, SnapKV
 from minikv.errors import BadInput
 
@@ -67,8 +68,9 @@ class AdaSnapKV(SnapKV):
     name = "adakv-snapkv"
     summary = "Ada-KV over SnapKV: the layer's prefix budget goes to the heads with the highest window scores"
 
-    def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official"):
-        super().__init__(budget, window, kernel)
+    def __init__(self, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, variant: str = "official",
+                 pooling: str = "max"):
+        super().__init__(budget, window, kernel, pooling=pooling)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
     def head_counts(self, score, prefix_budget, store):
@@ -80,8 +82,8 @@ class AdaPyramidKV(PyramidKV, AdaSnapKV):
     summary = "Ada-KV over PyramidKV: depth-shrinking layer budgets, each split unevenly across heads by score"
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, beta: int = 20, alpha: float = 0.2,
-                 variant: str = "official"):
-        super().__init__(budget, window, kernel, beta)
+                 variant: str = "official", pooling: str = "max"):
+        super().__init__(budget, window, kernel, beta, pooling=pooling)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
 class AdaH2O(H2O):
@@ -90,8 +92,8 @@ class AdaH2O(H2O):
     summary = "Ada-KV over H2O: the heavy-hitter share is split unevenly across heads by accumulated attention"
 
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, alpha: float = 0.2,
-                 variant: str = "official"):
-        super().__init__(budget, heavy_share, n_sink)
+                 variant: str = "official", score: str = "sum"):
+        super().__init__(budget, heavy_share, n_sink, score)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
     def _compress(self, layer: int, store: LayerStore, at_prefill: bool = False) -> None:
@@ -102,15 +104,16 @@ class AdaH2O(H2O):
         if not store.host.get("adakv_all_allocated"):          # a row may overflow now: allocate, branch-free
             new = (heavy[:, 0] < 0) & (store.seen > budget)                                 # rows that overflow now
             recent = recent_mask(store.pos, n_recent[:, None], store.seen)                  # (B, Hkv, S)
-            # Sinks rank first (they count inside the heavy share), as in heavy_recent_keep.
-            score = store.stats["score"].masked_fill(first_positions_mask(store.pos, self.n_sink), float("inf"))
+            sinks = first_positions_mask(store.pos, self.n_sink)        # rank first, counted in the heavy share
+            score = ranked_scores(store, self.score).masked_fill(sinks, float("inf"))
             counts = adakv_allocate(score, n_heavy, self.alpha, self.variant, store.valid & ~recent, store.pos)
             heavy.copy_(torch.where(new[:, None], counts, heavy))
             if at_prefill:                                     # (prefill may sync; a decode step never does)
                 store.host["adakv_all_allocated"] = bool((heavy >= 0).all())
-        active = heavy[:, 0] >= 0                                                           # (B,)
-        _log_heads(store, n_heavy, heavy.clamp_min(0), n_recent[:, None], active)
-        keep = heavy_recent_keep(store, store.stats["score"], heavy.clamp_min(0), n_recent, self.n_sink)
+        active, h = heavy[:, 0] >= 0, heavy.clamp_min(0)                                    # (B,), (B, Hkv)
+        # The allocation beside the rows (the report): average prefix budget, per-head prefix and total budgets.
+        store.rows.update(prefix_budget=n_heavy, head_prefix=h, head_budget=h + n_recent[:, None], compressed=active)
+        keep = heavy_recent_keep(store, ranked_scores(store, self.score), h, n_recent, self.n_sink)
         keep |= ~active[:, None, None] & store.valid                                       # rows that still fit
         store.keep(keep)
 
@@ -121,9 +124,3 @@ class AdaH2O(H2O):
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])
         self._compress(layer, store)
-
-def _log_heads(store: LayerStore, b: torch.Tensor, prefix_counts: torch.Tensor, window, compressed) -> None:
-    """Keep a layer's allocation beside its rows: average prefix budget b (B,), per-head prefix budgets and totals
-    (B, Hkv), and which rows were compressed (B,)."""
-    total = prefix_counts + torch.as_tensor(window, device=prefix_counts.device)
-    store.rows.update(prefix_budget=b, head_prefix=prefix_counts, head_budget=total, compressed=compressed)

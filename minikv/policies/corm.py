@@ -81,18 +81,16 @@ class CORM(Policy):
             raise BadInput(f"corm is budget-free (got budget={budget!r}): its cache size follows from w and r; "
                              f"compare at the measured cache ratio and sweep (w, r) instead")
         super().__init__(None)
-        w = int_option("corm", "w", w, lo=1, what="the window of recent queries that vote")
-        r = int_option("corm", "r", r, what="recent positions never evicted")
-        n_sink = int_option("corm", "n_sink", n_sink, lo=0, what="first positions never evicted")
+        # window: the rows of the last prompt queries that oneshot needs ("last_rows")
+        w = self.w = self.window = int_option("corm", "w", w, lo=1, what="the window of recent queries that vote")
+        r = self.r = int_option("corm", "r", r, what="recent positions never evicted")
+        self.n_sink = int_option("corm", "n_sink", n_sink, lo=0, what="first positions never evicted")
         if r < w:
             raise BadInput(f"corm: r (recent positions never evicted) must be >= w, got r={r} < w={w}; "
                              f"with r < w a key could be judged by queries issued before it existed")
-        choice_option("corm", "threshold", threshold, THRESHOLDS,
-                      what="'step' = 1/s as in the paper, 'cached' = 1/(entries cached), an ablation")
-        choice_option("corm", "prefill_mode", prefill_mode, PREFILL_MODES)
-        self.w, self.r, self.n_sink = w, r, n_sink
-        self.window = w                       # rows of the last prompt queries needed for oneshot ("last_rows")
-        self.threshold, self.prefill_mode = threshold, prefill_mode
+        self.threshold = choice_option("corm", "threshold", threshold, THRESHOLDS,
+                                       what="'step' = 1/s as in the paper, 'cached' = 1/(entries cached), an ablation")
+        self.prefill_mode = choice_option("corm", "prefill_mode", prefill_mode, PREFILL_MODES)
         self.prefill_pass = "token_by_token" if prefill_mode == "exact" else "one_pass"
 
     def after_prefill(self, layer, store, stats):

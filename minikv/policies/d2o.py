@@ -24,7 +24,8 @@ import torch
 
 from minikv.store import KVCache, LayerStore, position_order
 from minikv.policies.base import Policy, choice_option, float_option, int_option
-from minikv.policies.h2o import accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep
+from minikv.policies.h2o import (SCORES, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep,
+                                 ranked_scores)
 from minikv.errors import BadInput, is_int
 
 MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
@@ -64,10 +65,8 @@ def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = froze
                  allocation: str = "variance") -> torch.Tensor:
     """Step 2: r_l = clamp(softmax(-F)_l * L * rho, 0.01, 1) ("uniform": rho); protected layers get 1. (L, B).
     F: (L,); rho: (B,) nominal ratio per batch row. Protected layers' shares are not redistributed."""
-    raw = layer_shares(F, allocation)[:, None] * rho.double()[None, :]    # (L, B)
-    r = raw.clamp(0.01, 1.0).clone()
-    for layer in protected:
-        r[layer] = 1.0
+    r = (layer_shares(F, allocation)[:, None] * rho.double()[None, :]).clamp(0.01, 1.0)   # (L, B)
+    r[list(protected)] = 1.0
     return r
 
 def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), allocation: str = "variance",
@@ -76,8 +75,7 @@ def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), a
     protected layers get -1 (never compressed). (L, B) long. Before flooring, sum_l cap_l = L * c."""
     raw = (layer_shares(F, allocation) * count).floor().clamp_min(1).long()   # (L,)
     caps = raw[:, None].expand(len(raw), n_rows).clone()
-    for layer in protected:
-        caps[layer] = -1
+    caps[list(protected)] = -1
     return caps
 
 def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +199,7 @@ class D2O(Policy):
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
                  alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
                  threshold_rule: str = "code", allocation: str = "variance",
-                 tau_override: float | None = None):
+                 tau_override: float | None = None, score: str = "sum"):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
@@ -211,6 +209,7 @@ class D2O(Policy):
         self.threshold_rule = choice_option("d2o", "threshold_rule", threshold_rule, THRESHOLD_RULES,
                                             what="Step 4 update of tau")
         self.allocation = choice_option("d2o", "allocation", allocation, ALLOCATIONS)
+        self.score = choice_option("d2o", "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")
         beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
         self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
         self.beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
@@ -268,8 +267,7 @@ class D2O(Policy):
             full = caps < 0
             S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
             S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
-        for p in protected:
-            full[p] = True
+        full[list(protected)] = True
         Lw = layer_shares(F, "variance")                                                  # L * softmax(-F)_l
         return [{"F": F[l].expand(B), "Lw": Lw[l].expand(B), "rho": rho, "protected": torch.full((B,), l in protected),
                  "ratio": ratios[l], "full": full[l], "S_h": S_h[l], "S_r": S_r[l],
@@ -287,7 +285,7 @@ class D2O(Policy):
         first = not store.host.get("compressed")
         if first and self.budget.is_ratio:                                # first compression: T = entries now
             r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
-        keep = heavy_recent_keep(store, store.stats["score"], r["S_h"], r["S_r"], self.n_sink)
+        keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink)
         keep |= r["full"][:, None, None] & store.valid
         # Once compressed a head holds <= S_h + S_r entries, so the one token a decode step adds evicts <= 1.
         tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,

@@ -1,16 +1,18 @@
 """H2O, Heavy-Hitter Oracle (Zhang et al. 2023): keep the most recent entries and the heavy hitters, i.e. the
 entries that have received the most attention so far (accumulated over every query that saw them).
 
-Score (store stat "score"): prefill column sums of the attention matrix + each decode step's attention row,
-averaged over the G query heads of a KV group. Budget = n_heavy + n_recent (default split 1:1)."""
+Score (store stat "score"): prefill column sums of the attention matrix + each decode step's row, averaged over the
+G query heads of a KV group; ranked as is or per query that saw it (`score`). Budget n_heavy + n_recent, default 1:1."""
 from __future__ import annotations
 
 import torch
 
 from minikv.ops import first_positions_mask, group_mean, recent_mask, select_topk
 from minikv.store import LayerStore
-from minikv.policies.base import Policy, float_option, int_option
+from minikv.policies.base import Policy, choice_option, float_option, int_option
 from minikv.errors import BadInput
+
+SCORES = ("sum", "mean")       # what ranks: H2O's accumulated attention, or kvpress's ObservedAttentionPress mean
 
 def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
     """score_j = sum over prompt queries i of A[i, j], group-averaged. colsum: (B, Hkv, G, S)."""
@@ -19,8 +21,13 @@ def accumulate_prefill_scores(store: LayerStore, colsum: torch.Tensor) -> None:
 
 def accumulate_step_scores(store: LayerStore, probs: torch.Tensor) -> None:
     """score_j += A[t, j] for the new query t (group-averaged). probs: (B, Hkv, G, 1, S)."""
-    store.add_stat("score", dtype=probs.dtype)
-    store.stats["score"] += group_mean(probs.sum(dim=3)).to(store.stats["score"].dtype)
+    accumulate_prefill_scores(store, probs.sum(dim=3))
+
+def ranked_scores(store: LayerStore, score: str = "sum") -> torch.Tensor:
+    """(B, Hkv, S) what selection ranks: the stat "score" ("sum"), or divided by the number of queries that saw each
+    entry, seen - pos ("mean": every query from the entry's own position on, the diagonal included, as kvpress)."""
+    s = store.stats["score"]
+    return s if score == "sum" else s / (store.seen[:, None, None] - store.pos).clamp_min(1)
 
 def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Tensor, n_recent: torch.Tensor,
                       n_sink: int = 0) -> torch.Tensor:
@@ -44,17 +51,18 @@ class H2O(Policy):
     decode_needs = frozenset({"probs"})
     decode_evicts = True
 
-    def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0):
+    def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, score: str = "sum"):
         super().__init__(budget)
         if self.budget is None:
             raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
         self.heavy_share = float_option(self.name, "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
         self.n_sink = int_option(self.name, "n_sink", n_sink, lo=0, what="first positions always kept")
+        self.score = choice_option(self.name, "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")
 
     def _compress(self, store: LayerStore) -> None:
         budget = self.budget_entries(store)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)
-        store.keep(heavy_recent_keep(store, store.stats["score"], n_heavy, n_recent, self.n_sink))
+        store.keep(heavy_recent_keep(store, ranked_scores(store, self.score), n_heavy, n_recent, self.n_sink))
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
