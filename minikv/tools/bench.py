@@ -1,28 +1,16 @@
-"""Benchmarks: scripts that print tables and save JSON (speed targets are checked here, never in unit tests).
-
-`minikv bench cpu`: minikv vs transformers on the default model, on this machine: prefill tokens/s at 512 and 2048
-tokens, and decode tokens/s (greedy, full cache). minikv's prefill is timed on the SDPA path (what `generate` uses
-when the policy needs no probabilities) and, for reference, on its reference attention path (the one that can
-return probabilities to a policy).
-`minikv bench gpu`: random bf16 weights at the Llama-2-7B shape, 4096-token prompts, 64 new tokens, greedy, ratio
-0.2; minikv (every policy, modes eager and graph = `generate(cuda_graph=True)`) and transformers (eager, and static =
-`cache_implementation="static"`, compiled in an untimed warm-up) at batch 1, 16 and max: prefill s, decode ms/step
-and tok/s over the decode less the graph capture (decode_s - capture_s, both kept), peak GiB, KV live/allocated/full
-GiB; decode profiles and a host-sync check on request. MINIKV_BENCH_* (bench_plan) pick a subset, to split the table
-over calls of a few minutes; `minikv bench report FILES` merges their JSON and checks the issue's targets. Both
-need `transformers` as the peer (`pip install "minikv[bench]"`), checked with the --out path and the device first.
-
-Max batch = the largest batch whose run (all prompts prefilled at once, then every new token) completes: a line of
-peak memory vs batch through probes at 8 and 24 rows (prefill, a step, cache.fit to the run's final capacity)
-predicts the batch that fills 90% of the GPU; the run starts there and backs off by 8% on out-of-memory; the next
-mode starts from the batch that ran."""
+"""Benchmarks against `transformers` (`pip install "minikv[bench]"`): tables and JSON (speed targets are checked here,
+never in unit tests). `minikv bench gpu`: random bf16 weights at the Llama-2-7B shape, 4096-token prompts, 64 new
+tokens, greedy, ratio 0.2; minikv (every policy, eager and graph = `generate(cuda_graph=True)`) and transformers (eager,
+and static = `cache_implementation="static"`, compiled in an untimed warm-up) at batch 1, 16 and max (MAX_BATCH_RULE):
+prefill s, decode ms/step and tok/s less the graph capture (both kept), peak GiB, KV GiB; decode profiles and a
+host-sync check on request. MINIKV_BENCH_* (bench_plan) split the table over calls; `bench report FILES` merges them
+and checks the targets. `minikv bench cpu`: the same on the default model (or --model) here, float32, CPU_PLAN."""
 from __future__ import annotations
 
 import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -38,15 +26,7 @@ from minikv.io.checkpoint import load_model
 from minikv.io.convert import ensure_default_model
 from minikv.model import Llama
 from minikv.policies import REGISTRY, get_policy
-from minikv.tools.common import add_model_args, format_rows, progress_bar
-
-def require_transformers(command: str, skip_hint: str = "") -> None:
-    """Fail up front, naming the extra to install, when the transformers peer is missing."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise MissingExtra(f"{command} compares against transformers, which is not installed: "
-                           f'pip install "minikv[bench]"  (or: pip install transformers){skip_hint}') from None
+from minikv.tools.common import add_model_args, format_rows
 
 def check_out_path(out: Path) -> Path:
     """Refuse an --out that is a folder or lies under a file, and make its folder, before a long run starts."""
@@ -66,104 +46,23 @@ def write_json(out: Path, data: dict) -> None:
     except OSError as e:
         raise BadInput(f"--out {out}: could not write the results ({e.strerror or e})") from None
 
-@torch.no_grad()
-def cpu_benchmark(folder: Path, prefill_lengths=(512, 2048), decode_tokens: int = 64, repeats: int = 3) -> list[dict]:
-    """Rows of {engine, measure, tokens, seconds, tokens_per_s} for minikv and transformers on the same weights."""
-    import transformers
-    progress = progress_bar(2 + 3 * len(prefill_lengths) + 4, 0, "bench cpu")
-
-    def step(what: str) -> None:
-        progress.set_postfix_str(what)
-        progress.update(1)
-
-    ours = load_model(folder)
-    step("loaded minikv's model")
-    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    hf.config._attn_implementation = "sdpa"
-    step("loaded transformers' model")
-
-    def timed(label: str, fn) -> float:
-        """The median time of fn over `repeats` runs, reported as one progress step."""
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        step(f"{label}: {t:.2f} s")
-        return t
-
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n in prefill_lengths:
-        ids = torch.randint(100, 40000, (1, n), generator=g)
-        t_ours = timed(f"minikv prefill {n}", lambda: ours(ids, ours.new_cache(1), last_only=True, use_sdpa=True))
-        t_ref = timed(f"minikv reference attention prefill {n}", lambda: ours(ids, ours.new_cache(1), last_only=True))
-        t_hf = timed(f"transformers prefill {n}", lambda: hf(ids, logits_to_keep=1))
-        rows += [{"engine": engine, "measure": "prefill", "tokens": n, "seconds": t, "tokens_per_s": n / t}
-                 for engine, t in (("minikv", t_ours), ("minikv reference attention", t_ref), ("transformers", t_hf))]
-    prompt = torch.randint(100, 40000, (1, 512), generator=g)
-    t_ours = timed(f"minikv generate {decode_tokens}",
-                   lambda: generate(ours, [prompt[0].tolist()], max_new_tokens=decode_tokens, stop_ids=[]))
-    t_pre = timed("minikv prefill 512 (subtracted from generate)", lambda: ours(prompt, ours.new_cache(1), last_only=True, use_sdpa=True))
-    t_hf = timed(f"transformers generate {decode_tokens}",
-                 lambda: hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
-                                     do_sample=False))
-    t_hf_pre = timed("transformers prefill 512 (subtracted from generate)", lambda: hf(prompt, logits_to_keep=1))
-    progress.close()
-    for engine, total, pre in (("minikv", t_ours, t_pre), ("transformers", t_hf, t_hf_pre)):
-        dec = max(total - pre, 1e-9)
-        rows.append({"engine": engine, "measure": "decode (after 512-token prompt)", "tokens": decode_tokens,
-                     "seconds": dec, "tokens_per_s": decode_tokens / dec})
-    return rows
-
-def format_table(rows: list[dict]) -> str:
-    """One line per (measure, tokens): tokens/s of each engine and minikv / transformers."""
-    by = {}
-    for r in rows:
-        by.setdefault((r["measure"], r["tokens"]), {})[r["engine"]] = r["tokens_per_s"]
-    return format_rows([{"measure": m, "tokens": n, "minikv tok/s": v["minikv"],
-                         "minikv reference attention tok/s": v.get("minikv reference attention", "-"),
-                         "transformers tok/s": v["transformers"], "minikv / transformers": v["minikv"] / v["transformers"]}
-                        for (m, n), v in by.items()])
-
-def main(args) -> int:
-    """`minikv bench cpu|gpu|report`: check the inputs up front, run, print the table and save the JSON."""
-    if args.which != "cpu":
-        return gpu_main(args) if args.which == "gpu" else report_main(args)
-    require_transformers("minikv bench cpu")
-    if args.model and not Path(args.model).is_dir():
-        raise NotFound(f"--model {args.model}: no such folder; give a Hugging Face Llama folder, or leave --model "
-                       "out for the default model")
-    out = check_out_path(Path(args.out or "results/bench_cpu.json"))
-    folder = Path(args.model) if args.model else ensure_default_model()
-    lengths, dec, rep = ((64, 128), 8, 1) if args.quick else ((512, 2048), 64, 3)
-    length = "a quick smoke run" if args.quick else "about 10 minutes on an idle 2-core CPU (--quick: a minute or two)"
-    print(f"bench cpu: {length}, model {folder}", file=sys.stderr, flush=True)
-    rows = cpu_benchmark(folder, lengths, dec, rep)
-    table = format_table(rows)
-    info = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    print(f"CPU benchmark on {info['machine']}, {info['threads']} threads, torch {info['torch']} (float32)")
-    print(table)
-    write_json(out, {"info": info, "rows": rows})
-    print(f"saved {out}")
-    return 0
-
 # ---- minikv bench gpu ------------------------------------------------------------------------------------------
-_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=8192)
-SHAPES = {"llama2-7b": dict(_7B, vocab_size=32000, intermediate_size=11008, num_key_value_heads=32, rope_theta=1e4),
-          "llama3-8b": dict(_7B, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=5e5)}
+SHAPES = {"llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=8192, vocab_size=32000, intermediate_size=11008, rope_theta=1e4)}
 POLICIES = ["full", "streaming", "h2o", "snapkv", "adakv-snapkv", "adakv-h2o", "d2o", "corm"]
 PROFILE_DEFAULT = "full:1:eager,full:1:graph,full:16:eager,full:16:graph,h2o:16:eager,h2o:16:graph,d2o:16:graph"
-MAX_BATCH_RULE = " ".join((__doc__ or "Max batch = see bench.py").split("Max batch = ")[1].split("\n\n")[0].split())
+CPU_PLAN = {"MINIKV_BENCH_POLICIES": "full", "MINIKV_BENCH_BATCHES": "1", "MINIKV_BENCH_MODES": "eager",
+            "MINIKV_BENCH_PROMPT": "512"}                  # bench cpu's defaults (the environment overrides them)
+MAX_BATCH_RULE = ("the largest batch whose run (all prompts prefilled at once, then every new token) completes: a "
+                  "line of peak memory vs batch through probes at 8 and 24 rows (prefill, a step, cache.fit to the "
+                  "run's final capacity) predicts the batch that fills 90% of the GPU; the run starts there and backs "
+                  "off by 8% on out-of-memory; the next mode starts from the batch that ran.")
 
 def random_model(build, dtype=torch.bfloat16, device="cuda"):
     """build() (e.g. a Llama at one of SHAPES) on `device` in `dtype` with random weights (norms 1; no CPU init)."""
     with torch.device("meta"):
         model = build()
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
+    model, gen = model.to_empty(device=device).to(dtype), torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=gen)
@@ -215,21 +114,17 @@ def probe_minikv(model: Llama, name: str, ratio: float, batch: int, prompt_len: 
     _fitted(model, policy_for(name, ratio), batch, prompt_len, new_tokens - 1)
     return {"peak_gib": _sync_peak()}
 
-def _is_oom(e: BaseException | None) -> bool:
-    """Out of memory, also as the cause or context of another error (e.g. of a graph capture it broke)."""
-    while e is not None and not (isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)):
-        e = e.__cause__ or e.__context__
-    return e is not None
-
 def fits(fn, batch: int) -> dict | None:
-    """fn(batch), or None when it runs out of memory (memory is freed after the exception's frames are gone)."""
+    """fn(batch), or None when it runs out of memory, also as the cause or context of another error (e.g. of a graph
+    capture it broke); the memory is freed after the exception's frames are gone."""
     try:
         return fn(batch)
     except RuntimeError as e:
-        if not _is_oom(e):
+        while e is not None and not (isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)):
+            e = e.__cause__ or e.__context__
+        if e is None:                                # not out of memory: the error goes on
             raise
     _free()
-    return None
 
 def predict_batch(probe, total_bytes: int, small: int = 8, large: int = 24) -> int:
     """The batch whose peak memory is 90% of total_bytes on the line through probe(small) and probe(large) (peak
@@ -318,7 +213,7 @@ def run_hf(hf, batch: int, prompt_len: int, new_tokens: int, mode: str = "eager"
     compiled, 2 tokens: peak memory only)."""
     torch._dynamo.reset() if mode == "probe" else None    # before the max-batch probes: earlier compiled graphs go
     _free()
-    ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_len), device="cuda")
+    ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_len), device=hf.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=mode == "probe",
               cache_implementation=None if mode == "eager" else "static")
     gen = lambda n: (hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw), _sync_peak(), time.perf_counter())
@@ -333,7 +228,7 @@ def run_hf(hf, batch: int, prompt_len: int, new_tokens: int, mode: str = "eager"
 GPU_KEYS = ["shape", "engine", "policy", "mode", "batch", "max_batch", "prefill_s", "capture_s", "decode_ms_per_step",
             "decode_tok_per_s", "peak_gib", "kv_live_gib", "kv_alloc_gib", "kv_full_gib", "cache_ratio", "error"]
 
-def bench_plan(env, quick: bool = False, profile_flag: bool = False) -> dict:
+def bench_plan(env, profile_flag: bool = False) -> dict:
     """The run from MINIKV_BENCH_*, checked up front: SHAPES, POLICIES, BATCHES ("1,16,max"), MODES ("graph,eager", in
     that order), HF ("1", "0", "only"), PROMPT, NEW_TOKENS, SECONDS (a budget checked before each item), PROFILE
     ("policy:batch:mode,..."; --profile: PROFILE_DEFAULT), SYNC ("1": check all POLICIES; default on if profiling)."""
@@ -342,7 +237,7 @@ def bench_plan(env, quick: bool = False, profile_flag: bool = False) -> dict:
         if [x for x in items if not ok(x)] or (default and not items):
             raise BadInput(f"{name}={env.get(name, default)!r}: give {known}")
         return items
-    num = lambda x, lo=1: x.isdigit() and int(x) >= lo
+    num = lambda x, lo=1: x.isdecimal() and int(x) >= lo
     is_spec = lambda p, b="", m="", *more: p in REGISTRY and num(b) and m in ("graph", "eager") and not more
     spec = [x.split(":") for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
                                       lambda x: is_spec(*x.split(":")), "policy:batch:mode,...")]
@@ -354,16 +249,16 @@ def bench_plan(env, quick: bool = False, profile_flag: bool = False) -> dict:
             "modes": get("MINIKV_BENCH_MODES", "graph,eager", ("graph", "eager").__contains__, "graph and/or eager"),
             "hf": one("MINIKV_BENCH_HF", "1", ("0", "1", "only").__contains__, "1, 0 or only"),
             "sync": one("MINIKV_BENCH_SYNC", "1" if spec else "0", ("0", "1").__contains__, "0 or 1") == "1",
-            "prompt_len": int(one("MINIKV_BENCH_PROMPT", "512" if quick else "4096", num, "an integer >= 1")),
-            "new_tokens": int(one("MINIKV_BENCH_NEW_TOKENS", "16" if quick else "64", lambda x: num(x, 3),
-                                  "an integer >= 3")),
+            "prompt_len": int(one("MINIKV_BENCH_PROMPT", "4096", num, "an integer >= 1")),
+            "new_tokens": int(one("MINIKV_BENCH_NEW_TOKENS", "64", lambda x: num(x, 3), "an integer >= 3")),
             "seconds": float(one("MINIKV_BENCH_SECONDS", "99999", lambda x: x.replace(".", "", 1).isdigit(),
                                  "a number of seconds")),
             "ratio": 0.2, "profile": [(p, int(b), m) for p, b, m in spec]}
 
-def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloat16, total_bytes=None) -> dict:
-    """Per shape: minikv's sync checks, profiles and rows, then transformers' rows; each item printed and saved in the
-    JSON as it comes (a cut-off run keeps what it measured), skipped once plan["seconds"] are spent."""
+def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloat16, total_bytes=None,
+             folder: Path | None = None) -> dict:
+    """Per shape (random weights, or the model in `folder`): minikv's sync checks, profiles and rows, then transformers'
+    rows; each item printed and saved in the JSON as it comes (a cut-off run keeps it), skipped past plan["seconds"]."""
     res, t_start, P, N, ratio = {"info": info, "rows": [], "profile": [], "sync": []}, time.perf_counter(), \
         plan["prompt_len"], plan["new_tokens"], plan["ratio"]
     total = total_bytes or (lambda: torch.cuda.get_device_properties(0).total_memory)
@@ -382,7 +277,8 @@ def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloa
 
     for shape in plan["shapes"]:
         if plan["hf"] != "only":
-            model = random_model(lambda: Llama(LlamaConfig(**SHAPES[shape])), dtype, device)
+            model = load_model(folder, dtype, device) if folder else \
+                random_model(lambda: Llama(LlamaConfig(**SHAPES[shape])), dtype, device)
             generate(model, _prompts(model, 2, 64), max_new_tokens=3, stop_ids=[])     # warm-up: lazy inits
             checks = [("sync", n, 2, min(P, 1024), "sync") for n in POLICIES if plan["sync"]]
             for kind, name, b, p, m in checks + [("profile", n, b, P, m) for n, b, m in plan["profile"]]:
@@ -397,30 +293,46 @@ def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloa
             del model; _free()
         if plan["hf"] != "0" and time_left(f"transformers {shape}"):
             import transformers
-            cfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
-            hf = random_model(lambda: transformers.LlamaForCausalLM(cfg))
-            with torch.device("cuda"):                             # its inv_freq buffer was left empty
-                hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
+            if folder:
+                hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+            else:
+                cfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+                hf = random_model(lambda: transformers.LlamaForCausalLM(cfg))
+                with torch.device("cuda"):                         # its inv_freq buffer was left empty
+                    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
             bench_rows({"shape": shape, "engine": "transformers", "policy": "full"}, lambda b, m: run_hf(hf, b, P, N,
-                       m), lambda b: run_hf(hf, b, P, N, "probe"), plan["batches"], ("eager", "static"), total, emit,
-                       time_left)
+                       m), lambda b: run_hf(hf, b, P, N, "probe"), plan["batches"], ("eager",) if folder else
+                       ("eager", "static"), total, emit, time_left)
             del hf; _free()
     return res
 
-def gpu_main(args) -> int:
-    """The device, the plan, the transformers peer and --out, all checked first; then the plan on the GPU."""
-    if not torch.cuda.is_available():
+def run_main(args) -> int:
+    """`bench gpu|cpu`: the device, the model folder, the plan, the transformers peer and --out, all checked first.
+    bench cpu runs the plan on the default model (or --model) in float32, by default (CPU_PLAN) full at batch 1."""
+    gpu = args.which == "gpu"
+    if gpu and not torch.cuda.is_available():
         raise NoDevice("minikv bench gpu needs a CUDA GPU; none is visible to torch (torch.cuda.is_available() is "
                        f"False, torch {torch.__version__}); run minikv bench cpu on this machine instead")
-    plan = bench_plan(os.environ, args.quick, args.profile)
-    if plan["hf"] != "0":
-        require_transformers("minikv bench gpu", " -- or set MINIKV_BENCH_HF=0 to skip the transformers rows")
-    out = check_out_path(Path(args.out or os.environ.get("OUT", "results") + "/bench_gpu.json"))
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": plan["prompt_len"],
-            "transformers": getattr(sys.modules.get("transformers"), "__version__", "-"), "ratio": plan["ratio"],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens": plan["new_tokens"],
-            "max_batch_rule": MAX_BATCH_RULE, "env": {k: v for k, v in os.environ.items() if "MINIKV_BENCH" in k}}
-    print(format_rows(run_plan(plan, out, info)["rows"], GPU_KEYS, 3) + f"\nsaved {out}")
+    if args.model and not Path(args.model).is_dir():
+        raise NotFound(f"--model {args.model}: no such folder; give a Hugging Face Llama folder, or leave it out")
+    plan = bench_plan({**({} if gpu else CPU_PLAN), **os.environ}, args.profile)
+    try:
+        import transformers  # noqa: F401  -- the peer, needed unless MINIKV_BENCH_HF=0
+    except ImportError:
+        if plan["hf"] != "0":
+            raise MissingExtra(f"minikv bench {args.which} compares against transformers, which is not installed: pip "
+                               'install "minikv[bench]" (or: pip install transformers) -- or set MINIKV_BENCH_HF=0 to '
+                               "skip the transformers rows") from None
+    out = check_out_path(Path(args.out or os.environ.get("OUT", "results") + f"/bench_{args.which}.json"))
+    folder = None if gpu else Path(args.model) if args.model else ensure_default_model()
+    info = {"gpu": torch.cuda.get_device_name() if gpu else f"none ({platform.machine()}, {torch.get_num_threads()} "
+            "threads)", "torch": torch.__version__, "prompt_len": plan["prompt_len"], "ratio": plan["ratio"],
+            "transformers": getattr(sys.modules.get("transformers"), "__version__", "-"), "max_batch_rule":
+            MAX_BATCH_RULE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens":
+            plan["new_tokens"], "env": {k: v for k, v in os.environ.items() if "MINIKV_BENCH" in k}}
+    res = run_plan(dict(plan, shapes=[folder.name]) if folder else plan, out, info,
+                   *(() if gpu else ("cpu", torch.float32)), folder=folder)
+    print(format_rows(res["rows"], GPU_KEYS, 3) + f"\nsaved {out}")
     return 0
 
 # ---- minikv bench report ---------------------------------------------------------------------------------------
@@ -486,7 +398,6 @@ def register(sub) -> None:
     b.add_argument("which", choices=["cpu", "gpu", "report"])
     b.add_argument("files", nargs="*", help="report: the JSON files of `bench gpu` calls")
     b.add_argument("--out", default=None, help="JSON output path (report: the markdown file)")
-    b.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     b.add_argument("--profile", action="store_true", help="gpu: profile decode steps (MINIKV_BENCH_PROFILE picks)")
     add_model_args(b)
-    b.set_defaults(func=main)
+    b.set_defaults(func=lambda args: (report_main if args.which == "report" else run_main)(args))

@@ -1,6 +1,6 @@
-"""`minikv` command line: fetch, policies, generate, eval, trace, oracle, bench.
+"""`minikv` command line: fetch, policies, generate, eval, trace, oracle, bench, compare.
 
-The eval, trace, oracle and bench modules each add their parser through `register(sub)`."""
+The eval, trace, oracle, bench and compare modules each add their parser through `register(sub)`."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from minikv.io.convert import fetch_default_model
 from minikv.io.tokenizer import chat_stop_ids, encode_chat
 from minikv.policies import REGISTRY
 from minikv.policies.base import policy_options
-from minikv.tools import bench, oracle, trace
+from minikv.tools import bench, compare, oracle, trace
 from minikv.tools.bound_report import bound_report
 from minikv.tools.common import (add_model_args, add_policy_args, count_arg, format_rows, load_model_and_tokenizer,
                                  make_policy, print_run_notes, prompt_arg, result_summary, seed_arg, temperature_arg,
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     add_policy_args(g)
     g.set_defaults(func=cmd_generate)
-    for register in (eval_cli.register, trace.register, oracle.register, bench.register):
+    for register in (eval_cli.register, trace.register, oracle.register, bench.register, compare.register):
         register(sub)
     return p
 

@@ -104,13 +104,9 @@ def _compact(positions: list[int]) -> str:
 
 def layers_arg(text: str) -> set[int] | None:
     """--layers: 'all' (None) or comma-separated layer numbers >= 0 (the upper bound is checked in cmd_trace)."""
-    try:
-        layers = None if text.strip() == "all" else {int(item) for item in text.split(",")}
-    except ValueError:
-        layers = {-1}
-    if layers is not None and min(layers) < 0:
+    if text.strip() != "all" and not all(item.strip().isdecimal() for item in text.split(",")):
         raise argparse.ArgumentTypeError(f"expected 'all' or layer numbers >= 0 like 0,2, got {text!r}")
-    return layers
+    return None if text.strip() == "all" else {int(item) for item in text.split(",")}
 
 def cmd_trace(args) -> int:
     policy = make_policy(args)                       # a bad policy, budget or option fails before the model loads

@@ -1,0 +1,98 @@
+"""`minikv compare`: policies A and B on one prompt against the full cache: the Jaccard overlap of their kept positions
+per layer and KV head, each one's attention-output error per layer, the greedy answers. The JSON (--out) lists kept
+positions per [layer][KV head], what a run of another library (e.g. kvpress) would write to be compared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minikv.attention import attend
+from minikv.generate import generate, prefill
+from minikv.model import apply_rope, rope_cos_sin
+from minikv.policies import get_policy
+from minikv.tools.bench import check_out_path, write_json
+from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, parse_options,
+                                 prompt_arg, pyplot, save_figure)
+
+def policy_spec(text: str):
+    """'POLICY [BUDGET] [KEY=VALUE ...]', e.g. 'snapkv 0.2 kernel=7' -> the policy (BadInput naming a bad part)."""
+    name, *rest = text.split() or [""]
+    budget = " ".join(w for w in rest if "=" not in w) or None         # two budgets: refused as one bad budget
+    return get_policy(name, budget, **parse_options([w for w in rest if "=" in w]))
+
+def jaccard(a: list, b: list) -> list[list[float]]:
+    """|A ∩ B| / |A ∪ B| per [layer][head] of two [layer][head] lists of positions (1.0 when both are empty)."""
+    return [[len(set(x) & set(y)) / len(set(x) | set(y)) if x or y else 1.0 for x, y in zip(la, lb)]
+            for la, lb in zip(a, b)]
+
+def compare_policies(model, ids: list[int], a: str, b: str, max_new_tokens: int = 8) -> dict:
+    """Policies a and b (policy_spec) on the prompt `ids`: positions kept per [layer][KV head] after prefill, their
+    Jaccard overlap |A ∩ B| / |A ∪ B|; per layer, the relative L2 error of the attention output of the full-cache run's
+    last prompt query over each store vs the full cache's; the greedy answers (token ids), also the full cache's."""
+    found, keep = [], lambda module, args, q: found.append(q[:, -1:])   # each layer's first call: the prompt
+    hooks = [blk.self_attn.q_proj.register_forward_hook(keep) for blk in model.layers]
+    try:
+        full = generate(model, [ids], max_new_tokens=max_new_tokens, keep_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    H, d, qpos = model.cfg.num_attention_heads, model.cfg.head_dim, torch.tensor([[len(ids) - 1]], device=model.device)
+    cos, sin = rope_cos_sin(model.inv_freq(model.dtype), qpos, model.dtype)
+    queries = [apply_rope(q.view(1, 1, H, d).transpose(1, 2), cos, sin) for q in found[:len(model.layers)]]
+    rep = {"engine": "minikv", "prompt_ids": ids, "probe": "the last prompt token's query (full-cache run)",
+           "full": {"spec": "full", "answer_ids": full.tokens[0], "cache_ratio": full.cache_ratio}}
+    for key, spec in (("a", a), ("b", b)):
+        policy = policy_spec(spec)
+        cache = prefill(model, [ids], policy)[1]                       # the stores after prefill
+        res = generate(model, [ids], policy, max_new_tokens=max_new_tokens)
+        kept = [[sorted(s.pos[0, h][s.pos[0, h] >= 0].tolist()) for h in range(s.pos.shape[1])] for s in cache.layers]
+        rep[key] = {"spec": spec, "answer_ids": res.tokens[0], "cache_ratio": res.cache_ratio, "kept": kept, "err": []}
+        for q, ref, store in zip(queries, full.cache.layers, cache.layers):   # entries decoded later: after qpos
+            want = attend(q, qpos, ref)[0].double()
+            rep[key]["err"].append(float((attend(q, qpos, store)[0].double() - want).norm() / want.norm()))
+    rep["layers"] = [{"layer": i, "jaccard": j, "err_a": rep["a"]["err"][i], "err_b": rep["b"]["err"][i]}
+                     for i, j in enumerate(jaccard(rep["a"]["kept"], rep["b"]["kept"]))]
+    return rep
+
+def heatmap(rep: dict, path) -> Path:
+    """Layers x KV heads of the Jaccard overlap after prefill."""
+    plt, grid = pyplot(), [r["jaccard"] for r in rep["layers"]]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(grid[0]), 1.5 + 0.22 * len(grid)))
+    fig.colorbar(ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto"), ax=ax, label="Jaccard")
+    ax.set(xlabel="KV head", ylabel="layer", xticks=range(len(grid[0])), title="kept positions after prefill, "
+           f"|A ∩ B| / |A ∪ B|\nA = {rep['a']['spec']}, B = {rep['b']['spec']}")
+    return save_figure(fig, plt, path)
+
+def cmd_compare(args) -> int:
+    policy_spec(args.a), policy_spec(args.b)          # a bad policy, budget or option fails before the model loads
+    out, plot = (check_out_path(Path(p)) if p else None for p in (args.out, args.plot))
+    pyplot() if plot else None                        # so does a missing matplotlib
+    model, tok = load_model_and_tokenizer(args)
+    rep = compare_policies(model, tok.encode(args.prompt), args.a, args.b, args.max_new_tokens)
+    print(f"prompt: {len(rep['prompt_ids'])} tokens; probe: {rep['probe']}")
+    for key in ("a", "b", "full"):
+        rep[key]["answer"] = tok.decode(rep[key]["answer_ids"])
+        print(f"{key:>4} = {rep[key]['spec']}, cache ratio {rep[key]['cache_ratio']:.3f}: {rep[key]['answer']!r}")
+    rows = [{"layer": r["layer"], "jaccard mean": sum(r["jaccard"]) / len(r["jaccard"]), "jaccard min":
+             min(r["jaccard"]), "err A": r["err_a"], "err B": r["err_b"]} for r in rep["layers"]]
+    print(format_rows(rows + [{"layer": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in list(rows[0])[1:]}}],
+                      digits=3))
+    if out:
+        write_json(out, rep)
+        print(f"saved {out}")
+    if plot:
+        print(f"saved {heatmap(rep, plot)}")
+    return 0
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="policies A and B vs the full cache: kept positions, attention error, answers")
+    p.add_argument("--prompt", required=True, type=prompt_arg)
+    for key, example in (("a", "snapkv 0.2 pooling=avg"), ("b", "h2o 0.2")):
+        p.add_argument(f"--{key}", required=True, metavar="'POLICY [BUDGET] [KEY=VALUE ...]'",
+                       help=f"configuration {key.upper()}, e.g. '{example}' (options as generate's --option)")
+    p.add_argument("--max-new-tokens", type=count_arg, default=8, help="greedy tokens of each answer (default 8)")
+    p.add_argument("--out", default=None, help="save the JSON here")
+    p.add_argument("--plot", default=None, help="save a heatmap PNG (layers x KV heads) here; needs matplotlib")
+    add_model_args(p)
+    p.set_defaults(func=cmd_compare)
