@@ -33,10 +33,10 @@ class Policy:
         self.budget: Budget | None = parse_budget(budget)
 
     def budget_entries(self, store: LayerStore) -> torch.Tensor | None:
-        """(B,) entries per (layer, head) for each row, or None for no budget (keep everything)."""
-        if self.budget is None:
-            return None
-        return self.budget.entries(store.rows["prompt_len"])
+        """(B,) entries per (layer, head) for each row, or None for no budget (keep everything); kept beside the rows."""
+        if self.budget is not None and "budget" not in store.rows:   # once per layer: a decode step only reads it
+            store.rows["budget"] = self.budget.entries(store.rows["prompt_len"])
+        return store.rows.get("budget")
 
     def after_prefill(self, layer: int, store: LayerStore, stats: dict) -> None:
         pass
