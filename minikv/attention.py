@@ -18,15 +18,17 @@ import torch.nn.functional as F
 from minikv.store import LayerStore
 from minikv.errors import BadInput
 
-_CHUNK_ELEMENTS = 1 << 26   # scores per query chunk (all rows and heads): 256 MiB of float32, a few x with softmax
+# Scores per query chunk (all rows, heads): 256 MiB of float32 on a GPU (few large kernels), 16 MiB on a CPU (cache)
+_CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 def softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax over the visible entries (float32, or float64 in oracle mode); a row that sees nothing gives 0."""
+    """Softmax over the visible entries (float32, or float64 in oracle mode; overwrites `scores` if already so);
+    a row that sees nothing gives 0."""
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    s = scores.to(dtype).masked_fill(~visible, float("-inf"))
+    s = scores.to(dtype).masked_fill_(~visible, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).min)    # finite even for fully masked rows
-    e = torch.exp(s - m)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    e = s.sub_(m).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny))
 
 def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
            window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
@@ -47,52 +49,50 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
         return out, {}
     scale = 1.0 / math.sqrt(d)
     if chunk is None:
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * S))
+        chunk = max(1, _CHUNK_ELEMENTS.get(q.device.type, 1 << 26) // max(1, B * Hq * S))
     w = min(window, T)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     shapes = {"colsum": (B, Hkv, G, S), "last_rows": (B, Hkv, G, w, S), "probs": (B, Hkv, G, T, S)}
     stats = {name: torch.zeros(shape, dtype=acc_dtype, device=q.device)
              for name, shape in shapes.items() if name in need}
-    kT = store.k.transpose(-1, -2)                                          # (B, Hkv, d, S)
+    fresh = store.heads_aligned and store.max_len_bound == T   # only these T tokens, in slot order: t sees slots <= t
     # With SDPA's outputs only the statistics are left to compute: "last_rows" alone needs the last w queries only.
     for t0 in range(T - w if use_sdpa and need == {"last_rows"} else 0, T, chunk):
         t1 = min(T, t0 + chunk)
-        tc = t1 - t0
+        tc, Sc = t1 - t0, min(S, t1) if fresh else S
         qc = q[:, :, t0:t1].reshape(B, Hkv, G * tc, d)                      # (B, Hkv, G*tc, d), groups folded
-        scores = (qc @ kT).view(B, Hkv, G, tc, S) * scale                   # (B, Hkv, G, tc, S)
-        visible = (store.pos[:, :, None, None, :] >= 0) & \
-                  (store.pos[:, :, None, None, :] <= qpos[:, None, None, t0:t1, None])   # (B, Hkv, 1, tc, S)
-        p = softmax_visible(scores, visible)                                # (B, Hkv, G, tc, S)
+        scores = (qc @ store.k[:, :, :Sc].transpose(-1, -2)).view(B, Hkv, G, tc, Sc).mul_(scale)  # (B,Hkv,G,tc,S)
+        pos = store.pos[:, :, None, None, :Sc]                              # (B, Hkv, 1, 1, Sc)
+        visible = (pos >= 0) & (pos <= qpos[:, None, None, t0:t1, None])   # (B, Hkv, 1, tc, Sc)
+        p = softmax_visible(scores, visible)                                # (B, Hkv, G, tc, Sc)
         if not use_sdpa:
-            out[:, :, t0:t1] = (p.to(store.v.dtype).view(B, Hkv, G * tc, S) @ store.v).view(B, Hq, tc, d)
+            out[:, :, t0:t1] = (p.to(store.v.dtype).view(B, Hkv, G * tc, Sc) @ store.v[:, :, :Sc]).view(B, Hq, tc, d)
         _accumulate(stats, p, t0, t1, T - w)
     return out, stats
 
 def _accumulate(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) -> None:
     """Add the chunk of queries t0..t1-1 (p: (B, Hkv, G, tc, S)) to the requested statistics; "last_rows" keeps
     the queries from `first_row` on."""
+    Sc = p.shape[-1]                                      # a causal chunk may cover only the first Sc slots
     if "colsum" in stats:
-        stats["colsum"] += p.sum(dim=3)
+        stats["colsum"][..., :Sc] += p.sum(dim=3)
     if "probs" in stats:
-        stats["probs"][:, :, :, t0:t1] = p
+        stats["probs"][:, :, :, t0:t1, :Sc] = p
     if "last_rows" in stats and t1 > first_row:
         lo = max(t0, first_row)
-        stats["last_rows"][:, :, :, lo - first_row:t1 - first_row] = p[:, :, :, lo - t0:]
+        stats["last_rows"][:, :, :, lo - first_row:t1 - first_row, :Sc] = p[:, :, :, lo - t0:]
 
 def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
     """The same attention through torch's fused SDPA (no probabilities)."""
     T, G = q.shape[2], q.shape[1] // store.k.shape[1]
     if store.heads_aligned and store.max_len_bound == T and not padded:     # (host-side facts: no GPU sync)
         # The store's first append, without padding: the plain causal mask is exact, and SDPA may use flash.
-        out = _sdpa(q, store.k[:, :, :T], store.v[:, :, :T], None, G, is_causal=True)
-    else:
-        visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,T,S)
-        # The mask is per KV head; share it while every head holds the same entries, else repeat it per query head.
-        mask = visible[:, :1] if store.heads_aligned else visible.repeat_interleave(G, dim=1)  # (B, 1 or Hq, T, S)
-        out = _sdpa(q, store.k, store.v, mask, G)
-        # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
-        out = torch.nan_to_num(out, nan=0.0)
-    return out
+        return _sdpa(q, store.k[:, :, :T], store.v[:, :, :T], None, G, is_causal=True)
+    visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B, Hkv, T, S)
+    # The mask is per KV head; share it while every head holds the same entries, else repeat it per query head.
+    mask = visible[:, :1] if store.heads_aligned else visible.repeat_interleave(G, dim=1)  # (B, 1 or Hq, T, S)
+    # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
+    return torch.nan_to_num(_sdpa(q, store.k, store.v, mask, G), nan=0.0)
 
 def _sdpa(q, k, v, mask, G: int, is_causal: bool = False) -> torch.Tensor:
     """SDPA with GQA (enable_gqa: keys and values are not copied G times)."""
