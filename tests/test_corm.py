@@ -74,7 +74,8 @@ def test_last_hit_equals_literal_w_rows(data):
                      torch.full((B, 1), t - 1))
         S = store.capacity
         scores = seeded_randn(seed + t, B, Hkv, G, 1, S, scale=scale)
-        probs = softmax_visible(scores, store.valid[:, :, None, None, :])     # (B, Hkv, G, 1, S)
+        e, r = softmax_visible(scores, store.valid[:, :, None, None, :])
+        probs = e / r                                                         # (B, Hkv, G, 1, S)
         pos_before = store.pos.clone()
         policy.after_step(0, store, {"probs": probs})
         for b in range(B):
