@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 import torch
 
+from minikv.errors import BadInput
 from minikv.tools.eval import records as R
 from minikv.tools.eval import runner
 from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid, string_match_all
-from minikv.tools.eval.tasks import DEPTH_TASKS, insert_at_depths, make_example, take_tokens
+from minikv.tools.eval.tasks import DEPTH_TASKS, insert_at_depths, make_example, prose_ids, take_tokens
 from tests.conftest import tiny_model
 
 
@@ -315,3 +316,15 @@ def test_cpu_peak_memory_is_per_cell_on_linux():
     R.reset_peak_memory("cpu")
     again, _ = R.peak_memory("cpu")
     assert again < after - 200 * 2**20, (after, again)
+
+
+def test_ppl_windows_never_overlap(default_tokenizer):
+    """Perplexity samples are disjoint windows of the text: the bootstrap interval treats them as independent, so a
+    sample that would reuse text is refused, naming how many windows fit."""
+    tok, length = default_tokenizer, 2000
+    fit = len(prose_ids(tok)) // length
+    windows = [make_example(tok, "ppl", length, None, sample=s) for s in range(fit)]
+    starts = [w.meta["start"] for w in windows]
+    assert starts == [s * length for s in range(fit)]                       # back to back, no overlap
+    with pytest.raises(BadInput, match=f"holds {fit} disjoint windows of {length} tokens"):
+        make_example(tok, "ppl", length, None, sample=fit)

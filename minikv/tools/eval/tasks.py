@@ -288,7 +288,10 @@ def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     doc, source = prose_ids(tok), prose_source()[0]
     if length > len(doc):
         raise BadInput(f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
-    start = (sample * length) % max(1, len(doc) - length + 1)
+    if (sample + 1) * length > len(doc):    # windows never overlap: the bootstrap over texts treats them as independent
+        raise BadInput(f"ppl sample {sample}: {source} ({len(doc)} tokens) holds {len(doc) // length} disjoint windows "
+                       f"of {length} tokens; overlapping ones would make the interval too narrow (fewer samples)")
+    start = sample * length
     return Example("ppl", doc[start:start + length], [], [], "ppl", 0, False,
                    {"start": start, "haystack": source}, prefix=prefix)
 
