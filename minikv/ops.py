@@ -27,6 +27,14 @@ def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor
     mask = torch.zeros_like(s, dtype=torch.bool).scatter(-1, order, chosen.expand_as(s))
     return mask if valid is None else mask & valid
 
+def last_ranked(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(..., S) bool: in rows with more than k `valid` entries, the one select_topk ranks last (the lowest score; among
+    equal scores the newest position). Where a row has at most k + 1, dropping it leaves select_topk's k, no sort."""
+    s = scores.masked_fill(~valid, float("inf"))
+    low = valid & (s == s.amin(-1, keepdim=True))                                   # (..., S) the lowest scores
+    newest = torch.where(low, pos, -1).amax(-1, keepdim=True)                       # (..., 1)
+    return low & (pos == newest) & (valid.sum(-1, keepdim=True) > k)
+
 def group_mean(x: torch.Tensor) -> torch.Tensor:
     """Average the G query heads of each KV group: (B, Hkv, G, ...) -> (B, Hkv, ...)."""
     return x.mean(dim=2)

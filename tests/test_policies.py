@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from conftest import tiny_model
 from minikv.budgets import Budget, parse_budget, pyramid_prefix_budgets
 from minikv.generate import decode_step, generate, prefill
-from minikv.ops import select_topk
+from minikv.ops import last_ranked, select_topk
 from minikv.policies import REGISTRY, get_policy
 
 BASELINES = ["streaming", "h2o", "snapkv", "pyramidkv"]
@@ -89,6 +89,19 @@ def test_select_topk_counts_and_nesting(n, data):
     if a.any() and (valid & ~a).any():
         assert scores[a].min() >= scores[valid & ~a].max()
 
+
+@given(n=st.integers(1, 30), data=st.data())
+def test_last_ranked_is_what_select_topk_drops_from_one_over(n, data):
+    """With at most k + 1 valid entries (a decode step after a compression), dropping last_ranked keeps exactly
+    select_topk's k (ties broken by position, in any slot order); with at most k nothing is dropped."""
+    scores = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype=torch.float64)
+    scores[torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))] = float("inf")   # sinks
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    pos = torch.randperm(n, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))   # slot order
+    for k in {max(0, int(valid.sum()) - 1), int(valid.sum())}:          # one over, and none over
+        kept = valid & ~last_ranked(scores, valid, pos, torch.tensor(k))
+        assert kept.tolist() == select_topk(scores, k, valid, pos).tolist()
+        assert int((valid & ~kept).sum()) == (1 if int(valid.sum()) > k else 0)
 
 # ---- properties over policies -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BASELINES + ["full"])

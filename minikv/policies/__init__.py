@@ -11,18 +11,9 @@ from minikv.policies.snapkv import PyramidKV, SnapKV
 from minikv.policies.streaming import Streaming
 from minikv.errors import BadInput
 
-REGISTRY: dict[str, type[Policy]] = {
-    "full": FullCache,
-    "corm": CORM,
-    "streaming": Streaming,
-    "h2o": H2O,
-    "snapkv": SnapKV,
-    "pyramidkv": PyramidKV,
-    "adakv-snapkv": AdaSnapKV,
-    "adakv-pyramidkv": AdaPyramidKV,
-    "adakv-h2o": AdaH2O,
-    "d2o": D2O,
-}
+# name -> class, each class under its own `name` (the order `bench` and error messages list them in)
+REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (FullCache, CORM, Streaming, H2O, SnapKV, PyramidKV,
+                                                                AdaSnapKV, AdaPyramidKV, AdaH2O, D2O)}
 
 def policy_names() -> list[str]:
     return sorted(REGISTRY)

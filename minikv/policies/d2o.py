@@ -285,7 +285,7 @@ class D2O(Policy):
         first = not store.host.get("compressed")
         if first and self.budget.is_ratio:                                # first compression: T = entries now
             r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
-        keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink)
+        keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink, not first)
         keep |= r["full"][:, None, None] & store.valid
         # Once compressed a head holds <= S_h + S_r entries, so the one token a decode step adds evicts <= 1.
         tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,

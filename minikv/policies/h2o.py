@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from minikv.ops import first_positions_mask, group_mean, recent_mask, select_topk
+from minikv.ops import first_positions_mask, group_mean, last_ranked, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import Policy, choice_option, float_option, int_option
 from minikv.errors import BadInput
@@ -30,14 +30,15 @@ def ranked_scores(store: LayerStore, score: str = "sum") -> torch.Tensor:
     return s if score == "sum" else s / (store.seen[:, None, None] - store.pos).clamp_min(1)
 
 def heavy_recent_keep(store: LayerStore, score: torch.Tensor, n_heavy: torch.Tensor, n_recent: torch.Tensor,
-                      n_sink: int = 0) -> torch.Tensor:
+                      n_sink: int = 0, one_over: bool = False) -> torch.Tensor:
     """(B, Hkv, S) keep mask: the last n_recent positions, plus the top n_heavy other entries by score.
-    The first n_sink positions get score +inf (they count inside n_heavy). n_heavy, n_recent: (B,) or (B, Hkv)."""
+    The first n_sink positions get score +inf (they count inside n_heavy). n_heavy, n_recent: (B,) or (B, Hkv).
+    one_over: at most n_heavy + 1 entries are not recent (a step after a compression): drop the last-ranked, no sort."""
     n_heavy, n_recent = (x if x.dim() == 2 else x[:, None] for x in (n_heavy, n_recent))
-    recent = recent_mask(store.pos, n_recent, store.seen)
+    old = store.valid & ~recent_mask(store.pos, n_recent, store.seen)                # (B, Hkv, S) candidates
     score = score.masked_fill(first_positions_mask(store.pos, n_sink), float("inf"))
-    heavy = select_topk(score, n_heavy, valid=store.valid & ~recent, pos=store.pos)
-    return recent | heavy
+    return (store.valid & ~last_ranked(score, old, store.pos, n_heavy[..., None]) if one_over
+            else (store.valid & ~old) | select_topk(score, n_heavy, valid=old, pos=store.pos))
 
 def split_budget(budget: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_heavy, n_recent) from a budget: n_heavy = floor(budget * heavy_share), the rest recent."""
@@ -60,9 +61,9 @@ class H2O(Policy):
         self.score = choice_option(self.name, "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")
 
     def _compress(self, store: LayerStore) -> None:
-        budget = self.budget_entries(store)
-        n_heavy, n_recent = split_budget(budget, self.heavy_share)
-        store.keep(heavy_recent_keep(store, ranked_scores(store, self.score), n_heavy, n_recent, self.n_sink))
+        n_heavy, n_recent = split_budget(self.budget_entries(store), self.heavy_share)
+        store.keep(heavy_recent_keep(store, ranked_scores(store, self.score), n_heavy, n_recent, self.n_sink,
+                                     one_over=store.host.get("h2o_stepped", False)))
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
@@ -71,3 +72,4 @@ class H2O(Policy):
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])
         self._compress(store)
+        store.host["h2o_stepped"] = True      # a head now holds <= its budget: each later step evicts <= 1
