@@ -791,6 +791,8 @@ EVAL_CASES = [
     ("ppl-prefix-default-above-length", ["--task", "ppl", "--lengths", "300"], "--ppl-prefix 512"),
     ("ppl-prefix-equals-length", ["--task", "ppl", "--lengths", "300", "--ppl-prefix", "300"], "300"),
     ("ppl-prefix-zero", ["--task", "ppl", "--lengths", "300", "--ppl-prefix", "0"], "--ppl-prefix 0"),
+    ("ppl-samples-overlap", ["--task", "ppl", "--lengths", "300", "--ppl-prefix", "100", "--samples", "100000"],
+     "disjoint windows"),
     ("samples-zero", ["--samples", "0"], "--samples 0"),
     ("samples-negative", ["--samples", "-1"], "--samples -1"),
     ("samples-huge", ["--samples", "1000000000"], "1000000000"),
