@@ -42,7 +42,8 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     G = Hq // Hkv
     if qpos.shape != (B, T):
         raise BadInput(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
-    out = _attend_sdpa(q, qpos, store, padded) if use_sdpa else torch.empty_like(q)   # fused outputs, no probs
+    fresh = store.heads_aligned and store.max_len_bound == T   # only these T tokens, in slot order: t sees slots <= t
+    out = _attend_sdpa(q, qpos, store, fresh and not padded) if use_sdpa else torch.empty_like(q)   # no probs
     if use_sdpa and not need:
         return out, {}
     scale, w = 1.0 / math.sqrt(d), min(window, T)
@@ -50,7 +51,6 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     shapes = {"colsum": (B, Hkv, G, S), "last_rows": (B, Hkv, G, w, S), "probs": (B, Hkv, G, T, S)}
     stats = {name: torch.zeros(shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                                device=q.device) for name, shape in shapes.items() if name in need}
-    fresh = store.heads_aligned and store.max_len_bound == T   # only these T tokens, in slot order: t sees slots <= t
     # With SDPA's outputs only the statistics are left to compute: "last_rows" alone needs the last w queries only.
     for t0 in range(T - w if use_sdpa and need == {"last_rows"} else 0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -86,11 +86,11 @@ def _store_rows(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) 
         lo = max(t0, first_row)
         stats["last_rows"][:, :, :, lo - first_row:t1 - first_row, :p.shape[-1]] = p[:, :, :, lo - t0:]
 
-def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, padded: bool = True) -> torch.Tensor:
-    """The same attention through torch's fused SDPA (no probabilities; enable_gqa: keys are not copied G times)."""
+def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, causal: bool = False) -> torch.Tensor:
+    """The same attention through torch's fused SDPA (no probabilities; enable_gqa: keys are not copied G times).
+    causal: the store holds only these T tokens, none of them padding (host-side facts, no GPU sync)."""
     T, gqa = q.shape[2], q.shape[1] != store.k.shape[1]
-    if store.heads_aligned and store.max_len_bound == T and not padded:     # (host-side facts: no GPU sync)
-        # The store's first append, without padding: the plain causal mask is exact, and SDPA may use flash.
+    if causal:              # the plain causal mask is exact, and SDPA may use flash
         return F.scaled_dot_product_attention(q, store.k[:, :, :T], store.v[:, :, :T], is_causal=True, enable_gqa=gqa)
     visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B, Hkv, T, S)
     # The mask is per KV head; share it while every head holds the same entries, else repeat it per query head.

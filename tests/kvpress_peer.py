@@ -80,11 +80,6 @@ def minikv_run(model, ids: list[int], policy) -> tuple[list[list[list[int]]], li
     return kept, scores
 
 
-def jaccards(a, b) -> list[list[float]]:
-    """|A ∩ B| / |A ∪ B| per [layer][head]."""
-    return [[len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(la, lb)] for la, lb in zip(a, b)]
-
-
 def boundary(kept_scores: torch.Tensor) -> float:
     """The lowest finite score among the kept (the window's scores are +-inf or padded, not ranked)."""
     return kept_scores[torch.isfinite(kept_scores)].min().item()

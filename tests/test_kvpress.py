@@ -32,7 +32,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from kvpress.utils import compute_n_kept                                         # noqa: E402
 
-from kvpress_peer import differences, jaccards, kvpress_run, minikv_run          # noqa: E402
+from kvpress_peer import differences, kvpress_run, minikv_run                    # noqa: E402
+from minikv.tools.compare import jaccard                                          # noqa: E402
 from minikv.policies import get_policy                                           # noqa: E402
 from minikv.tools.eval.tasks import make_example                                 # noqa: E402
 
@@ -88,7 +89,7 @@ def check_same_kept(name: str, theirs, ours, s_theirs, s_ours, n_kept: int, pref
         for side, boundary in (("a_scores", d["a_boundary"]), ("b_scores", d["b_boundary"])):
             for v in d[side]["only_a"] + d[side]["only_b"]:
                 assert abs(v - boundary) <= tol, f"{name}: not a tie: {d}"
-    J = [x for layer in jaccards(theirs, ours) for x in layer]
+    J = [x for layer in jaccard(theirs, ours) for x in layer]
     print(f"\n{name}: {len(J)} (layer, KV head) pairs, {n_kept} of {len(s_theirs[0][0])} kept each; Jaccard min "
           f"{min(J):.4f} mean {sum(J) / len(J):.4f}; largest relative score difference {max(gaps):.2e}")
 

@@ -282,7 +282,7 @@ class D2O(Policy):
         r = store.rows
         if store.host["never_compressed"]:
             return
-        first = not store.host.get("compressed")
+        first = not store.host.get("step_compressed")
         if first and self.budget.is_ratio:                                # first compression: T = entries now
             r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
         keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink, not first)
@@ -290,7 +290,7 @@ class D2O(Policy):
         # Once compressed a head holds <= S_h + S_r entries, so the one token a decode step adds evicts <= 1.
         tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,
                                                self.tau_override, self.threshold_rule, None if first else 1)
-        store.host["compressed"] = True
+        store.host["step_compressed"] = True
         r["tau"].copy_(tau)
         r["merged"] += merged
         r["dropped"] += dropped

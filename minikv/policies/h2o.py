@@ -63,7 +63,7 @@ class H2O(Policy):
     def _compress(self, store: LayerStore) -> None:
         n_heavy, n_recent = split_budget(self.budget_entries(store), self.heavy_share)
         store.keep(heavy_recent_keep(store, ranked_scores(store, self.score), n_heavy, n_recent, self.n_sink,
-                                     one_over=store.host.get("h2o_stepped", False)))
+                                     one_over=store.host.get("step_compressed", False)))
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
@@ -72,4 +72,4 @@ class H2O(Policy):
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])
         self._compress(store)
-        store.host["h2o_stepped"] = True      # a head now holds <= its budget: each later step evicts <= 1
+        store.host["step_compressed"] = True      # a head now holds <= its budget: each later step evicts <= 1
