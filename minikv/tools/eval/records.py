@@ -135,7 +135,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
         return math.nan, math.nan
     p, d = successes / n, 1 + z * z / n
     c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n)))
-    return max(0.0, c - h), min(1.0, c + h)
+    return min(p, max(0.0, c - h)), max(p, min(1.0, c + h))     # it holds p exactly (rounding may not, at 0 or n)
 
 def bootstrap_interval(values: list, stat=mean, n_resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap: `stat` of `n_resamples` resamples of `values` with replacement (random.Random(seed),
