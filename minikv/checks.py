@@ -15,8 +15,7 @@ from minikv.model import Llama
 def _is_real(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
-def _short(x) -> str:
-    """repr(x), cut to 60 characters."""
+def _short(x) -> str:          # repr(x), cut to 60 characters
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
 

@@ -52,9 +52,8 @@ class LlamaConfig:
     @property
     def eos_ids(self) -> list[int]:
         """The end-of-sequence ids as a list (empty when the config has none)."""
-        if self.eos_token_id is None:
-            return []
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        eos = self.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 def check_positive_int(name: str, value) -> None:
     """Sizes are JSON integers > 0 (not booleans, not 4096.0: transformers refuses floats here too)."""

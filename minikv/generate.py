@@ -65,7 +65,7 @@ class GenerationResult:
     policy_report: dict = field(default_factory=dict)
     stopped_at_context: bool = False               # the context, not max_new_tokens or a stop token, ended it
     context: int = 0                               # the model's context, in tokens (for the message)
-    capture_seconds: float = 0.0                   # time spent capturing the CUDA graph (inside decode_seconds)
+    capture_seconds: float = 0.0                   # compiling and capturing, with the first fitted step (in decode)
 
 def full_cache_bytes(model: Llama, cache: KVCache) -> int:
     c = model.cfg
@@ -114,14 +114,13 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              question: list[list[int]] | None = None, seed: int | None = None, pad_id: int = 0,
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
              keep_cache: bool = False, reserve_tokens: int | None = None,
-             cuda_graph: bool = False) -> GenerationResult:
-    """Generate up to `max_new_tokens` per prompt. Rows that hit a stop token stop growing their cache.
-    Never past the model's context: `stopped_at_context` says when that limit, not max_new_tokens or a stop token,
-    ended it. The cache has room for `reserve_tokens` decode entries (default min(max_new_tokens, RESERVE_CHUNK))
-    and grows geometrically past them. With cuda_graph (a CUDA model) the first decode step runs eagerly, the cache
-    is fitted to every remaining token, and one step is captured as a CUDA graph and replayed (decode_loop)."""
-    policy = FullCache() if policy is None else policy
-    check_policy(policy)
+             cuda_graph: bool = False, compile: bool = False) -> GenerationResult:
+    """Generate up to `max_new_tokens` per prompt; a row that hits a stop token stops growing its cache, and nothing
+    runs past the model's context (`stopped_at_context` says when that ended it). The cache has room for
+    `reserve_tokens` decode entries (default min(max_new_tokens, RESERVE_CHUNK)) and grows geometrically past them.
+    cuda_graph (a CUDA model) and compile: from the second step on, the cache holds every token left and the step is
+    torch.compile'd and/or captured as a CUDA graph and replayed (decode_loop)."""
+    policy = FullCache() if policy is None else policy          # (prefill checks it)
     check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
     prompts, question = check_inputs(model, prompts, question, pad_id)
@@ -139,7 +138,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
     gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     sampler = lambda lg: sample(lg, temperature, top_p, gen)
     out, all_stopped, capture_s = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens,
-                                       use_sdpa, cuda_graph, reserve)
+                                       use_sdpa, cuda_graph, reserve, compile)
     sync()
     t2 = time.perf_counter()
     return GenerationResult(
@@ -151,10 +150,10 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
         context=model.cfg.max_position_embeddings, capture_seconds=capture_s)
 
 def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_steps: int, sampler, stop: set[int],
-                pad_id: int, on_tokens, use_sdpa, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK):
-    """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most. After the first
-    step (D2O compresses then) the cache is fitted to the tokens left (at most `reserve` of them when eager: it grows
-    past them if it must); with cuda_graph one step is then captured and replayed. The steps make no host sync.
+                pad_id: int, on_tokens, use_sdpa, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK,
+                compile: bool = False):
+    """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most; from the second
+    step on (D2O compresses at the first) through fixed_capacity_step. No host sync but the tokens' read.
     Returns (new tokens per row, stop token excluded; whether every row hit a stop token; capture seconds)."""
     B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -165,11 +164,14 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
     for step in range(n_steps):
         nxt = sampler(logits)                                                  # (B,)
         done |= torch.isin(nxt, stop_ids)
-        if step == 1 and step < n_steps - 1:                                    # fit, and capture the step
-            step_fn, capture_s = fixed_capacity_step(model, cache, policy, use_sdpa, n_steps - 2, cuda_graph, reserve)
         if step < n_steps - 1:   # the next step is queued before the host reads this one's tokens (no GPU idling)
             # Finished rows feed a padding token at position -1: nothing is cached for them.
-            logits = step_fn(torch.where(done, pad_id, nxt), torch.where(done, -1, cache.seen))
+            tokens, pos = torch.where(done, pad_id, nxt), torch.where(done, -1, cache.seen)
+            if step == 1:
+                step_fn, logits, capture_s = fixed_capacity_step(model, cache, policy, use_sdpa, n_steps - 2, tokens,
+                                                                 pos, cuda_graph, reserve, compile)
+            else:
+                logits = step_fn(tokens, pos)
         new = [None if f or t in stop else t for f, t in zip(finished, nxt.tolist())]   # the step's one sync
         for b in (b for b in range(B) if new[b] is not None):
             out[b].append(new[b])
@@ -178,37 +180,44 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
         finished = [f or t is None for f, t in zip(finished, new)]
         if all(finished):        # the step queued for it fed padding alone: nothing was cached
             break
+    for layer in cache.layers:   # a fixed decode kept no host-side bound: the next append re-reads the lengths
+        layer.fixed, layer.max_len_bound = False, layer.capacity
     return out, all(finished), capture_s
 
-def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, cuda_graph: bool, reserve: int):
-    """Fit the cache to the `left` tokens still to feed (eager: at most `reserve`, then it grows if it must) and
-    return (step(tokens, pos) -> logits, capture seconds): with cuda_graph one decode step recorded as a CUDA graph
-    over the cache's tensors (every step updates them in place) and replayed, else the eager decode_step."""
-    cache.fit(left if cuda_graph else min(left, reserve))
-    if not cuda_graph:
-        return lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False), 0.0
+def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, tokens: torch.Tensor,
+                        pos: torch.Tensor, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK,
+                        compile: bool = False):
+    """Fit the cache to the `left` tokens still to feed (plain eager: at most `reserve`, then it grows if it must),
+    run the first, tokens and pos (B,), and return (step(tokens, pos) -> logits, its logits, seconds spent compiling
+    and capturing, that first step included). compile: torch.compile'd (its first run compiles); cuda_graph: then
+    recorded as a CUDA graph over the cache's tensors (each step updates them in place) and replayed."""
+    fixed = cuda_graph or compile       # room for every token left: no host-side bound to guard on or sync for
+    cache.fit(left if fixed else min(left, reserve), fixed)
+    step = lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
+    step = torch.compile(step, dynamic=False) if compile else step
     t0 = time.perf_counter()
-    tokens, pos = torch.zeros_like(cache.seen), cache.seen.clone()             # (B,) static inputs
+    logits = step(tokens, pos)
+    if not cuda_graph:
+        return step, logits, time.perf_counter() - t0 if compile else 0.0
+    static_tokens, static_pos = tokens.clone(), pos.clone()                   # (B,) inputs of every replay
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
-    for layer in cache.layers:    # replays do not advance the host-side bounds: a later append re-reads them
-        layer.max_len_bound = layer.capacity
+        static_logits = step(static_tokens, static_pos)
 
     def replay(new_tokens: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
-        tokens.copy_(new_tokens)
-        pos.copy_(new_pos)
+        static_tokens.copy_(new_tokens)
+        static_pos.copy_(new_pos)
         graph.replay()
-        return logits
-    return replay, time.perf_counter() - t0
+        return static_logits
+    return replay, logits, time.perf_counter() - t0
 
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
                 use_sdpa: bool | None = None, validate: bool = True) -> torch.Tensor:
     """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
     tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
-    SDPA is used unless the policy needs attention statistics or the model runs in float64 (the oracle path).
-    validate=False skips the token/position check, the one host sync (once the cache is fitted: see decode_loop)."""
+    SDPA unless the policy needs attention statistics or the model runs in float64 (the oracle path); validate=False
+    skips the token/position check, the one host sync (once the cache is fitted: see decode_loop)."""
     sdpa = (model.dtype != torch.float64 if use_sdpa is None else use_sdpa) and not policy.decode_needs
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,

@@ -41,6 +41,7 @@ class LayerStore:
     max_capacity: int = 0         # geometric growth stops here (the context: no head holds more); 0 = unbounded
     room: int = 0                 # slots a growth adds at least beyond the entries (prefill sets the decode room)
     n_layers: int = 1             # layers of the cache this store belongs to (PyramidKV's schedule reads it)
+    fixed: bool = False           # fitted for every token still to come (see fit): appends keep no host bound
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
@@ -74,11 +75,13 @@ class LayerStore:
             self.stats[name] = torch.full(self.pos.shape, fill, dtype=dtype, device=self.pos.device)
         return self.stats[name]
 
-    def fit(self, extra: int = 0, spare: int = 0) -> None:
+    def fit(self, extra: int = 0, spare: int = 0, fixed: bool = False) -> None:
         """Room for exactly `extra` more entries per head (+ `spare`, never past max_capacity, the context): the
-        live entries compacted to the front in position order, the tensors reallocated. One host sync."""
+        live entries compacted to the front in position order, the tensors reallocated. One host sync.
+        fixed: `extra` covers every token to come (a compiled or captured decode): appends keep no host-side bound."""
         if not is_int(extra) or extra < 0:
             raise BadInput(f"fit: extra entries must be an integer >= 0, got {extra!r}")
+        self.fixed = fixed
         n = self.length                                                  # (B, Hkv)
         longest = self.max_len_bound = int(n.max()) if n.numel() else 0
         need = longest + int(extra) + 1                                  # +1: a free slot for a padding token
@@ -107,7 +110,7 @@ class LayerStore:
         if v.shape != k.shape or pos.shape != (B, T) or (B, Hkv, d) != tuple(self.k.shape[i] for i in (0, 1, 3)):
             raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not fit "
                            f"the store's (B, Hkv, S, d) = {tuple(self.k.shape)}")
-        if self.max_len_bound + T + 1 > self.capacity:                   # the host bound says it may not fit:
+        if not self.fixed and self.max_len_bound + T + 1 > self.capacity:   # the host bound says it may not fit:
             self.max_len_bound = int(self.length.max())                  # one sync reads the real lengths
             if self.max_len_bound + T + 1 > self.capacity:
                 self.fit(T, spare=max(self.capacity // 2, self.room))    # geometric growth: amortised O(1)
@@ -118,14 +121,14 @@ class LayerStore:
             rank = torch.where(real, real.cumsum(-1) - 1, real.sum(-1, keepdim=True) + (~real).cumsum(-1) - 1)
             first_empty = torch.argsort(self.valid.to(torch.int8), dim=-1, stable=True)[..., :T]   # (B, Hkv, T)
             slot = torch.gather(first_empty, 2, rank[:, None, :].expand(B, Hkv, T))   # (B, Hkv, T)
-        idx = slot[..., None].expand(B, Hkv, T, d)
-        self.k.scatter_(2, idx, k.to(self.k.dtype))
-        self.v.scatter_(2, idx, v.to(self.v.dtype))
-        self.pos.scatter_(2, slot, torch.where(real, pos, -1)[:, None, :].expand(B, Hkv, T))
+        b, h = torch.arange(B, device=slot.device)[:, None, None], torch.arange(Hkv, device=slot.device)[None, :, None]
+        self.k[b, h, slot] = k.to(self.k.dtype)     # indexed writes: torch.compile keeps them in place (not scatter_)
+        self.v[b, h, slot] = v.to(self.v.dtype)
+        self.pos[b, h, slot] = torch.where(real, pos, -1)[:, None, :].expand(B, Hkv, T)
         for t in self.stats.values():                                    # new entries start with zero statistics
-            t.scatter_(2, slot, 0)
+            t[b, h, slot] = t.new_zeros(())          # (a device scalar: a graph capture copies no host value)
         self.seen += real.sum(-1)
-        self.max_len_bound += T
+        self.max_len_bound += 0 if self.fixed else T     # fixed: host state a compiled step would guard on stays put
         return torch.where(real[:, None, :], slot, -1)
 
     def keep(self, keep_mask: torch.Tensor) -> None:
@@ -195,7 +198,7 @@ class KVCache:
         full = int(self.seen.sum()) * self.layers[0].pos.shape[1] * len(self.layers)
         return sum(int(layer.length.sum()) for layer in self.layers) / full if full else 1.0
 
-    def fit(self, extra: int) -> None:
+    def fit(self, extra: int, fixed: bool = False) -> None:
         """Every layer compacted, with room for exactly `extra` more entries per head (see LayerStore.fit)."""
         for layer in self.layers:
-            layer.fit(extra)
+            layer.fit(extra, fixed=fixed)

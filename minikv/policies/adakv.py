@@ -16,8 +16,7 @@ import torch
 from minikv.ops import first_positions_mask, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import choice_option, float_option
-from minikv.policies.h2o import (H2O, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep,
-                                 ranked_scores, split_budget)
+from minikv.policies.h2o import H2O, heavy_recent_keep, ranked_scores, split_budget
 from minikv.policies.snapkv import PyramidKV, SnapKV
 from minikv.errors import BadInput
 
@@ -96,7 +95,7 @@ class AdaH2O(H2O):
         super().__init__(budget, heavy_share, n_sink, score)
         self.alpha, self.variant = check_allocation_options(alpha, variant)
 
-    def _compress(self, layer: int, store: LayerStore, at_prefill: bool = False) -> None:
+    def _compress(self, store: LayerStore, at_prefill: bool = False) -> None:
         budget = self.budget_entries(store)                                                 # (B,)
         n_heavy, n_recent = split_budget(budget, self.heavy_share)                          # (B,), (B,)
         # Heavy counts per head (B, Hkv), -1 until the row first overflows; kept beside the rows, updated in place.
@@ -116,11 +115,3 @@ class AdaH2O(H2O):
         keep = heavy_recent_keep(store, ranked_scores(store, self.score), h, n_recent, self.n_sink)
         keep |= ~active[:, None, None] & store.valid                                       # rows that still fit
         store.keep(keep)
-
-    def after_prefill(self, layer, store, stats):
-        accumulate_prefill_scores(store, stats["colsum"])
-        self._compress(layer, store, at_prefill=True)
-
-    def after_step(self, layer, store, stats):
-        accumulate_step_scores(store, stats["probs"])
-        self._compress(layer, store)

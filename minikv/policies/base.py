@@ -59,9 +59,8 @@ class Policy:
 # ---- option checking: every constructor validates its options through these, so messages read alike ----------
 def _range_text(lo, hi) -> str:
     """' >= 1', ' in [0, 1]', or '' for an unbounded option."""
-    if lo is not None and hi is not None:
-        return f" in [{lo}, {hi}]"
-    return f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""
+    return (f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None
+            else f" <= {hi}" if hi is not None else "")
 
 def _label(policy: str, name: str, what: str) -> str:
     return f"{policy}: {name}" + (f" ({what})" if what else "")

@@ -60,14 +60,14 @@ class H2O(Policy):
         self.n_sink = int_option(self.name, "n_sink", n_sink, lo=0, what="first positions always kept")
         self.score = choice_option(self.name, "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")
 
-    def _compress(self, store: LayerStore) -> None:
+    def _compress(self, store: LayerStore, at_prefill: bool = False) -> None:
         n_heavy, n_recent = split_budget(self.budget_entries(store), self.heavy_share)
         store.keep(heavy_recent_keep(store, ranked_scores(store, self.score), n_heavy, n_recent, self.n_sink,
                                      one_over=store.host.get("step_compressed", False)))
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
-        self._compress(store)
+        self._compress(store, at_prefill=True)      # (Ada-KV's allocation may sync at prefill, never in a step)
 
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])

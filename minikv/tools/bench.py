@@ -49,6 +49,7 @@ def write_json(out: Path, data: dict) -> None:
 # ---- minikv bench gpu ------------------------------------------------------------------------------------------
 SHAPES = {"llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                              max_position_embeddings=8192, vocab_size=32000, intermediate_size=11008, rope_theta=1e4)}
+MODES = ("graph", "eager", "compiled")     # compiled: torch.compile'd decode step, captured as a CUDA graph
 POLICIES = ["full", "streaming", "h2o", "snapkv", "adakv-snapkv", "adakv-h2o", "d2o", "corm"]
 PROFILE_DEFAULT = "full:1:eager,full:1:graph,full:16:eager,full:16:graph,h2o:16:eager,h2o:16:graph,d2o:16:graph"
 CPU_PLAN = {"MINIKV_BENCH_POLICIES": "full", "MINIKV_BENCH_BATCHES": "1", "MINIKV_BENCH_MODES": "eager",
@@ -80,10 +81,8 @@ def _free():
 
 def _sync_peak() -> float:
     """Wait for the GPU; its peak memory in GiB since the last _free (0 without CUDA)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 def _prompts(model: Llama, batch: int, prompt_len: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(batch)
@@ -91,11 +90,12 @@ def _prompts(model: Llama, batch: int, prompt_len: int) -> list[list[int]]:
 
 def run_minikv(model: Llama, name: str, ratio: float, batch: int, prompt_len: int, new_tokens: int,
                mode: str = "eager") -> dict:
-    """One generate() (mode "graph": cuda_graph=True); ms/step and tok/s over the decode less the capture time."""
+    """One generate() (mode "graph": cuda_graph=True; "compiled": compile=True too); ms/step and tok/s over the decode
+    less the capture time (graph, compiled: less the first fitted step too, which runs inside it)."""
     _free()
     res = generate(model, _prompts(model, batch, prompt_len), policy_for(name, ratio), max_new_tokens=new_tokens,
-                   stop_ids=[], cuda_graph=mode == "graph")
-    steps, dec = max(1, len(res.tokens[0]) - 1), max(1e-9, res.decode_seconds - res.capture_seconds)
+                   stop_ids=[], cuda_graph=mode != "eager", compile=mode == "compiled")
+    steps, dec = max(1, len(res.tokens[0]) - 1 - (mode != "eager")), max(1e-9, res.decode_seconds - res.capture_seconds)
     return {"batch": batch, "prefill_s": res.prefill_seconds, "decode_s": res.decode_seconds, "capture_s":
             res.capture_seconds, "decode_ms_per_step": 1000 * dec / steps, "decode_tok_per_s": batch * steps / dec,
             "peak_gib": _sync_peak(), "kv_live_gib": res.kv_bytes_live / 2**30, "kv_alloc_gib":
@@ -178,8 +178,8 @@ def summarize(events, steps: int) -> dict:
 @torch.no_grad()
 def profile_decode(model: Llama, name: str, ratio: float, batch: int, prompt_len: int, mode: str, steps: int = 5):
     """Decode steps (validate=False) after prefill, a step and cache.fit. Mode "sync": 3 steps under set_sync_debug_mode
-    ("error"): ok, or the first error ("checked": False without CUDA). Modes "eager" and "graph" (one step captured,
-    then replayed): wall ms/step over `steps` steps after a warm-up step, then torch.profiler over `steps` more."""
+    ("error"): ok, or the first error ("checked": False without CUDA). Modes "eager", "graph" and "compiled" (MODES):
+    wall ms/step over `steps` steps after a warm-up step, then torch.profiler over `steps` more."""
     _free()
     policy, on = policy_for(name, ratio), torch.cuda.is_available()
     cache, tok = _fitted(model, policy, batch, prompt_len, 2 * steps + 2)
@@ -194,7 +194,8 @@ def profile_decode(model: Llama, name: str, ratio: float, batch: int, prompt_len
             return {"ok": False, "checked": on, "error": str(e).splitlines()[0][:300]}
         finally:
             torch.cuda.set_sync_debug_mode(old) if on else None
-    step_fn, _ = fixed_capacity_step(model, cache, policy, None, 2 * steps + 2, mode == "graph", 2 * steps + 2)
+    step_fn, _, _ = fixed_capacity_step(model, cache, policy, None, 2 * steps + 2, tok, cache.seen.clone(),
+                                        mode != "eager", 2 * steps + 2, mode == "compiled")
     step = lambda: step_fn(tok, cache.seen.clone())
     _sync_peak(); t0 = time.perf_counter()
     for _ in range(steps):
@@ -238,7 +239,7 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             raise BadInput(f"{name}={env.get(name, default)!r}: give {known}")
         return items
     num = lambda x, lo=1: x.isdecimal() and int(x) >= lo
-    is_spec = lambda p, b="", m="", *more: p in REGISTRY and num(b) and m in ("graph", "eager") and not more
+    is_spec = lambda p, b="", m="", *more: p in REGISTRY and num(b) and m in MODES and not more
     spec = [x.split(":") for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
                                       lambda x: is_spec(*x.split(":")), "policy:batch:mode,...")]
     one = lambda *a: get(*a)[0]
@@ -246,7 +247,7 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             "policies": get("MINIKV_BENCH_POLICIES", ",".join(POLICIES), REGISTRY.__contains__, ", ".join(REGISTRY)),
             "batches": [x if x == "max" else int(x) for x in get("MINIKV_BENCH_BATCHES", "1,16,max",
                                                                  lambda x: x == "max" or num(x), "e.g. 1,16,max")],
-            "modes": get("MINIKV_BENCH_MODES", "graph,eager", ("graph", "eager").__contains__, "graph and/or eager"),
+            "modes": get("MINIKV_BENCH_MODES", "graph,eager", MODES.__contains__, "of " + ", ".join(MODES)),
             "hf": one("MINIKV_BENCH_HF", "1", ("0", "1", "only").__contains__, "1, 0 or only"),
             "sync": one("MINIKV_BENCH_SYNC", "1" if spec else "0", ("0", "1").__contains__, "0 or 1") == "1",
             "prompt_len": int(one("MINIKV_BENCH_PROMPT", "4096", num, "an integer >= 1")),
@@ -262,6 +263,7 @@ def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloa
     res, t_start, P, N, ratio = {"info": info, "rows": [], "profile": [], "sync": []}, time.perf_counter(), \
         plan["prompt_len"], plan["new_tokens"], plan["ratio"]
     total = total_bytes or (lambda: torch.cuda.get_device_properties(0).total_memory)
+    torch._dynamo.config.recompile_limit = 64      # each compiled row is a new shape: never fall back to eager
 
     def emit(kind: str, item: dict) -> None:
         res[kind].append(item)

@@ -61,7 +61,7 @@ def cmd_generate(args) -> int:
     ids, stop = (encode_chat(tok, chat), chat_stop_ids(tok)) if args.chat else (tok.encode(args.prompt), None)
     res = generate(model, [ids], policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, stop_ids=stop, seed=args.seed, on_tokens=TextStreamer(tok),
-                   cuda_graph=args.cuda_graph)
+                   cuda_graph=args.cuda_graph, compile=args.compile)
     print()
     print_run_notes(policy, res, args.max_new_tokens)   # after the run: a refusal stays the only stderr line
     print(f"[{policy.name} budget={policy.budget}] prompt {len(ids)} tokens, generated {len(res.tokens[0])} | "
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed_arg, default=None)
     g.add_argument("--bound-report", action="store_true", help="print the Ada-KV bound vs true error per layer")
     g.add_argument("--cuda-graph", action="store_true", help="decode by replaying one CUDA-graph-captured step")
+    g.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step (compiles first)")
     add_model_args(g)
     add_policy_args(g)
     g.set_defaults(func=cmd_generate)

@@ -120,9 +120,8 @@ BUDGET_NOTES = {"d2o": ", on average over layers (weighted by attention variance
 
 def describe_budget(budget) -> str:
     """How a budget was read, e.g. 'budget 0.2 = 20% of each prompt's tokens per (layer, KV head)'."""
-    if budget.is_ratio:
-        return f"budget {budget} = {budget.value * 100:.4g}% of each prompt's tokens per (layer, KV head)"
-    return f"budget {budget} = {budget.value} entr{'y' if budget.value == 1 else 'ies'} per (layer, KV head)"
+    return (f"budget {budget} = {budget.value * 100:.4g}% of each prompt's tokens per (layer, KV head)" if budget.is_ratio
+            else f"budget {budget} = {budget.value} entr{'y' if budget.value == 1 else 'ies'} per (layer, KV head)")
 
 def print_run_notes(policy, res, max_new_tokens: int) -> None:
     """On stderr, after the run (so a refusal during prefill stays the only stderr line): how the policy read its
@@ -137,12 +136,12 @@ def print_run_notes(policy, res, max_new_tokens: int) -> None:
               f"{len(res.tokens[0])} generated tokens, of the {max_new_tokens} asked for", file=sys.stderr)
 
 def result_summary(res) -> str:
-    """A GenerationResult's cache ratio, KV bytes and timings on one line."""
-    mib = 1 << 20
+    """A GenerationResult's cache ratio, KV bytes and timings (compiling/capturing inside the decode) on one line."""
+    mib, cap = 1 << 20, f" ({res.capture_seconds:.2f}s compiling/capturing)" if res.capture_seconds else ""
     return (f"cache ratio {res.cache_ratio:.3f} | KV live {res.kv_bytes_live / mib:.2f} MiB, "
             f"allocated {res.kv_bytes_allocated / mib:.2f} MiB, full cache {res.kv_bytes_full / mib:.2f} MiB | "
-            f"prefill {res.prefill_seconds:.2f}s, decode {sum(map(len, res.tokens))} tok in "
-            f"{res.decode_seconds:.2f}s")
+            f"prefill {res.prefill_seconds:.2f}s, decode {sum(map(len, res.tokens))} tok in {res.decode_seconds:.2f}s"
+            + cap)
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or MissingExtra naming how to install it."""
