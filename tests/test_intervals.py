@@ -107,7 +107,7 @@ def test_bootstrap_coverage_near_nominal():
 def _recs(task, policy, budget, scores, ratio):
     return [{"id": f"{policy}{budget}{i}", "task": task, "policy": policy, "budget": budget, "question": "aware" if
              task != "ppl" else "none", "metric": "ppl" if task == "ppl" else "contains", "score": s,
-             "cache_ratio": ratio} for i, s in enumerate(scores)]
+             "cache_ratio": ratio, "length": 100, "depth": 0.5, "sample": i, "seed": 0} for i, s in enumerate(scores)]
 
 
 def _row(table: str, policy: str) -> list[str]:
@@ -122,14 +122,14 @@ def test_table_marks_intervals_disjoint_from_the_reference():
             + _recs("passkey", "snapkv", "0.5", [1.0] * 10, 0.5))
     table = markdown_table(recs, ["0.2", "0.5"], ["full", "h2o", "snapkv"])
     lo, hi = wilson_interval(0, 10)
-    assert _row(table, "h2o")[0] == f"0.00* [{lo:.2f}, {hi:.2f}] n=10 (0.20)"       # [0, .28] vs full's [.72, 1]
-    assert _row(table, "snapkv")[0] == "0.90 [0.60, 0.98] n=10 (0.20)"              # overlaps full's: no mark
-    assert _row(table, "h2o")[1] == "0.60 [0.31, 0.83] n=10 (0.50)"                 # overlaps [.72, 1]: no mark
+    assert _row(table, "h2o")[0] == f"0.00*† [{lo:.2f}, {hi:.2f}] n=10 (0.20)"      # [0, .28] vs full's [.72, 1]
+    assert _row(table, "snapkv")[0] == "0.90 [0.60, 0.98] n=10 (0.20)"      # overlaps full's; 1 of 10 differs: p = 1
+    assert _row(table, "h2o")[1] == "0.60 [0.31, 0.83] n=10 (0.50)"         # overlaps [.72, 1]; 4 differ: p = 0.125
     assert _row(table, "full") == ["1.00 [0.72, 1.00] n=10 (1.00)"] * 2             # the reference: never marked
     assert "*: the interval does not overlap full's in the same column" in table and "Wilson score" in table
     # The reference is the first row: listed first, snapkv is the one h2o is compared with (and full is marked).
     other = markdown_table(recs, ["0.2"], ["snapkv", "full", "h2o"])
-    assert _row(other, "h2o")[0].startswith("0.00* [") and _row(other, "full")[0].startswith("1.00 [")
+    assert _row(other, "h2o")[0].startswith("0.00*† [") and _row(other, "full")[0].startswith("1.00 [")
     assert "overlap snapkv's" in other
 
 
@@ -142,10 +142,30 @@ def test_table_perplexity_bootstrap_and_one_text():
     table = markdown_table(recs, ["0.2"], ["full", "h2o", "streaming", "d2o"])
     m, lo, hi, n = summary([r for r in recs if r["policy"] == "h2o"])
     assert (lo, hi) == bootstrap_interval([r["score"] for r in recs if r["policy"] == "h2o"], R.mean, R.RESAMPLES, 0)
-    assert n == 8 and lo < m < hi and _row(table, "h2o")[0] == f"{m:.2f}* [{lo:.2f}, {hi:.2f}] n=8 (0.20)"
+    assert n == 8 and lo < m < hi and _row(table, "h2o")[0] == f"{m:.2f}*† [{lo:.2f}, {hi:.2f}] n=8 (0.20)"
     assert "*" not in _row(table, "streaming")[0]
     assert _row(table, "d2o")[0] == "30.00 n=1 (0.30)"                            # one text: no interval, no mark
     assert "percentile bootstrap over the texts (2000 resamples, seed 0" in table and "n=texts" in table
+
+
+def test_sign_test_by_hand():
+    # RESULTS.md's D2O vs H2O perplexity: 15 of 16 texts worse -> 2 (C(16,0) + C(16,1)) / 2^16 = 34 / 65536
+    assert R.paired_sign_test(_recs("ppl", "d2o", "0.2", [2.0] * 15 + [0.0], 0.3),
+                              _recs("ppl", "h2o", "0.2", [1.0] * 16, 0.3)) == pytest.approx(34 / 65536)
+    same = _recs("ppl", "a", "0.2", [1.0, 2.0, 3.0], 1)
+    assert R.paired_sign_test(same, same) == 1.0                                       # all ties: nothing to test
+    assert R.paired_sign_test(_recs("ppl", "a", "0.2", [2.0] * 5, 1), _recs("ppl", "b", "0.2", [1.0] * 5, 1)) == 2 / 32
+
+
+def test_sign_test_pairs_by_prompt_not_by_order():
+    ref = _recs("ppl", "full", None, [10.0 * i for i in range(8)], 1.0)              # texts of very different ppl
+    worse = _recs("ppl", "h2o", "0.2", [10.0 * i + 0.5 for i in range(8)], 0.2)     # each text +0.5
+    assert R.paired_sign_test(worse[::-1], ref) == 2 / 256                            # order does not matter
+    table = markdown_table(ref + worse, ["0.2"], ["full", "h2o"])
+    assert _row(table, "h2o")[0].startswith("35.50† [")                 # intervals overlap (no *), pairs do not
+    shuffled = [dict(r, sample=(r["sample"] + 1) % 8) for r in worse]   # paired with the wrong texts: no longer
+    assert R.paired_sign_test(shuffled, ref) > 0.05
+    assert R.paired_sign_test(worse[:3], ref) == 2 / 8                   # only the texts both ran are paired
 
 
 def test_quality_plot_draws_intervals(tmp_path):

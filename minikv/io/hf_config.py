@@ -2,8 +2,7 @@
 
 A key absent from `config.json` takes the value transformers' `LlamaConfig` gives it, so a folder loads the model
 transformers would load. A wrong value, or a feature minikv does not implement (biases, non-SiLU MLPs, partial RoPE,
-...), is a BadInput naming the key, never a silently different model.
-"""
+...), is a BadInput naming the key, never a silently different model."""
 from __future__ import annotations
 
 import json

@@ -2,8 +2,7 @@
 
 The byte-level BPE is the `tokenizers` pipeline of GPT-2-style models (SmolLM2), id-for-id (tests/test_tokenizer.py):
 added tokens cut out whole, optional `Digits(individual_digits=True)`, the GPT-2 regex, bytes -> GPT-2 alphabet, BPE
-merges by rank. Unicode classes come from Python's `unicodedata` (characters newer than it may be classed otherwise).
-"""
+merges by rank. Unicode classes come from Python's `unicodedata` (characters newer than it may be classed otherwise)."""
 from __future__ import annotations
 
 import re

@@ -25,8 +25,8 @@ from minikv.tools.trace import Recorder, record
 FORMAT_VERSION = 1
 REAL_LAYER = 15                                 # the default model's layer recorded by the real-model case
 CHECKED_ROLES = ("out", "probe")               # what a candidate must reproduce; in/stats are its inputs
-TIE_BREAK = ("select_topk: higher score first; equal scores -> the lower slot, i.e. the older position, first "
-             "(live slots are in position order); empty slots are never chosen")
+TIE_BREAK = ("select_topk: higher score first; equal scores -> the older (smaller) position first (slots are in any "
+             "order: the rule reads pos); empty slots are never chosen")
 TOLERANCES = {"float64": {"atol": 1e-10, "rtol": 1e-8}, "float32": {"atol": 1e-5, "rtol": 1.3e-6},
               "bfloat16": {"atol": 1e-2, "rtol": 1.6e-2}, "integer": "exact"}
 EXACT = {"atol": 0, "rtol": 0}                  # integers (compared as float64: exact below 2**53)

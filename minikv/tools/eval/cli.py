@@ -1,7 +1,6 @@
 """`minikv eval`: run a task over policy × budget × length × depth × sample, resumably, print the table, plot.
 
-  minikv eval --task passkey --policies full,streaming,h2o,snapkv --budgets 0.2 --lengths 1500 --depths 0.5
-"""
+  minikv eval --task passkey --policies full,streaming,h2o,snapkv --budgets 0.2 --lengths 1500 --depths 0.5"""
 from __future__ import annotations
 
 import os
@@ -139,8 +138,7 @@ def make_plots(model, tok, cfg: EvalConfig, result: dict, out: Path, view_layer=
     except MissingExtra as e:
         print(f"minikv eval: no plots: {e}", file=sys.stderr)
         return []
-    records = [r for r in result["records"] if not r.get("error")]
-    if not records:
+    if not (records := [r for r in result["records"] if not r.get("error")]):
         return []
     made = [plots.quality_vs_ratio(records, out / "quality_vs_ratio.png", cfg.model_name)]
     if any(r.get("depth") is not None for r in records) and any(c.task in DEPTH_TASKS for c in result["cells"]):

@@ -7,10 +7,7 @@ from pathlib import Path
 from minikv.errors import BadInput
 from minikv.generate import generate
 from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
-from minikv.tools.eval.records import group_by as _by, mean as _mean, summary
-
-def _ok(records):
-    return [r for r in records if not r.get("error") and r.get("score") is not None]
+from minikv.tools.eval.records import group_by as _by, mean as _mean, scored as _ok, summary
 
 def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode); error
@@ -52,8 +49,7 @@ def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
         raise BadInput("no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
     panels = _by(recs, "task", "policy", "budget")
     lengths, depths = sorted({r["length"] for r in recs}), sorted({r["depth"] for r in recs})
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
+    cols, rows = min(4, len(panels)), -(-len(panels) // min(4, len(panels)))
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.2, 2.8 * rows + 0.4), squeeze=False,
                              constrained_layout=True)
     for ax, ((task, p, b), rs) in zip(axes.flat, panels.items()):

@@ -116,6 +116,10 @@ def finished_ids(records: list[dict]) -> set[str]:
     return {r["id"] for r in records if not r.get("error")}
 
 # ---- the table -------------------------------------------------------------------------------------------------------
+def scored(records: list[dict]) -> list[dict]:
+    """The records that finished with a score (not None, not NaN)."""
+    return [r for r in records if not r.get("error") and r.get("score") is not None and r["score"] == r["score"]]
+
 def mean(xs) -> float:
     """The mean of the values that are not None or NaN; NaN when there is none."""
     xs = [x for x in xs if x is not None and x == x]
@@ -147,25 +151,36 @@ def bootstrap_interval(values: list, stat=mean, n_resamples: int = RESAMPLES, se
 def summary(rs: list[dict]) -> tuple[float, float, float, int]:
     """(mean score, low, high, n) of finished records: the Wilson interval of the score (passkey, needle,
     ruler-lite), for perplexity the bootstrap over the n texts of their mean (NaN for one text)."""
-    xs = [r["score"] for r in rs if not r.get("error") and r["score"] is not None and r["score"] == r["score"]]
+    xs = [r["score"] for r in scored(rs)]
     if rs and rs[0]["task"] == "ppl":
         return mean(xs), *(bootstrap_interval(xs) if len(xs) > 1 else (math.nan, math.nan)), len(xs)
     return mean(xs), *wilson_interval(sum(xs), len(xs)), len(xs)
 
-def _entry(rs: list[dict], ref: tuple) -> str:
-    """One table entry: mean score, '*' when its interval and `ref` (the reference's (low, high)) are disjoint,
-    [interval] n=prompts (mean measured ratio), '[k err]' when some cells failed, 'error' when all did."""
+def paired_sign_test(rs: list[dict], ref_rs: list[dict]) -> float:
+    """Two-sided exact sign test of score minus the reference's on the same prompt or text (length, depth, sample,
+    seed), ties dropped: P(signs split at least this unevenly | each sign has p = 1/2)."""
+    key = lambda r: (r.get("length"), r.get("depth"), r.get("sample"), r.get("seed"))
+    ref = {key(r): r["score"] for r in scored(ref_rs)}
+    d = [r["score"] - ref[key(r)] for r in scored(rs) if key(r) in ref]
+    n, k = sum(x != 0 for x in d), sum(x > 0 for x in d)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n)
+
+def _entry(rs: list[dict], ref_rs: list[dict] | None = None) -> str:
+    """One table entry: mean score, '*' (its interval and that of the reference's records `ref_rs` are disjoint),
+    '†' (paired_sign_test against them: p < 0.05), [interval] n=prompts (mean ratio), '[k err]'/'error' (some/all)."""
     ok, errors = [r for r in rs if not r.get("error")], len([r for r in rs if r.get("error")])
     if not ok:
         return "error" if errors else ""
     (score, lo, hi, n), ratio = summary(ok), mean(r["cache_ratio"] for r in ok)
+    ref = summary(ref_rs)[1:3] if ref_rs else (math.nan, math.nan)
     mark, ci = "*" if hi < ref[0] or lo > ref[1] else "", "" if lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+    mark += "†" if ref_rs and paired_sign_test(ok, ref_rs) < 0.05 else ""
     return ("-" if score != score else f"{score:.2f}") + mark + ci + f" n={n} ({ratio:.2f})" + \
         (f" [{errors} err]" if errors else "")
 
 def markdown_table(records: list[dict], budgets: list[str] | None = None, policies: list[str] | None = None) -> str:
-    """Policy rows × budget columns: mean score [95% interval] n=prompts (mean measured cache ratio); '*' marks an
-    interval disjoint from the first row's (full, when listed first) in that column. Budget-free policies (full,
+    """Policy rows × budget columns: mean score [95% interval] n=prompts (mean measured cache ratio); '*' and '†' (see
+    _entry) compare with the first row (full, when listed first) in that column. Budget-free policies (full,
     corm, ...) ran once per cell and are repeated in every column. One table per (task, question mode), and one of
     all the subtasks of a task together ("ruler-lite (all)")."""
     if not records:
@@ -181,17 +196,17 @@ def markdown_table(records: list[dict], budgets: list[str] | None = None, polici
         pols += [p for p in dict.fromkeys(r["policy"] for r in recs) if p not in pols]
         cells = group_by(recs, "policy", "budget")
         entry = {(p, b): cells.get((p, b)) or cells.get((p, None)) or [] for p in pols for b in budgets_here}
-        ref = {b: summary(entry[(pols[0], b)])[1:3] for b in budgets_here}
         metrics = "/".join(dict.fromkeys(str(r.get("metric")) for r in recs if r.get("metric")))
         what, n, interval = ("perplexity, lower is better", "texts", f"percentile bootstrap over the texts "
                              f"({RESAMPLES} resamples, seed 0; none for one text)") if task == "ppl" else \
             (f"mean score ({metrics})", "prompts", "Wilson score interval")
         mode = "" if qmode == "none" else f"question-{qmode}; "          # ppl has no question
-        rows = [{"policy": p, **{f"budget {b}": _entry(entry[(p, b)], ref[b] if i else (math.nan,) * 2)
+        rows = [{"policy": p, **{f"budget {b}": _entry(entry[(p, b)], entry[(pols[0], b)] if i else None)
                                  for b in budgets_here}} for i, p in enumerate(pols)]
         parts += [f"**{task}** ({mode}{what} [95% interval] n={n} (mean measured cache ratio))\n", format_rows(rows),
                   f"\nn = lengths × depths × samples; interval: {interval}; *: the interval does not overlap "
-                  f"{pols[0]}'s in the same column (a conservative test: a difference without * may be real too).\n"]
+                  f"{pols[0]}'s in the same column (conservative); †: a two-sided sign test against {pols[0]}'s "
+                  f"{n} in the same column, paired one to one (ties dropped), gives p < 0.05.\n"]
     return "\n".join(parts).rstrip() + "\n"
 
 # ---- one run per output folder ---------------------------------------------------------------------------------------

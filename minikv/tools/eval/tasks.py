@@ -5,8 +5,7 @@ al. 2024) and ppl (a window of real text).
 Every generator returns an `Example`: `context` (compressed first in question-agnostic mode) and `question` token
 ids, the reference answers, the metric and the tokens to generate. `len(context) + len(question)` is the requested
 length in tokens (cwe, whose list cannot be cut mid-item, lands within 2%). Haystacks are separately encoded
-sentences that each start with a space, so that they join as the tokenizer would encode the joined text.
-"""
+sentences that each start with a space, so that they join as the tokenizer would encode the joined text."""
 from __future__ import annotations
 
 import hashlib
@@ -45,10 +44,6 @@ class Example:
     def ids(self) -> list[int]:
         """The whole prompt: context then question."""
         return self.context + self.question
-
-def rng_for(*parts) -> random.Random:
-    """A Random seeded from a stable hash of the parts (Python's hash() of str changes between processes)."""
-    return random.Random(int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big"))
 
 # ---- text sources ------------------------------------------------------------------------------------------------
 def pseudo_words(n: int, seed: int = 0) -> list[str]:
@@ -301,7 +296,8 @@ def make_example(tok, task: str, length: int, depth: float | None = None, sample
     base, _, sub = task.partition("/")
     if base not in TASK_NAMES:
         raise BadInput(f"unknown task {task!r}; tasks: passkey, needle, ruler-lite/<{'|'.join(RULER_SUBTASKS)}>, ppl")
-    rng = rng_for(seed, task, length, depth, sample)
+    key = "|".join(map(str, (seed, task, length, depth, sample)))   # a stable seed: Python's str hash() is not
+    rng = random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
     if base == "ppl":
         return ppl_text(tok, length, sample, ppl_prefix)
     chat = resolve_chat(tok, chat)
