@@ -97,6 +97,38 @@ def test_cli_prints_the_table_and_saves_json_and_heatmap(tiny_model_dir, tmp_pat
     assert not plot or png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_cli_over_a_tasks_prompts_averages_them(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    code, stdout, _ = run_cli(["compare", "--model", tiny_model_dir, "--task", "passkey", "--length", 400,
+                               "--samples", 3, "--a", "streaming 100", "--b", "h2o 100", "--out", out], capsys)
+    assert code == 0
+    rep = json.loads(out.read_text())
+    prompts = rep["prompts"]
+    assert len(prompts) == 3 and len({tuple(p["prompt_ids"]) for p in prompts}) == 3      # three different prompts
+    for layer in range(3):                                        # the mean of the prompts' overlaps, head by head
+        per_prompt = [p["layers"][layer]["jaccard"] for p in prompts]
+        assert rep["layers"][layer]["jaccard"] == pytest.approx([sum(h) / 3 for h in zip(*per_prompt)])
+        assert rep["layers"][layer]["err_a"] == pytest.approx(sum(p["layers"][layer]["err_a"] for p in prompts) / 3)
+    for side in ("a", "b", "full"):                               # scores: RULER's string_match_all per answer
+        scores = [p[side]["score"] for p in prompts]
+        assert set(scores) <= {0.0, 1.0} and rep[side]["score"] == pytest.approx(sum(scores) / 3)
+    assert rep["a"]["spec"] == "streaming 100" and "mean over 3 prompts: score A" in stdout
+    assert stdout.count("prompt ") >= 3 and "| mean |" in stdout
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--task", "passkey", "--depth", "1.5"], ["--depths", "1.5"]),
+    (["--task", "passkey", "--samples", "0"], ["--samples 0"]),
+    (["--task", "passkey", "--length", "1"], ["--lengths 1"]),
+    (["--task", "ppl"], ["--task", "'ppl'"]),
+])
+def test_cli_task_refusals(tiny_model_dir, tmp_path, capsys, args, named):
+    argv = ["compare", "--model", tmp_path / "no-model", "--a", "h2o 4", "--b", "streaming 8", *args]
+    assert_refused(run_cli(argv, capsys), *named)                 # before the (missing) model folder is read
+    if args[1] != "ppl":                                          # a prompt or a task, not both
+        assert_refused(run_cli([*argv, "--prompt", "hi"], capsys), "--prompt")
+
+
 @pytest.mark.parametrize("args, named", [
     (["--a", "snapkvv 0.2"], ["'snapkvv'"]),
     (["--a", "h2o 0.2 0.5"], ["'0.2 0.5'"]),

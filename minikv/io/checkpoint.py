@@ -112,8 +112,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             "config.json")
     require(folder.is_dir(), f"model folder {folder} does not exist; {FETCH_HINT}", NotFound)
     require((folder / "config.json").exists(), f"{folder} has no config.json; {FETCH_HINT}", NotFound)
-    cfg = load_config(folder / "config.json")
-    state = read_state_dict(folder)
+    cfg, state = load_config(folder / "config.json"), read_state_dict(folder)
     check_state_dict(state, cfg, source=str(folder))
     with torch.device("meta"):
         model = Llama(cfg)

@@ -90,8 +90,7 @@ def _meta(reader, key: str, path: Path, default=...):
 
 def _config_from_gguf(reader, path: Path, vocab_size: int, tied: bool) -> LlamaConfig:
     """Fill a LlamaConfig from the GGUF `llama.*` and `tokenizer.ggml.*_token_id` metadata keys."""
-    def get(key, default=...):
-        return _meta(reader, key, path, default)
+    get = lambda key, default=...: _meta(reader, key, path, default)       # noqa: E731
     arch = get("general.architecture")
     require(arch == "llama", f"{path}: architecture {arch!r} is not supported (only 'llama')")
     hidden, n_head = get("llama.embedding_length"), get("llama.attention.head_count")
@@ -191,8 +190,7 @@ def verify_conversion(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     for name in OUTPUT_FILES:
         require((out_dir / name).is_file(), f"{out_dir}: {name} is missing")
-    cfg = load_config(out_dir / "config.json")
-    state = read_state_dict(out_dir)
+    cfg, state = load_config(out_dir / "config.json"), read_state_dict(out_dir)
     check_state_dict(state, cfg, source=str(out_dir / "model.safetensors"))
     del state
     n_vocab = len(read_json_object(out_dir / "tokenizer.json").get("model", {}).get("vocab", {}))

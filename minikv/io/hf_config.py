@@ -34,8 +34,7 @@ def load_config(path: str | Path) -> LlamaConfig:
 def config_to_dict(cfg: LlamaConfig) -> dict:
     """config.json's keys, every one written explicitly, so the file means the same whatever the reader's defaults."""
     d = asdict(cfg)
-    extra = d.pop("extra")
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **extra, **d}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d.pop("extra"), **d}   # (pop runs first)
 
 def config_from_dict(d: dict) -> LlamaConfig:
     """A checked config from a `config.json` dict; absent keys take transformers' LlamaConfig defaults."""
@@ -94,8 +93,7 @@ def check_config(cfg: LlamaConfig) -> LlamaConfig:
     """Check the values beyond the shape (which LlamaConfig checks itself); rope_scaling comes back normalized."""
     _check_positive_number("rms_norm_eps", cfg.rms_norm_eps, floats_only=True)
     _check_positive_number("rope_theta", cfg.rope_theta)
-    eos = cfg.eos_token_id
-    ids = [("bos_token_id", cfg.bos_token_id)]
+    eos, ids = cfg.eos_token_id, [("bos_token_id", cfg.bos_token_id)]
     ids += [(f"eos_token_id[{i}]", e) for i, e in enumerate(eos)] if isinstance(eos, list) else [("eos_token_id", eos)]
     for name, value in ids:
         require(value is None or (is_int(value) and value >= 0),

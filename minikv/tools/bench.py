@@ -1,10 +1,7 @@
-"""Benchmarks against `transformers` (`pip install "minikv[bench]"`): tables and JSON (speed targets are checked here,
-never in unit tests). `minikv bench gpu`: random bf16 weights at the Llama-2-7B shape, 4096-token prompts, 64 new
-tokens, greedy, ratio 0.2; minikv (every policy, eager and graph = `generate(cuda_graph=True)`) and transformers (eager,
-and static = `cache_implementation="static"`, compiled in an untimed warm-up) at batch 1, 16 and max (MAX_BATCH_RULE):
-prefill s, decode ms/step and tok/s less the graph capture (both kept), peak GiB, KV GiB; decode profiles and a
-host-sync check on request. MINIKV_BENCH_* (bench_plan) split the table over calls; `bench report FILES` merges them
-and checks the targets. `minikv bench cpu`: the same on the default model (or --model) here, float32, CPU_PLAN."""
+"""Benchmarks against `transformers` (speed targets are checked here, never in unit tests). `bench gpu`: random bf16
+weights at the Llama-2-7B shape; minikv (every policy, MODES) and transformers (eager, static) at batch 1, 16 and max
+(MAX_BATCH_RULE); profiles and a host-sync check on request; MINIKV_BENCH_* (bench_plan) split the table over calls,
+`bench report FILES` merges them and checks the targets. `bench cpu`: the same on the default model, float32."""
 from __future__ import annotations
 
 import gc

@@ -1,5 +1,4 @@
 """`minikv` command line: fetch, policies, generate, eval, trace, oracle, bench, compare.
-
 The eval, trace, oracle, bench and compare modules each add their parser through `register(sub)`."""
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import torch
 
 from minikv.budgets import parse_budget
 from minikv.errors import BadInput, MissingExtra
+from minikv.io import require
 from minikv.io.checkpoint import load_model, resolve_device
 from minikv.io.convert import ensure_default_model
 from minikv.io.tokenizer import load_tokenizer
@@ -66,8 +67,7 @@ def parse_value(text: str):
     bracketed = text.startswith("[") and text.endswith("]")
     if bracketed or "," in text:
         items = [item.strip() for item in (text[1:-1] if bracketed else text).split(",")]
-        if "" in items and items != [""]:
-            raise BadInput(f"list value {text!r} has an empty item; write e.g. 0,1,29")
+        require("" not in items or items == [""], f"list value {text!r} has an empty item; write e.g. 0,1,29")
         return [parse_value(item) for item in items if item]
     for cast in (int, float):
         try:
@@ -85,8 +85,7 @@ def parse_options(pairs: list[str]) -> dict:
         problem = ("is not KEY=VALUE (e.g. --option window=16)" if not eq else
                    "has an empty key; write KEY=VALUE (e.g. --option window=16)" if not key else
                    "has an empty value; write KEY=VALUE (an empty list is KEY=[])" if not value.strip() else None)
-        if problem:
-            raise BadInput(f"--option {pair!r} {problem}")
+        require(not problem, f"--option {pair!r} {problem}")
         if key in out:
             raise BadInput(f"--option {key!r} is given twice ({key}={out[key]!r} and {pair!r}); give it once")
         out[key] = parse_value(value)
@@ -105,8 +104,7 @@ def format_rows(rows: list[dict], keys: list[str] | None = None, digits: int = 4
     """A markdown table from dicts (columns: `keys`, default the first row's keys); floats to `digits` figures."""
     if not rows and keys is None:
         return "(no rows)"
-    keys = keys or list(rows[0])
-    fmt = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    keys, fmt = keys or list(rows[0]), (lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
-"""`minikv compare`: policies A and B on one prompt against the full cache: the Jaccard overlap of their kept positions
-per layer and KV head, each one's attention-output error per layer, the greedy answers. The JSON (--out) lists kept
-positions per [layer][KV head], what a run of another library (e.g. kvpress) would write to be compared."""
+"""`minikv compare`: policies A and B on one prompt (or an eval task's, averaged) against the full cache: the Jaccard
+overlap of their kept positions per layer and KV head, their attention-output errors per layer, the greedy answers.
+The JSON (--out) lists kept positions per [layer][KV head], what another library's run (e.g. kvpress) would write."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +14,8 @@ from minikv.policies import get_policy
 from minikv.tools.bench import check_out_path, write_json
 from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, parse_options,
                                  prompt_arg, pyplot, save_figure)
+from minikv.tools.eval.runner import EvalConfig, string_match_all
+from minikv.tools.eval.tasks import make_example
 
 def policy_spec(text: str):
     """'POLICY [BUDGET] [KEY=VALUE ...]', e.g. 'snapkv 0.2 kernel=7' -> the policy (BadInput naming a bad part)."""
@@ -55,6 +57,14 @@ def compare_policies(model, ids: list[int], a: str, b: str, max_new_tokens: int 
                      for i, j in enumerate(jaccard(rep["a"]["kept"], rep["b"]["kept"]))]
     return rep
 
+def mean_report(reps: list[dict]) -> dict:
+    """Per-prompt reports (compare_policies) averaged per layer and KV head: Jaccard, errors; each prompt kept."""
+    avg, layers = (lambda xs: sum(xs) / len(xs)), zip(*(r["layers"] for r in reps))    # per layer: one per prompt
+    return {**{k: {x: avg([r[k][x] for r in reps]) if x != "spec" else reps[0][k][x] for x in ("spec", "score",
+                   "cache_ratio")} for k in ("a", "b", "full")},
+            "prompts": reps, "layers": [{"layer": ls[0]["layer"], "jaccard": [avg(h) for h in zip(*(x["jaccard"] for x
+            in ls))], **{k: avg([x[k] for x in ls]) for k in ("err_a", "err_b")}} for ls in layers]}
+
 def heatmap(rep: dict, path) -> Path:
     """Layers x KV heads of the Jaccard overlap after prefill."""
     plt, grid = pyplot(), [r["jaccard"] for r in rep["layers"]]
@@ -67,13 +77,22 @@ def heatmap(rep: dict, path) -> Path:
 def cmd_compare(args) -> int:
     policy_spec(args.a), policy_spec(args.b)          # a bad policy, budget or option fails before the model loads
     out, plot = (check_out_path(Path(p)) if p else None for p in (args.out, args.plot))
-    pyplot() if plot else None                        # so does a missing matplotlib
+    pyplot() if plot else None                        # so do a missing matplotlib and (as `minikv eval`) a bad task
+    EvalConfig(args.task, [], [], lengths=[args.length], depths=[args.depth], samples=args.samples) if args.task else 0
     model, tok = load_model_and_tokenizer(args)
-    rep = compare_policies(model, tok.encode(args.prompt), args.a, args.b, args.max_new_tokens)
-    print(f"prompt: {len(rep['prompt_ids'])} tokens; probe: {rep['probe']}")
-    for key in ("a", "b", "full"):
-        rep[key]["answer"] = tok.decode(rep[key]["answer_ids"])
-        print(f"{key:>4} = {rep[key]['spec']}, cache ratio {rep[key]['cache_ratio']:.3f}: {rep[key]['answer']!r}")
+    exs = [make_example(tok, args.task, args.length, args.depth, s) for s in range(args.samples)] if args.task else [None]
+    reps = [compare_policies(model, ex.ids if ex else tok.encode(args.prompt), args.a, args.b,
+                             ex.max_new_tokens if ex else args.max_new_tokens) for ex in exs]
+    for i, (ex, rep) in enumerate(zip(exs, reps)):
+        print(f"prompt {i}: {len(rep['prompt_ids'])} tokens; probe: {rep['probe']}" + (f"; {ex.answers}" if ex else ""))
+        for key, r in ((k, rep[k]) for k in ("a", "b", "full")):
+            r["answer"] = tok.decode(r["answer_ids"])
+            r["score"] = string_match_all(r["answer"], ex.answers) if ex else None      # RULER's string_match_all
+            print(f"{key:>4} = {r['spec']}, cache ratio {r['cache_ratio']:.3f}: {r['answer']!r}" +
+                  ("" if ex is None else f" (score {r['score']:g})"))
+    rep = reps[0] if len(reps) == 1 else mean_report(reps)
+    print("" if len(reps) == 1 else f"mean over {len(reps)} prompts: score A {rep['a']['score']:.2f}, B "
+          f"{rep['b']['score']:.2f}, full {rep['full']['score']:.2f}; per layer:")
     rows = [{"layer": r["layer"], "jaccard mean": sum(r["jaccard"]) / len(r["jaccard"]), "jaccard min":
              min(r["jaccard"]), "err A": r["err_a"], "err B": r["err_b"]} for r in rep["layers"]]
     print(format_rows(rows + [{"layer": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in list(rows[0])[1:]}}],
@@ -87,7 +106,12 @@ def cmd_compare(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="policies A and B vs the full cache: kept positions, attention error, answers")
-    p.add_argument("--prompt", required=True, type=prompt_arg)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", type=prompt_arg)
+    what.add_argument("--task", choices=("passkey", "needle"), help="instead of --prompt: that eval task's prompts "
+                      "(--samples of them, --length tokens, the needle at --depth), averaged")
+    for flag, kind, default in (("--length", int, 2000), ("--depth", float, 0.5), ("--samples", int, 5)):
+        p.add_argument(flag, type=kind, default=default, help=f"with --task (default {default})")
     for key, example in (("a", "snapkv 0.2 pooling=avg"), ("b", "h2o 0.2")):
         p.add_argument(f"--{key}", required=True, metavar="'POLICY [BUDGET] [KEY=VALUE ...]'",
                        help=f"configuration {key.upper()}, e.g. '{example}' (options as generate's --option)")

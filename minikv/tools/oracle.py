@@ -72,8 +72,7 @@ def record_cases(make_policy, seed: int, n_cases: int, real_model: bool) -> list
                       "48-token prompt, 4 greedy decode steps", record(small_model(s), prompt, make_policy(), 5)[0]))
     if real_model:
         folder = ensure_default_model()
-        model = load_model(folder, dtype=torch.float64)
-        text = Path("/usr/share/common-licenses/GPL-3")
+        model, text = load_model(folder, dtype=torch.float64), Path("/usr/share/common-licenses/GPL-3")
         words = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
         rec, _ = record(model, load_tokenizer(folder).encode(words)[:96], make_policy(), 3, layers={REAL_LAYER})
         cases.append((f"smollm2_layer{REAL_LAYER}", f"SmolLM2-135M-Instruct layer {REAL_LAYER} (Hq=9, Hkv=3, d=64), "
@@ -130,8 +129,7 @@ def compare(golden: torch.Tensor, cand: torch.Tensor, tol: dict, live: torch.Ten
     g, c = (golden.double(), cand.double()) if live is None else (golden.double()[live], cand.double()[live])
     if g.numel() == 0:
         return 0.0, 0.0, True
-    err = (g - c).abs()
-    same = (g == c) | (g.isnan() & c.isnan())
+    err, same = (g - c).abs(), (g == c) | (g.isnan() & c.isnan())
     # Only finite pairs go through the tolerance: atol + rtol * |inf| would let any value "match" an infinity.
     close = g.isfinite() & c.isfinite() & (err <= tol["atol"] + tol["rtol"] * g.abs())
     return err.max().item(), (err / g.abs().clamp_min(1e-30)).max().item(), bool(torch.all(same | close))

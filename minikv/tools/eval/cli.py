@@ -1,5 +1,4 @@
 """`minikv eval`: run a task over policy × budget × length × depth × sample, resumably, print the table, plot.
-
   minikv eval --task passkey --policies full,streaming,h2o,snapkv --budgets 0.2 --lengths 1500 --depths 0.5"""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minikv.errors import BadInput
+from minikv.io import require
 from minikv.generate import generate
 from minikv.tools.common import format_rows, pyplot as _plt, save_figure as _save
 from minikv.tools.eval.records import group_by as _by, mean as _mean, scored as _ok, summary
@@ -13,8 +13,7 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
     """Mean score against mean measured cache ratio, one line per policy, one panel per (task, question mode); error
     bars: the tables' 95% intervals (records.summary)."""
     plt, groups = _plt(), _by(_ok(records), "task", "question")
-    if not groups:
-        raise BadInput("no finished records to plot")
+    require(groups, "no finished records to plot")
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((task, qmode), recs) in zip(axes[0], groups.items()):
         for (p,), of_p in _by(recs, "policy").items():   # points: (mean measured ratio, mean score, low, high, budget)
@@ -43,10 +42,8 @@ def quality_vs_ratio(records: list[dict], path: str | Path, title: str | None = 
 
 def depth_heatmaps(records: list[dict], path: str | Path) -> Path:
     """Mean score over (length, depth), one panel per (policy, budget), for records that have a depth."""
-    plt = _plt()
-    recs = [r for r in _ok(records) if r.get("depth") is not None]
-    if not recs:
-        raise BadInput("no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
+    plt, recs = _plt(), [r for r in _ok(records) if r.get("depth") is not None]
+    require(recs, "no records with a depth (passkey, needle, ruler-lite multikey/multivalue) to plot")
     panels = _by(recs, "task", "policy", "budget")
     lengths, depths = sorted({r["length"] for r in recs}), sorted({r["depth"] for r in recs})
     cols, rows = min(4, len(panels)), -(-len(panels) // min(4, len(panels)))
@@ -100,10 +97,9 @@ def survival_strip(rows: list[tuple[str, list[int]]], n_tokens: int, path: str |
 
 # ---- policy reports (the common report: options, and per layer each row's state; row 0 is shown) --------------------
 def _d2o_layers(report: dict) -> list[dict]:
-    if report.get("policy") != "d2o":
-        raise BadInput(f"not a D2O report (policy = {report.get('policy')!r})")
-    if "F" not in (report.get("layers") or [{}])[0]:
-        raise BadInput("the D2O report has no per-layer data: the policy has not been run on a prompt yet")
+    require(report.get("policy") == "d2o", f"not a D2O report (policy = {report.get('policy')!r})")
+    require("F" in (report.get("layers") or [{}])[0],
+            "the D2O report has no per-layer data: the policy has not been run on a prompt yet")
     return report["layers"]
 
 def _num(x, digits: int = 3) -> str:
@@ -154,8 +150,8 @@ def plot_d2o_report(report: dict, path: str | Path) -> Path:
 
 def head_budget_matrix(report: dict) -> tuple[list[int], list[list[int]]]:
     """(compressed layers, budgets[layer][head]) of row 0: entries per KV head, window included."""
-    if not any("head_budget" in x for x in report.get("layers", [])):
-        raise BadInput(f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV report?)")
+    require(any("head_budget" in x for x in report.get("layers", [])),
+            f"report of policy {report.get('policy')!r} has no head_budgets (not an Ada-KV report?)")
     layers = [x for x in report["layers"] if any(x["compressed"])]
     return [x["layer"] for x in layers], [x["head_budget"][0] for x in layers]
 
@@ -170,8 +166,7 @@ def format_head_budgets(report: dict) -> str:
 def plot_head_budgets(report: dict, path: str | Path) -> Path:
     """Heatmap of per-head budgets (heads x layers)."""
     layers, m = head_budget_matrix(report)
-    if not layers:
-        raise BadInput("nothing to plot: no layer was compressed (the prompt fits the budget)")
+    require(layers, "nothing to plot: no layer was compressed (the prompt fits the budget)")
     plt, grid = _plt(), [list(heads) for heads in zip(*m)]                        # (heads, layers)
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), max(2, 0.4 * len(grid) + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")

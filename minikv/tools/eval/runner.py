@@ -169,8 +169,7 @@ def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk
     docstring."""
     t0 = time.perf_counter()
     logits, cache = prefill(model, [ids[:prefix]], policy)                 # (1, vocab) predicts ids[prefix]
-    t_prefill = time.perf_counter() - t0
-    target = torch.tensor(ids[prefix:], device=model.device)
+    t_prefill, target = time.perf_counter() - t0, torch.tensor(ids[prefix:], device=model.device)
     nll = -torch.log_softmax(logits.double(), -1)[0, target[0]]
     rest = torch.tensor(ids[prefix:-1], device=model.device)[None]         # (1, n-1) inputs after the prefix
     if policy.decode_evicts:

@@ -17,12 +17,12 @@ from itertools import accumulate
 from pathlib import Path
 
 from minikv.errors import BadInput
+from minikv.io import require
 from minikv.io.tokenizer import apply_chat_template
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 LICENSES = Path("/usr/share/common-licenses")
-RULER_SUBTASKS = ("multikey", "multivalue", "vt", "cwe")
-TASK_NAMES = ("passkey", "needle", "ruler-lite", "ppl")
+RULER_SUBTASKS, TASK_NAMES = ("multikey", "multivalue", "vt", "cwe"), ("passkey", "needle", "ruler-lite", "ppl")
 DEPTH_TASKS = {"passkey", "needle", "ruler-lite/multikey", "ruler-lite/multivalue"}   # the others ignore --depths
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Accra", "Kyoto", "Porto", "Tunis",
           "Riga", "Sofia", "Perth", "Bergen", "Cusco", "Malmo", "Turin", "Dakar", "Hobart")
@@ -115,8 +115,7 @@ def resolve_chat(tok, chat: bool | None) -> bool:
         known = bool(chat) and apply_chat_template(tok, [{"role": "user", "content": "x"}]) is not None
     except NotImplementedError:
         known = False
-    if chat and not known:
-        raise BadInput("--chat: this tokenizer has no chat format minikv knows (ChatML, Llama-2)")
+    require(known or not chat, "--chat: this tokenizer has no chat format minikv knows (ChatML, Llama-2)")
     return bool(chat)
 
 def wrap(tok, chat: bool, instruction: str, question: str, answer_prefix: str) -> tuple[list[int], list[int]]:
@@ -144,8 +143,7 @@ def insert_at_depths(hay: list[list[int]], needles: list[tuple[list[int], float]
     bounds = [0, *accumulate(map(len, hay))]
     at: dict[int, list[int]] = {}
     for k, (_, depth) in enumerate(needles):
-        if not 0 <= depth <= 1:
-            raise BadInput(f"depth must be in [0, 1], got {depth}")
+        require(0 <= depth <= 1, f"depth must be in [0, 1], got {depth}")
         b = min(range(len(bounds)), key=lambda i: (abs(bounds[i] - depth * bounds[-1]), i))
         at.setdefault(b, []).append(k)
     ids, offsets = [], [0] * len(needles)
@@ -162,9 +160,8 @@ def haystack_prompt(tok, length: int, chat: bool, instruction: str, units: list[
     head, tail = wrap(tok, chat, instruction, question, answer_prefix)
     needle_ids = [(encode(tok, text), depth) for text, depth in needles]
     n_hay = length - len(head) - len(tail) - sum(len(ids) for ids, _ in needle_ids)
-    if n_hay < 1:
-        raise BadInput(f"length {length} is too short: instruction, needles and question alone take "
-                       f"{length - n_hay} tokens; give a length of at least {length - n_hay + 1}")
+    require(n_hay >= 1, f"length {length} is too short: instruction, needles and question alone take "
+                        f"{length - n_hay} tokens; give a length of at least {length - n_hay + 1}")
     body, offsets = insert_at_depths(take_tokens(units, start, n_hay), needle_ids)
     return head + body, tail, {"needle_offsets": [len(head) + o for o in offsets],
                                "needle_lengths": [len(ids) for ids, _ in needle_ids]}
@@ -281,8 +278,7 @@ def ruler_cwe(tok, length: int, rng: random.Random, chat: bool, num_cw: int = 10
 def ppl_text(tok, length: int, sample: int, prefix: int) -> Example:
     """A window of `length` tokens of real text (GPL-3 first); the first `prefix` are prefilled, the rest scored."""
     doc, source = prose_ids(tok), prose_source()[0]
-    if length > len(doc):
-        raise BadInput(f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
+    require(length <= len(doc), f"ppl length {length} exceeds the text available ({len(doc)} tokens of {source})")
     if (sample + 1) * length > len(doc):    # windows never overlap: the bootstrap over texts treats them as independent
         raise BadInput(f"ppl sample {sample}: {source} ({len(doc)} tokens) holds {len(doc) // length} disjoint windows "
                        f"of {length} tokens; overlapping ones would make the interval too narrow (fewer samples)")
