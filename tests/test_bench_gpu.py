@@ -272,6 +272,18 @@ def test_targets_pass_and_each_one_misses():
     assert "h2o called a synchronizing" in bench.targets(res)[-1]["measured"]
 
 
+def test_targets_take_the_best_captured_mode():
+    # corm's graph row misses (c) (15 > 0.7 x 20 ms); a faster compiled row of it passes, a slower one does not count
+    res = edit(passing(), {"decode_ms_per_step": 15.0}, policy="corm")
+    res["rows"].append(row("minikv", "corm", "compiled", 16, ms=12.0))
+    assert verdicts(res)["(c)"] == "pass" and "corm 0.6x" in bench.targets(res)[2]["measured"]
+    res = edit(passing(), {"decode_ms_per_step": 30.0})                           # full graph misses (a) at batch 16
+    res["rows"].append(row("minikv", "full", "compiled", 16, ms=40.0))
+    assert verdicts(res)["(a)"] == "miss"
+    res["rows"].append(row("minikv", "full", "compiled", 16, ms=24.0))            # 24 <= 25 ms of transformers
+    assert verdicts(res)["(a)"] == "pass"
+
+
 def test_targets_use_only_rows_that_ran_at_the_right_batch():
     res = passing()
     res["rows"] = [r for r in res["rows"] if not (r["policy"] == "d2o" and r["max_batch"])]
