@@ -71,7 +71,7 @@ def heatmap(rep: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(grid[0]), 1.5 + 0.22 * len(grid)))
     fig.colorbar(ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto"), ax=ax, label="Jaccard")
     ax.set(xlabel="KV head", ylabel="layer", xticks=range(len(grid[0])), title="kept positions after prefill, "
-           f"|A ∩ B| / |A ∪ B|\nA = {rep['a']['spec']}, B = {rep['b']['spec']}")
+           f"|A ∩ B| / |A ∪ B|, prompts: {len(rep.get('prompts', [0]))}\nA = {rep['a']['spec']}, B = {rep['b']['spec']}")
     return save_figure(fig, plt, path)
 
 def cmd_compare(args) -> int:
@@ -81,15 +81,16 @@ def cmd_compare(args) -> int:
     EvalConfig(args.task, [], [], lengths=[args.length], depths=[args.depth], samples=args.samples) if args.task else 0
     model, tok = load_model_and_tokenizer(args)
     exs = [make_example(tok, args.task, args.length, args.depth, s) for s in range(args.samples)] if args.task else [None]
-    reps = [compare_policies(model, ex.ids if ex else tok.encode(args.prompt), args.a, args.b,
-                             ex.max_new_tokens if ex else args.max_new_tokens) for ex in exs]
-    for i, (ex, rep) in enumerate(zip(exs, reps)):
+    reps = []
+    for i, ex in enumerate(exs):                     # each prompt's lines as soon as it ran: the progress of a task
+        reps.append(rep := compare_policies(model, ex.ids if ex else tok.encode(args.prompt), args.a, args.b,
+                                            ex.max_new_tokens if ex else args.max_new_tokens))
         print(f"prompt {i}: {len(rep['prompt_ids'])} tokens; probe: {rep['probe']}" + (f"; {ex.answers}" if ex else ""))
         for key, r in ((k, rep[k]) for k in ("a", "b", "full")):
             r["answer"] = tok.decode(r["answer_ids"])
             r["score"] = string_match_all(r["answer"], ex.answers) if ex else None      # RULER's string_match_all
             print(f"{key:>4} = {r['spec']}, cache ratio {r['cache_ratio']:.3f}: {r['answer']!r}" +
-                  ("" if ex is None else f" (score {r['score']:g})"))
+                  ("" if ex is None else f" (score {r['score']:g})"), flush=True)
     rep = reps[0] if len(reps) == 1 else mean_report(reps)
     print("" if len(reps) == 1 else f"mean over {len(reps)} prompts: score A {rep['a']['score']:.2f}, B "
           f"{rep['b']['score']:.2f}, full {rep['full']['score']:.2f}; per layer:")
@@ -100,8 +101,7 @@ def cmd_compare(args) -> int:
     if out:
         write_json(out, rep)
         print(f"saved {out}")
-    if plot:
-        print(f"saved {heatmap(rep, plot)}")
+    print(f"saved {heatmap(rep, plot)}") if plot else None
     return 0
 
 def register(sub) -> None:
