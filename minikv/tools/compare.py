@@ -70,8 +70,8 @@ def heatmap(rep: dict, path) -> Path:
     plt, grid = pyplot(), [r["jaccard"] for r in rep["layers"]]
     fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(grid[0]), 1.5 + 0.22 * len(grid)))
     fig.colorbar(ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto"), ax=ax, label="Jaccard")
-    ax.set(xlabel="KV head", ylabel="layer", xticks=range(len(grid[0])), title="kept positions after prefill, "
-           f"|A ∩ B| / |A ∪ B|, prompts: {len(rep.get('prompts', [0]))}\nA = {rep['a']['spec']}, B = {rep['b']['spec']}")
+    ax.set(xlabel="KV head", ylabel="layer", xticks=range(len(grid[0])), title="kept positions after prefill, |A ∩ B| / "
+           f"|A ∪ B| over {len(rep.get('prompts', [0]))} prompt(s)\nA = {rep['a']['spec']}, B = {rep['b']['spec']}")
     return save_figure(fig, plt, path)
 
 def cmd_compare(args) -> int:
