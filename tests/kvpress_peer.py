@@ -99,3 +99,60 @@ def differences(a, b, sa: list[torch.Tensor], sb: list[torch.Tensor]) -> list[di
                 out.append({"layer": layer, "head": h, "only_a": only_a, "only_b": only_b, **sc,
                             "a_boundary": boundary(sa[layer][h, x]), "b_boundary": boundary(sb[layer][h, y])})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """kvpress as one side of `minikv compare`, run in kvpress's own environment (test_kvpress.py's docstring sets it
+    up): kvpress's kept positions for the prompt of a `minikv compare --out` JSON, compared per layer and KV head
+    with one of that run's minikv sides, printed as `minikv compare` prints its own; --plot draws the heatmap,
+    --out saves the kvpress side ({"spec", "prompt_ids", "kept"}, the JSON's format)."""
+    import argparse
+    import importlib.metadata
+    import json
+    from pathlib import Path
+
+    import kvpress
+    import transformers
+    from kvpress.utils import compute_n_kept
+    from minikv.tools.common import format_rows
+    from minikv.tools.compare import heatmap, jaccard
+
+    p = argparse.ArgumentParser(prog="tests/kvpress_peer.py", description=main.__doc__.splitlines()[0])
+    p.add_argument("compare_json", help="the --out file of a `minikv compare` run on one prompt")
+    p.add_argument("--model", required=True, help="the Hugging Face model folder that run used")
+    p.add_argument("--press", choices=("snapkv", "observed"), default="snapkv",
+                   help="SnapKVPress (window 32, kernel 7, minikv's defaults) or ObservedAttentionPress")
+    p.add_argument("--ratio", type=float, default=0.2, help="share kept: kvpress's compression_ratio is 1 - ratio")
+    p.add_argument("--against", choices=("a", "b"), default="a", help="the minikv side compared with")
+    p.add_argument("--plot", default=None, help="save the heatmap PNG here")
+    p.add_argument("--out", default=None, help="save the kvpress side's JSON here")
+    args = p.parse_args(argv)
+    mk = json.loads(Path(args.compare_json).read_text())
+    ids, ours = mk["prompt_ids"], mk[args.against]
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=(
+        "eager" if args.press == "observed" else "sdpa")).eval()     # observed attention needs the weights
+    press = (kvpress.SnapKVPress(compression_ratio=1 - args.ratio, window_size=32, kernel_size=7)
+             if args.press == "snapkv" else kvpress.ObservedAttentionPress(compression_ratio=1 - args.ratio))
+    kept, _ = kvpress_run(hf, ids, press)
+    version = importlib.metadata.version("kvpress")                   # the package has no __version__
+    side = {"spec": f"kvpress {version} {type(press).__name__}(compression_ratio={1 - args.ratio:g})",
+            "prompt_ids": ids, "kept": kept}
+    J = jaccard(kept, ours["kept"])
+    print(f"A = {side['spec']}: {compute_n_kept(len(ids), 1 - args.ratio)} of {len(ids)} positions per KV head; "
+          f"B = minikv {ours['spec']}: {len(ours['kept'][0][0])} in layer 0, head 0")
+    rows = [{"layer": i, "jaccard mean": sum(j) / len(j), "jaccard min": min(j)} for i, j in enumerate(J)]
+    flat = [x for j in J for x in j]
+    print(format_rows(rows + [{"layer": "mean", "jaccard mean": sum(flat) / len(flat), "jaccard min": min(flat)}],
+                      digits=3))
+    if args.plot:
+        print(f"saved {heatmap({'a': side, 'b': ours, 'layers': [{'jaccard': j} for j in J]}, args.plot)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(side))
+        print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

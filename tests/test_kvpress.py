@@ -21,6 +21,8 @@ of the 30 x 3 (layer, KV head) pairs for both presses (599 of 3,000 positions ke
 runs on each side, and how kept positions are read back from kvpress's pruned cache: tests/kvpress_peer.py."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -125,3 +127,21 @@ def test_h2o_mean_score_equals_kvpress_observed_attention(hf_model, default_mode
     ours, s_ours = minikv_run(default_model, prompt_ids, policy)
     check_same_kept("h2o score=mean heavy_share=1.0 vs ObservedAttentionPress", theirs, ours, s_theirs, s_ours,
                     n_kept, prefix_only=False)
+
+
+def test_kvpress_as_a_side_of_minikv_compare(default_model_dir, prompt_ids, tmp_path, capsys):
+    """The command-line path: `minikv compare --task passkey --samples 1 --out` writes its JSON (the same prompt as
+    above), `tests/kvpress_peer.py` runs SnapKVPress on its prompt_ids and compares with its side A (snapkv
+    pooling=avg at kvpress's count): Jaccard 1.0 in every (layer, KV head), printed and saved."""
+    from kvpress_peer import main as peer
+    from minikv.tools.cli import main as minikv
+    n_kept, mk, kv = compute_n_kept(len(prompt_ids), COMPRESSION_RATIO), tmp_path / "mk.json", tmp_path / "kv.json"
+    assert minikv(["compare", "--model", str(default_model_dir), "--task", "passkey", "--length", "3000", "--samples",
+                   "1", "--a", f"snapkv {n_kept} pooling=avg", "--b", f"snapkv {n_kept}", "--out", str(mk)]) == 0
+    ours = json.loads(mk.read_text())
+    assert ours["prompt_ids"] == prompt_ids
+    assert peer([str(mk), "--model", str(default_model_dir), "--ratio", "0.2", "--out", str(kv)]) == 0
+    out, theirs = capsys.readouterr().out, json.loads(kv.read_text())
+    assert theirs["prompt_ids"] == prompt_ids and theirs["spec"].startswith("kvpress 0.5.5 SnapKVPress")
+    assert [x for layer in jaccard(theirs["kept"], ours["a"]["kept"]) for x in layer] == [1.0] * 90
+    assert "| mean | 1 | 1 |" in out and f"{n_kept} of {len(prompt_ids)} positions" in out
