@@ -18,7 +18,8 @@ repository root, with minikv taken from the working tree rather than installed i
 
 (-s prints the measured Jaccards and score differences.) Measured on a shared 2-core CPU: Jaccard 1.0 on every one
 of the 30 x 3 (layer, KV head) pairs for both presses (599 of 3,000 positions kept each), 3 min 38 s in all. What
-runs on each side, and how kept positions are read back from kvpress's pruned cache: tests/kvpress_peer.py."""
+runs on each side, and how kept positions are read back from kvpress's pruned cache: tests/kvpress_peer.py, whose
+command line makes kvpress one side of `minikv compare` (the last test runs it; its --plot needs matplotlib there)."""
 from __future__ import annotations
 
 import json
