@@ -78,7 +78,7 @@ def cmd_compare(args) -> int:
     policy_spec(args.a), policy_spec(args.b)          # a bad policy, budget or option fails before the model loads
     out, plot = (check_out_path(Path(p)) if p else None for p in (args.out, args.plot))
     pyplot() if plot else None                        # so do a missing matplotlib and (as `minikv eval`) a bad task
-    EvalConfig(args.task, [], [], lengths=[args.length], depths=[args.depth], samples=args.samples) if args.task else 0
+    EvalConfig(args.task, [], [], lengths=[args.length], depths=[args.depth], samples=args.samples) if args.task else None
     model, tok = load_model_and_tokenizer(args)
     exs = [make_example(tok, args.task, args.length, args.depth, s) for s in range(args.samples)] if args.task else [None]
     reps = []
