@@ -115,7 +115,7 @@ def register(sub) -> None:
     for key, example in (("a", "snapkv 0.2 pooling=avg"), ("b", "h2o 0.2")):
         p.add_argument(f"--{key}", required=True, metavar="'POLICY [BUDGET] [KEY=VALUE ...]'",
                        help=f"configuration {key.upper()}, e.g. '{example}' (options as generate's --option)")
-    p.add_argument("--max-new-tokens", type=count_arg, default=8, help="greedy tokens of each answer (default 8; a --task uses its own)")
+    p.add_argument("--max-new-tokens", type=count_arg, default=8, help="answer tokens (default 8; --task: its own)")
     p.add_argument("--out", default=None, help="save the JSON here")
     p.add_argument("--plot", default=None, help="save a heatmap PNG (layers x KV heads) here; needs matplotlib")
     add_model_args(p)
