@@ -109,6 +109,11 @@ def trace(model_dir, *extra) -> list[str]:
     return ["trace", "--model", model_dir, "--device", "cpu", "--max-new-tokens", "1", *extra]
 
 
+def cmp(model_dir, *extra) -> list[str]:
+    """argv of `minikv compare` on model_dir (cpu) of two small configurations, plus extra."""
+    return ["compare", "--model", model_dir, "--device", "cpu", "--a", "h2o 8", "--b", "streaming 8", *extra]
+
+
 # (command builder, extra argv, substring the one error line must contain: the offending value)
 GENERATE_CLI_CASES = [
     # budgets: refused for budget-free policies, or out of range, named as written
@@ -167,6 +172,13 @@ GENERATE_CLI_CASES = [
     (trace, ["--prompt", "hello", "--layers", "first"], "'first'"),
     (trace, ["--prompt", "hello", "--policy", "full", "--budget", "1"], "budget '1'"),
     (trace, ["--prompt", ""], "the prompt is empty"),
+    # compare over an eval task's prompts
+    (cmp, ["--task", "passkey", "--depth", "1.5"], "--depths 1.5"),
+    (cmp, ["--task", "passkey", "--samples", "0"], "--samples 0"),
+    (cmp, ["--task", "passkey", "--length", "1"], "--lengths 1"),
+    (cmp, ["--task", "ppl"], "'ppl'"),
+    (cmp, ["--task", "passkey", "--prompt", "hi"], "--prompt"),
+    (cmp, ["--task", "passkey", "--length", "5000", "--samples", "1"], "context"),
 ]
 if not torch.cuda.is_available():
     GENERATE_CLI_CASES.append((gen, ["--prompt", "hi", "--device", "cuda"], "'cuda'"))
