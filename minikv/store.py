@@ -52,8 +52,7 @@ class LayerStore:
             v=torch.zeros(batch, n_kv_heads, S, head_dim, dtype=dtype, device=device),
             pos=torch.full((batch, n_kv_heads, S), -1, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
-            max_capacity=max_capacity, n_layers=n_layers,
-        )
+            max_capacity=max_capacity, n_layers=n_layers)
 
     @property
     def capacity(self) -> int:
@@ -121,7 +120,7 @@ class LayerStore:
             rank = torch.where(real, real.cumsum(-1) - 1, real.sum(-1, keepdim=True) + (~real).cumsum(-1) - 1)
             first_empty = torch.argsort(self.valid.to(torch.int8), dim=-1, stable=True)[..., :T]   # (B, Hkv, T)
             slot = torch.gather(first_empty, 2, rank[:, None, :].expand(B, Hkv, T))   # (B, Hkv, T)
-        b, h = torch.arange(B, device=slot.device)[:, None, None], torch.arange(Hkv, device=slot.device)[None, :, None]
+        b, h = self._row_head(slot)
         self.k[b, h, slot] = k.to(self.k.dtype)     # indexed writes: torch.compile keeps them in place (not scatter_)
         self.v[b, h, slot] = v.to(self.v.dtype)
         self.pos[b, h, slot] = torch.where(real, pos, -1)[:, None, :].expand(B, Hkv, T)
@@ -146,12 +145,17 @@ class LayerStore:
         """Weighted in-place merge of E source vectors into kept entries (D2O, Step 5).
         k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * src_k[e]   (the same for v)
         dst_slot: (B, Hkv, E) int64; src_k, src_v: (B, Hkv, E, d); src_weight: (B, Hkv, E) (0 = not merged);
-        dst_scale: (B, Hkv, S), 1 for entries that receive nothing."""
-        idx = dst_slot[..., None].expand(*dst_slot.shape, self.k.shape[-1])
-        w = src_weight[..., None].to(self.k.dtype)
-        scale = dst_scale[..., None].to(self.k.dtype)
-        self.k.mul_(scale).scatter_add_(2, idx, w * src_k.to(self.k.dtype))
-        self.v.mul_(scale).scatter_add_(2, idx, w * src_v.to(self.v.dtype))
+        dst_scale: (B, Hkv, S), 1 for entries that receive nothing. Only the E destinations are read and written."""
+        b, h = self._row_head(dst_slot)
+        scale, w = torch.gather(dst_scale, 2, dst_slot)[..., None], src_weight[..., None]   # (B, Hkv, E, 1)
+        for t, src in ((self.k, src_k), (self.v, src_v)):     # a repeated destination writes the same scaled value
+            t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype)
+            t.index_put_((b, h, dst_slot), w.to(t.dtype) * src.to(t.dtype), accumulate=True)
+
+    def _row_head(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and head indices (B, 1, 1), (1, Hkv, 1) that broadcast against slots (B, Hkv, n) for indexed writes."""
+        B, Hkv = slot.shape[:2]
+        return torch.arange(B, device=slot.device)[:, None, None], torch.arange(Hkv, device=slot.device)[None, :, None]
 
     def nbytes_live(self) -> int:
         """Bytes of keys and values in live entries: sum of lengths x 2 x d x itemsize."""

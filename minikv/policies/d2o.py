@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from minikv.store import KVCache, LayerStore, position_order
+from minikv.store import NO_POS, KVCache, LayerStore
 from minikv.policies.base import Policy, choice_option, float_option, int_option
 from minikv.policies.h2o import (SCORES, accumulate_prefill_scores, accumulate_step_scores, heavy_recent_keep,
                                  ranked_scores)
@@ -89,29 +89,25 @@ def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) 
     one host sync): ((B, Hkv, E) long, (B, Hkv, E) real)."""
     counts = evict.sum(-1)                                                # (B, Hkv)
     E = (int(counts.max()) if counts.numel() else 0) if E is None else E
-    order = position_order(pos, evict)[..., :E]                           # (B, Hkv, E) evicted first, oldest first
+    order = torch.topk(torch.where(evict, pos, NO_POS), E, -1, largest=False).indices   # (B, Hkv, E) oldest first
     real = torch.arange(order.shape[-1], device=evict.device) < counts[..., None]   # (B, Hkv, E)
     return order, real
 
 def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, eps: float = 1e-8):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
     k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep, pos: (B, Hkv, S).
-    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the older position."""
-    d = k.shape[-1]
-    by_pos = position_order(pos, keep)                                    # (B, Hkv, S) kept slots, oldest first
+    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the older position (no sort: slots stay put)."""
     kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)                  # (B, Hkv, S, d) unit keys
-    ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, d))   # (B, Hkv, E, d)
-    kc = torch.gather(kn, 2, by_pos[..., None].expand(*by_pos.shape, d))  # (B, Hkv, S, d) in position order
-    u = (ke @ kc.transpose(-1, -2)).masked_fill_(~torch.gather(keep, 2, by_pos)[:, :, None, :], float("-inf"))
-    m, j = u.max(dim=-1)                                                  # (B, Hkv, E): first maximum = oldest
-    return m, torch.gather(by_pos, 2, j)
+    ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, k.shape[-1]))   # (B, Hkv, E, d)
+    u = (ke @ kn.transpose(-1, -2)).masked_fill_(~keep[:, :, None, :], float("-inf"))    # (B, Hkv, E, S)
+    m = u.amax(dim=-1, keepdim=True)                                      # (B, Hkv, E, 1)
+    return m.squeeze(-1), torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1)    # the oldest maximum
 
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
-    B = m.shape[0]
-    w = real.reshape(B, -1)
+    w = real.reshape(m.shape[0], -1)                                      # (B, Hkv * E)
     n = w.sum(-1)
-    s = torch.where(w, m.reshape(B, -1).double(), 0.0).sum(-1)
+    s = torch.where(w, m.reshape(w.shape).double(), 0.0).sum(-1)
     return s / n.clamp_min(1), n > 0
 
 def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alpha: float = 0.5,
