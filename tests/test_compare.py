@@ -157,7 +157,7 @@ def test_cli_refuses_before_the_model_loads(tmp_path, capsys, monkeypatch):
 
 def test_bench_cpu_runs_the_plan_on_a_model_folder(tiny_model_dir, tmp_path, capsys, monkeypatch):
     hf = importlib.util.find_spec("transformers") is not None
-    for name, value in (("MINIKV_BENCH_PROMPT", "48"), ("MINIKV_BENCH_NEW_TOKENS", "4"),
+    for name, value in (("MINIKV_BENCH_PROMPT", "48"), ("MINIKV_BENCH_NEW_TOKENS", "5"),
                         ("MINIKV_BENCH_HF", "1" if hf else "0")):
         monkeypatch.setenv(name, value)
     code, stdout, _ = run_cli(["bench", "cpu", "--model", tiny_model_dir, "--out", tmp_path / "b.json"], capsys)

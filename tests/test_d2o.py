@@ -157,6 +157,26 @@ def test_nearest_kept_is_max_cosine_over_kept(B, Hkv, S, d, seed):
 
 
 @settings(deadline=None)
+@given(S=st.integers(2, 9), copies=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_nearest_kept_ties_go_to_the_older_position_in_both_paths(S, copies, seed):
+    """Kept keys repeated (exact ties): slots in position order (in_order, first maximum) and slots in any order
+    (smallest position among the maxima) pick the same entry, the oldest of the tied ones."""
+    g = torch.Generator().manual_seed(seed)
+    base = seeded_randn(seed, 1, 1, S, 3)
+    k = torch.cat([base] * copies + [seeded_randn(seed + 1, 1, 1, 1, 3)], dim=2)   # (1, 1, S * copies + 1, 3)
+    n = k.shape[2]
+    keep = torch.ones(1, 1, n, dtype=torch.bool)
+    keep[..., -1] = False                                                   # the evicted key is the last one
+    src = torch.full((1, 1, 1), n - 1)
+    m0, j0 = nearest_kept(k, src, keep, torch.arange(n).view(1, 1, n), in_order=True)
+    perm = torch.randperm(n, generator=g)                                   # slot s holds entry perm[s]
+    kp, keepp, posp = k[:, :, perm], keep[:, :, perm], perm.view(1, 1, n)
+    m1, j1 = nearest_kept(kp, torch.full((1, 1, 1), int((perm == n - 1).nonzero())), keepp, posp)
+    assert torch.equal(m0, m1) and int(perm[j1]) == int(j0)
+    assert int(j0) < S                                                      # the first copy: the oldest
+
+
+@settings(deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 3), E=st.integers(1, 4), seed=st.integers(0, 2**16),
        alpha=st.floats(0, 1), beta=st.floats(0, 1), first=st.booleans())
 def test_update_threshold_rules(B, Hkv, E, seed, alpha, beta, first):

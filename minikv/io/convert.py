@@ -36,8 +36,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_NAME = "smollm2-135m-instruct"  # the default model's folder under $MINIKV_HOME
 STAMP = ".minikv-verified.json"
 FORMAT_VERSION = 1  # bump when the converter's output changes, so old stamps stop matching
-OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json")
+OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 # GGUF tensor name (without ".weight") -> Hugging Face name: per layer ("blk.{i}.NAME"), and the global ones.
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -124,10 +123,9 @@ def _tokenizer_files(reader, path: Path, cfg: LlamaConfig, tokens: list[str]) ->
     tok_json = build_bpe_tokenizer_json(
         tokens, _meta(reader, "tokenizer.ggml.merges", path), _meta(reader, "tokenizer.ggml.token_type", path), *ids,
         digits_individual=(pre == "smollm"))  # SmolLM splits numbers into single digits before the GPT-2 regex
-    tok_config = build_tokenizer_config(
-        tokens, *ids, _meta(reader, "tokenizer.chat_template", path, None),
-        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, False)),
-        model_max_length=cfg.max_position_embeddings)
+    tok_config = build_tokenizer_config(tokens, *ids, _meta(reader, "tokenizer.chat_template", path, None),
+                                        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, False)),
+                                        model_max_length=cfg.max_position_embeddings)
     return tok_json, tok_config
 
 def _dequantized(reader, path: Path, cfg: LlamaConfig) -> dict[str, torch.Tensor]:

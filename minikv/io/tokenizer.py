@@ -384,14 +384,12 @@ def build_bpe_tokenizer_json(tokens: list[str], merges: list[str], token_types: 
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for i in sorted(special)],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+        "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)},
-    }
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(merges)}}
 
 def build_tokenizer_config(tokens: list[str], bos_id: int, eos_id: int, unk_id: int | None,
                            chat_template: str | None = None, add_bos_token: bool = False,

@@ -90,18 +90,18 @@ def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) 
     counts = evict.sum(-1)                                                # (B, Hkv)
     E = (int(counts.max()) if counts.numel() else 0) if E is None else E
     order = torch.topk(torch.where(evict, pos, NO_POS), E, -1, largest=False).indices   # (B, Hkv, E) oldest first
-    real = torch.arange(order.shape[-1], device=evict.device) < counts[..., None]   # (B, Hkv, E)
-    return order, real
+    return order, torch.arange(E, device=evict.device) < counts[..., None]
 
-def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, eps: float = 1e-8):
+def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, in_order=False):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
-    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) slots of the evicted keys; keep, pos: (B, Hkv, S).
-    m: (B, Hkv, E), -inf where the head keeps nothing; ties go to the older position (no sort: slots stay put)."""
-    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(eps)                  # (B, Hkv, S, d) unit keys
+    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos: (B, Hkv, S); in_order: slots in position order
+    (nothing evicted yet; later E <= 1). m: (B, Hkv, E), -inf where the head keeps nothing; ties: the older position."""
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-8)                 # (B, Hkv, S, d) unit keys
     ke = torch.gather(kn, 2, src_slot[..., None].expand(*src_slot.shape, k.shape[-1]))   # (B, Hkv, E, d)
     u = (ke @ kn.transpose(-1, -2)).masked_fill_(~keep[:, :, None, :], float("-inf"))    # (B, Hkv, E, S)
-    m = u.amax(dim=-1, keepdim=True)                                      # (B, Hkv, E, 1)
-    return m.squeeze(-1), torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1)    # the oldest maximum
+    m, j = u.max(dim=-1, keepdim=True)                          # (B, Hkv, E, 1): the first maximum, oldest in order
+    j = j if in_order else torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1, keepdim=True)   # oldest maximum
+    return m.squeeze(-1), j.squeeze(-1)
 
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
@@ -143,9 +143,8 @@ def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor,
     return torch.where(merged, m, 0.0) * torch.gather(scale, 2, dst), scale
 
 def merge_weights_paper(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
-    """Step 5 ("paper"): w_e = exp(u_e) / (sum_{I_c} exp(u_e') + e), w_c = e / (sum exp(u_e') + e); convex.
-    u_e = cos(k_e, k_c) = m_e for the entry's nearest kept c. Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)).
-    """
+    """Step 5 ("paper"): w_e = exp(u_e) / (sum_{I_c} exp(u_e') + e), w_c = e / (sum exp(u_e') + e); convex, with
+    u_e = cos(k_e, k_c) = m_e for e's nearest kept c. Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S))."""
     ex = torch.where(merged, torch.exp(torch.where(merged, m, 0.0)), 0.0)   # (B, Hkv, E)
     denom = torch.full((*dst.shape[:2], S), math.e, dtype=ex.dtype, device=dst.device).scatter_add(2, dst, ex)
     return ex / torch.gather(denom, 2, dst), math.e / denom
@@ -160,7 +159,7 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     it, one sync). Returns (new tau (B,), merged (B,), dropped (B,) entries per row). No branch reads a tensor."""
     evict = store.valid & ~keep                                           # (B, Hkv, S)
     src, real = evicted_slots(evict, store.pos, max_evicted)              # (B, Hkv, E)
-    m, j = nearest_kept(store.k, src, keep, store.pos)
+    m, j = nearest_kept(store.k, src, keep, store.pos, in_order=store.heads_aligned)
     real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
     if tau_override is None:
         tau = update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights)   # before its use

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -51,6 +52,9 @@ POLICIES = ["full", "streaming", "h2o", "snapkv", "adakv-snapkv", "adakv-h2o", "
 PROFILE_DEFAULT = "full:1:eager,full:1:graph,full:16:eager,full:16:graph,h2o:16:eager,h2o:16:graph,d2o:16:graph"
 CPU_PLAN = {"MINIKV_BENCH_POLICIES": "full", "MINIKV_BENCH_BATCHES": "1", "MINIKV_BENCH_MODES": "eager",
             "MINIKV_BENCH_PROMPT": "512"}                  # bench cpu's defaults (the environment overrides them)
+STEADY = ("minikv: the median gap between two steps' tokens from the third step on (not the fit, capture, compilation "
+          "or first kernel runs); transformers: (generate of all new tokens - of one) / steps, after an untimed run")
+_clock = time.perf_counter                                # the steps' timestamps (a test swaps in a fake clock)
 MAX_BATCH_RULE = ("the largest batch whose run (all prompts prefilled at once, then every new token) completes: a "
                   "line of peak memory vs batch through probes at 8 and 24 rows (prefill, a step, cache.fit to the "
                   "run's final capacity) predicts the batch that fills 90% of the GPU; the run starts there and backs "
@@ -86,14 +90,16 @@ def _prompts(model: Llama, batch: int, prompt_len: int) -> list[list[int]]:
 
 def run_minikv(model: Llama, name: str, ratio: float, batch: int, prompt_len: int, new_tokens: int,
                mode: str = "eager") -> dict:
-    """One generate() (mode "graph": cuda_graph=True; "compiled": compile=True too); ms/step and tok/s over the decode
-    less the capture time (graph, compiled: less the first fitted step too, which runs inside it)."""
+    """One generate() (mode "graph": cuda_graph=True; "compiled": compile=True too). ms/step: the median time between
+    two steps' tokens from the third step on (STEADY), tok/s from it; capture_s: the fit, capture and compilation."""
     _free()
+    ts = []
     res = generate(model, _prompts(model, batch, prompt_len), policy_for(name, ratio), max_new_tokens=new_tokens,
-                   stop_ids=[], cuda_graph=mode != "eager", compile=mode == "compiled")
-    steps, dec = max(1, len(res.tokens[0]) - 1 - (mode != "eager")), max(1e-9, res.decode_seconds - res.capture_seconds)
+                   stop_ids=[], cuda_graph=mode != "eager", compile=mode == "compiled",
+                   on_tokens=lambda new: ts.append(_clock()))
+    step = statistics.median([b - a for a, b in zip(ts[2:-2], ts[3:-1])])       # >= 1 gap: new_tokens >= 5
     return {"batch": batch, "prefill_s": res.prefill_seconds, "decode_s": res.decode_seconds, "capture_s":
-            res.capture_seconds, "decode_ms_per_step": 1000 * dec / steps, "decode_tok_per_s": batch * steps / dec,
+            res.capture_seconds, "decode_ms_per_step": 1000 * step, "decode_tok_per_s": batch / step,
             "peak_gib": _sync_peak(), "kv_live_gib": res.kv_bytes_live / 2**30, "kv_alloc_gib":
             res.kv_bytes_allocated / 2**30, "kv_full_gib": res.kv_bytes_full / 2**30, "cache_ratio": res.cache_ratio}
 
@@ -246,7 +252,7 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             "hf": one("MINIKV_BENCH_HF", "1", ("0", "1", "only").__contains__, "1, 0 or only"),
             "sync": one("MINIKV_BENCH_SYNC", "1" if spec else "0", ("0", "1").__contains__, "0 or 1") == "1",
             "prompt_len": int(one("MINIKV_BENCH_PROMPT", "4096", num, "an integer >= 1")),
-            "new_tokens": int(one("MINIKV_BENCH_NEW_TOKENS", "64", lambda x: num(x, 3), "an integer >= 3")),
+            "new_tokens": int(one("MINIKV_BENCH_NEW_TOKENS", "64", lambda x: num(x, 5), "an integer >= 5")),
             "seconds": float(one("MINIKV_BENCH_SECONDS", "99999", lambda x: x.replace(".", "", 1).isdigit(),
                                  "a number of seconds")),
             "ratio": 0.2, "profile": [(p, int(b), m) for p, b, m in spec]}
@@ -325,7 +331,7 @@ def run_main(args) -> int:
     info = {"gpu": torch.cuda.get_device_name() if gpu else f"none ({platform.machine()}, {torch.get_num_threads()} "
             "threads)", "torch": torch.__version__, "prompt_len": plan["prompt_len"], "ratio": plan["ratio"],
             "transformers": getattr(sys.modules.get("transformers"), "__version__", "-"), "max_batch_rule":
-            MAX_BATCH_RULE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens":
+            MAX_BATCH_RULE, "step_rule": STEADY, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens":
             plan["new_tokens"], "env": {k: v for k, v in os.environ.items() if "MINIKV_BENCH" in k}}
     res = run_plan(dict(plan, shapes=[folder.name]) if folder else plan, out, info,
                    *(() if gpu else ("cpu", torch.float32)), folder=folder)
@@ -380,7 +386,8 @@ def report_main(args) -> int:
     text = "\n\n".join([
         f"# minikv bench gpu: {i.get('gpu')}, torch {i.get('torch')}, transformers {i.get('transformers')}, "
         f"{i.get('date')}", f"Prompt {i.get('prompt_len')} tokens, {i.get('new_tokens')} new, ratio "
-        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')}", format_rows(res["rows"], GPU_KEYS, 3),
+        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')}; ms/step = {i.get('step_rule', 'decode_s / steps')}",
+        format_rows(res["rows"], GPU_KEYS, 3),
         "## Targets", format_rows(targets(res), ["target", "measured", "verdict"]), "## Decode profiles (per step)",
         format_rows(res["profile"], ["shape", "policy", "batch", "mode", "launches_per_step", "kernels_per_step",
                                      "gpu_busy_ms_per_step", "wall_ms_per_step", "error"], 3)]) + "\n"

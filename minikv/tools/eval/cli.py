@@ -104,8 +104,7 @@ def cmd_eval(args) -> int:
     except KeyboardInterrupt:
         ids = {c.id for c in build_grid(cfg)}
         print(f"minikv eval: interrupted; {len(ids & rec.finished_ids(rec.read_records(out)))} of {len(ids)} "
-              f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}",
-              file=sys.stderr)
+              f"cells finished, kept in {out / rec.RECORDS}; resume with: {command_line(args, out)}", file=sys.stderr)
         return 130
 
 def run_and_report(args, cfg: EvalConfig, out: Path, command: str, model_name: str) -> int:

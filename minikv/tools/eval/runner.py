@@ -211,8 +211,7 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
         out = dict(score=float(score), prediction=text, cache_ratio=res.cache_ratio,
                    kv_bytes_live=res.kv_bytes_live, kv_bytes_allocated=res.kv_bytes_allocated,
                    kv_bytes_full=res.kv_bytes_full, prefill_s=res.prefill_seconds, decode_s=res.decode_seconds,
-                   new_tokens=len(res.tokens[0]),
-                   budget_entries=(None if not cell.policy.takes_budget else
+                   new_tokens=len(res.tokens[0]), budget_entries=(None if not cell.policy.takes_budget else
                                    int(parse_budget(cell.budget).entries(torch.tensor([len(prompt)]))[0])))
     wall, (peak, peak_kind) = time.perf_counter() - t0, rec.peak_memory(dev)
     return {**vars(cell), "policy": cell.policy.label, "policy_name": cell.policy.name,    # id, task, budget, ...
