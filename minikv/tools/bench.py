@@ -386,7 +386,7 @@ def report_main(args) -> int:
     text = "\n\n".join([
         f"# minikv bench gpu: {i.get('gpu')}, torch {i.get('torch')}, transformers {i.get('transformers')}, "
         f"{i.get('date')}", f"Prompt {i.get('prompt_len')} tokens, {i.get('new_tokens')} new, ratio "
-        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')}; ms/step = {i.get('step_rule', 'decode_s / steps')}",
+        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')} ms/step = {i.get('step_rule', 'decode_s / steps')}",
         format_rows(res["rows"], GPU_KEYS, 3),
         "## Targets", format_rows(targets(res), ["target", "measured", "verdict"]), "## Decode profiles (per step)",
         format_rows(res["profile"], ["shape", "policy", "batch", "mode", "launches_per_step", "kernels_per_step",
