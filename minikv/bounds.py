@@ -69,5 +69,4 @@ def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, ma
     V = expand_kv_heads(V, h, dim=-3)                                      # (h, n, d)
     diff = A - renormalise(A, mask)                                        # (h, n)
     per_head = (diff[:, None, :] @ V).squeeze(-2)                          # (h, d)
-    delta = torch.einsum("hd,hdD->D", per_head, W_o_blocks)                # (D,)
-    return delta.abs().sum()
+    return torch.einsum("hd,hdD->D", per_head, W_o_blocks).abs().sum()     # |delta| summed over the D outputs

@@ -112,6 +112,7 @@ class AdaH2O(H2O):
         active, h = heavy[:, 0] >= 0, heavy.clamp_min(0)                                    # (B,), (B, Hkv)
         # The allocation beside the rows (the report): average prefix budget, per-head prefix and total budgets.
         store.rows.update(prefix_budget=n_heavy, head_prefix=h, head_budget=h + n_recent[:, None], compressed=active)
-        keep = heavy_recent_keep(store, ranked_scores(store, self.score), h, n_recent, self.n_sink)
-        keep |= ~active[:, None, None] & store.valid                                       # rows that still fit
-        store.keep(keep)
+        # Every row compressed at prefill and once since: a head holds <= its budget, a step evicts <= 1 (no sort).
+        one_over = store.host.get("adakv_all_allocated", False) and store.host.get("step_compressed", False)
+        keep = heavy_recent_keep(store, ranked_scores(store, self.score), h, n_recent, self.n_sink, one_over)
+        store.keep(keep | ~active[:, None, None] & store.valid)                            # rows that still fit
