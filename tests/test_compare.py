@@ -109,7 +109,7 @@ def test_cli_over_a_tasks_prompts_averages_them(tiny_model_dir, tmp_path, capsys
         per_prompt = [p["layers"][layer]["jaccard"] for p in prompts]
         assert rep["layers"][layer]["jaccard"] == pytest.approx([sum(h) / 3 for h in zip(*per_prompt)])
         assert rep["layers"][layer]["err_a"] == pytest.approx(sum(p["layers"][layer]["err_a"] for p in prompts) / 3)
-    for side in ("a", "b", "full"):                               # scores: RULER's string_match_all per answer
+    for side in ("a", "b", "full"):                               # scores: the task's metric (passkey: contains)
         scores = [p[side]["score"] for p in prompts]
         assert set(scores) <= {0.0, 1.0} and rep[side]["score"] == pytest.approx(sum(scores) / 3)
     assert rep["a"]["spec"] == "streaming 100" and "mean over 3 prompts: score A" in stdout

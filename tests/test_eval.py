@@ -13,8 +13,8 @@ import torch
 from minikv.errors import BadInput
 from minikv.tools.eval import records as R
 from minikv.tools.eval import runner
-from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid, string_match_all
-from minikv.tools.eval.tasks import DEPTH_TASKS, insert_at_depths, make_example, prose_ids, take_tokens
+from minikv.tools.eval.runner import EvalConfig, build_grid, parse_budgets, parse_policies, run_grid
+from minikv.tools.eval.tasks import DEPTH_TASKS, Example, insert_at_depths, make_example, prose_ids, take_tokens
 from tests.conftest import tiny_model
 
 
@@ -115,8 +115,12 @@ def test_task_errors(char_tok):
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------------
-def test_string_match_all():
-    assert string_match_all("Keys: 123 and 456", ["123", "456", "789"]) == pytest.approx(2 / 3)
+def test_example_score_is_the_task_metric():
+    ruler = Example("ruler-lite/multivalue", [], [], ["123", "456", "789"], "string_match_all", 8, False)
+    assert ruler.score("Keys: 123 and 456") == pytest.approx(2 / 3)
+    assert Example("t", [], [], ["Ab", "cd"], "string_match_all", 8, False).score("AB") == 0.5   # case-insensitive
+    contains = Example("passkey", [], [], ["Ab", "7"], "contains", 8, False)
+    assert contains.score("the key is 7") == 1.0 and contains.score("ab") == 0.0     # any reference, case-sensitive
 
 
 # ---- runner -----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from minikv.policies import get_policy
 from minikv.tools.bench import check_out_path, write_json
 from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, parse_options,
                                  prompt_arg, pyplot, save_figure)
-from minikv.tools.eval.runner import EvalConfig, string_match_all
+from minikv.tools.eval.runner import EvalConfig
 from minikv.tools.eval.tasks import make_example
 
 def policy_spec(text: str):
@@ -88,7 +88,7 @@ def cmd_compare(args) -> int:
         print(f"prompt {i}: {len(rep['prompt_ids'])} tokens; probe: {rep['probe']}" + (f"; {ex.answers}" if ex else ""))
         for key, r in ((k, rep[k]) for k in ("a", "b", "full")):
             r["answer"] = tok.decode(r["answer_ids"])
-            r["score"] = string_match_all(r["answer"], ex.answers) if ex else None      # RULER's string_match_all
+            r["score"] = ex.score(r["answer"]) if ex else None      # the task's metric, as minikv eval scores it
             print(f"{key:>4} = {r['spec']}, cache ratio {r['cache_ratio']:.3f}: {r['answer']!r}" +
                   ("" if ex is None else f" (score {r['score']:g})"), flush=True)
     rep = reps[0] if len(reps) == 1 else mean_report(reps)

@@ -159,10 +159,6 @@ def example_for(tok, cell: Cell, cfg: EvalConfig, ctx: int | None = None) -> Exa
                        f"{ctx - ex.max_new_tokens}")
     return ex
 
-def string_match_all(pred: str, refs: list[str]) -> float:
-    """RULER string_match_all: fraction of the references found (case-insensitive) in the prediction."""
-    return sum(r.lower() in pred.lower() for r in refs) / len(refs)
-
 @torch.no_grad()
 def teacher_forced_nll(model, ids: list[int], prefix: int, policy: Policy, chunk: int = 256):
     """(sum of -log p(ids[t] | ids[:t]) for t >= prefix, tokens scored, cache, prefill seconds): see the module
@@ -207,8 +203,7 @@ def run_cell(model, tok, cell: Cell, cfg: EvalConfig, example: Example | None = 
                        stop_ids=chat_stop_ids(tok) if ex.chat else None,
                        question=[ex.question] if agnostic else None, seed=cfg.seed)
         text = tok.decode(res.tokens[0], skip_special_tokens=True)
-        score = any(a in text for a in ex.answers) if ex.metric == "contains" else string_match_all(text, ex.answers)
-        out = dict(score=float(score), prediction=text, cache_ratio=res.cache_ratio,
+        out = dict(score=ex.score(text), prediction=text, cache_ratio=res.cache_ratio,
                    kv_bytes_live=res.kv_bytes_live, kv_bytes_allocated=res.kv_bytes_allocated,
                    kv_bytes_full=res.kv_bytes_full, prefill_s=res.prefill_seconds, decode_s=res.decode_seconds,
                    new_tokens=len(res.tokens[0]), budget_entries=(None if not cell.policy.takes_budget else

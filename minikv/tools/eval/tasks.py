@@ -45,6 +45,11 @@ class Example:
         """The whole prompt: context then question."""
         return self.context + self.question
 
+    def score(self, text: str) -> float:
+        """The metric on an answer: 1 if it "contains" a reference, else RULER's string_match_all (case-insensitive)."""
+        return float(any(a in text for a in self.answers)) if self.metric == "contains" else \
+            sum(a.lower() in text.lower() for a in self.answers) / len(self.answers)     # the fraction found
+
 # ---- text sources ------------------------------------------------------------------------------------------------
 def pseudo_words(n: int, seed: int = 0) -> list[str]:
     """n distinct pronounceable lowercase words (consonant-vowel syllables), the same on every machine."""
