@@ -62,6 +62,12 @@ def test_step_time_is_the_median_steady_gap(tiny, monkeypatch):
     assert r["decode_ms_per_step"] == pytest.approx(600.0) and r["decode_tok_per_s"] == pytest.approx(2 / 0.6)
 
 
+def test_a_run_too_short_for_a_steady_step_gives_its_mean_step(tiny):
+    """3 tokens (the context may cut a run short): no gap from the third token on, so the decode time over 3."""
+    r = bench.run_minikv(tiny, "full", 0.2, 2, P, 3)
+    assert r["decode_ms_per_step"] == pytest.approx(1000 * r["decode_s"] / 3)
+
+
 def test_probe_and_checks_run_on_cpu(tiny):
     assert bench.probe_minikv(tiny, "snapkv", 0.2, 2, P, 8) == {"peak_gib": 0.0}
     for name in ("full", "h2o", "d2o", "corm"):
