@@ -317,5 +317,8 @@ def test_report_merges_calls(tmp_path, capsys):
     assert text.startswith("# minikv bench gpu: NVIDIA H200, torch 2.11, transformers 5.17, 2026-01-01 00:00 UTC")
     assert "| (g) no host sync in decode_step after cache.fit |" in text and "| miss |" not in text
     assert text.count("| pass |") == 7 and "| llama2-7b | full | 1 | graph | 1 | 900 | 14 | 15 |" in text
+    assert "ms/step = (decode_s - capture_s) / steps" in text                 # a file written before bench.STEADY
+    fa.write_text(json.dumps(dict(a, info=dict(a["info"], step_rule=bench.STEADY))))
+    assert f"ms/step = {bench.STEADY}" in run_cli(["bench", "report", fa, fb], capsys)[1]
     code, _, err = run_cli(["bench", "report", tmp_path / "nope.json"], capsys)
     assert code == 2 and "nope.json" in err

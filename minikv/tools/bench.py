@@ -382,11 +382,11 @@ def report_main(args) -> int:
         raise NotFound(f"minikv bench report: no JSON file {missing[0]}; give the --out files of `minikv bench gpu`")
     parts = [json.loads(Path(f).read_text()) for f in args.files]    # targets take the best row of a configuration
     res = {k: [r for p in parts for r in p.get(k, [])] for k in ("rows", "profile", "sync")}
-    i = res["info"] = parts[0]["info"]
+    i = res["info"] = {"step_rule": "(decode_s - capture_s) / steps (files before STEADY)", **parts[0]["info"]}
     text = "\n\n".join([
         f"# minikv bench gpu: {i.get('gpu')}, torch {i.get('torch')}, transformers {i.get('transformers')}, "
         f"{i.get('date')}", f"Prompt {i.get('prompt_len')} tokens, {i.get('new_tokens')} new, ratio "
-        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')} ms/step = {i.get('step_rule', 'decode_s / steps')}",
+        f"{i.get('ratio')}; max batch = {i.get('max_batch_rule')} ms/step = {i['step_rule']}",
         format_rows(res["rows"], GPU_KEYS, 3),
         "## Targets", format_rows(targets(res), ["target", "measured", "verdict"]), "## Decode profiles (per step)",
         format_rows(res["profile"], ["shape", "policy", "batch", "mode", "launches_per_step", "kernels_per_step",
