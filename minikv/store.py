@@ -148,9 +148,12 @@ class LayerStore:
         dst_scale: (B, Hkv, S), 1 for entries that receive nothing. Only the E destinations are read and written."""
         b, h = self._row_head(dst_slot)
         scale, w = torch.gather(dst_scale, 2, dst_slot)[..., None], src_weight[..., None]   # (B, Hkv, E, 1)
-        for t, src in ((self.k, src_k), (self.v, src_v)):     # a repeated destination writes the same scaled value
-            t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype)
-            t.index_put_((b, h, dst_slot), w.to(t.dtype) * src.to(t.dtype), accumulate=True)
+        for t, src in ((self.k, src_k), (self.v, src_v)):
+            if dst_slot.shape[-1] == 1:       # one source per head (a decode step): one write, kept in place compiled
+                t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype) + w.to(t.dtype) * src.to(t.dtype)
+            else:                             # a repeated destination writes the same scaled value, then the sources
+                t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype)
+                t.index_put_((b, h, dst_slot), w.to(t.dtype) * src.to(t.dtype), accumulate=True)
 
     def _row_head(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and head indices (B, 1, 1), (1, Hkv, 1) that broadcast against slots (B, Hkv, n) for indexed writes."""

@@ -69,7 +69,7 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: all(len(self.model[b][h]) for b in range(2) for h in range(2)))
     @rule(data=st.data())
     def merge(self, data):
-        E = 2
+        E = data.draw(st.integers(1, 2), label="E")      # 1: one source per head (a decode step's single write)
         dst = torch.zeros(self.B, self.H, E, dtype=torch.long)
         w = torch.zeros(self.B, self.H, E, dtype=torch.float64)
         src_k = seeded_randn(self.step + 20_000, self.B, self.H, E, self.d)

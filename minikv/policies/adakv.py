@@ -38,8 +38,7 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
     official: B_i = round((1 - alpha) f_i + floor(alpha b)), f_i = head i's share of the global top-(Hkv*b);
     exact: each head's top floor(alpha b), then a global top fills the rest (sum = Hkv*b); train_free.md §8.1, §9.
     scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
-    pos: (B, Hkv, m) positions for the tie-break (None: slot order); the global ranking breaks ties by head, then
-    position."""
+    pos: (B, Hkv, m) positions for the tie-break (None: slot order); globally, ties break by head, then position."""
     check_allocation_options(alpha, variant)
     B, H, m = scores.shape
     valid = (scores > float("-inf")) if valid is None else valid

@@ -74,9 +74,8 @@ def layer_caps(F: torch.Tensor, count: int, protected: set[int] = frozenset(), a
     """Step 2 for a count budget c: cap_l = max(1, floor(softmax(-F)_l * L * c)) entries per head ("uniform": c);
     protected layers get -1 (never compressed). (L, B) long. Before flooring, sum_l cap_l = L * c."""
     raw = (layer_shares(F, allocation) * count).floor().clamp_min(1).long()   # (L,)
-    caps = raw[:, None].expand(len(raw), n_rows).clone()
-    caps[list(protected)] = -1
-    return caps
+    raw[list(protected)] = -1
+    return raw[:, None].expand(len(raw), n_rows).clone()
 
 def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: S_h = int(T * r * heavy_share), S_r = int(T * r * (1 - heavy_share)), per batch row. Each (B,) long."""
@@ -260,8 +259,8 @@ class D2O(Policy):
             caps = layer_caps(F, int(self.budget.value), protected, self.allocation, B)   # (L, B)
             ratios = caps.double() / cache.prompt_len.cpu().double()[None, :]             # reported only
             full = caps < 0
-            S_h = torch.where(caps < 0, -1, (caps * self.heavy_share).floor().long())
-            S_r = torch.where(caps < 0, -1, (caps * (1 - self.heavy_share)).floor().long())
+            h = self.heavy_share                                                          # S_h, S_r as heavy_recent_sizes
+            S_h, S_r = (torch.where(caps < 0, -1, (caps * s).floor().long()) for s in (h, 1 - h))
         full[list(protected)] = True
         Lw = layer_shares(F, "variance")                                                  # L * softmax(-F)_l
         return [{"F": F[l].expand(B), "Lw": Lw[l].expand(B), "rho": rho, "protected": torch.full((B,), l in protected),

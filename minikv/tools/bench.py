@@ -52,8 +52,7 @@ POLICIES = ["full", "streaming", "h2o", "snapkv", "adakv-snapkv", "adakv-h2o", "
 PROFILE_DEFAULT = "full:1:eager,full:1:graph,full:16:eager,full:16:graph,h2o:16:eager,h2o:16:graph,d2o:16:graph"
 CPU_PLAN = {"MINIKV_BENCH_POLICIES": "full", "MINIKV_BENCH_BATCHES": "1", "MINIKV_BENCH_MODES": "eager",
             "MINIKV_BENCH_PROMPT": "512"}                  # bench cpu's defaults (the environment overrides them)
-STEADY = ("minikv: the median gap between two steps' tokens from the third step on (not the fit, capture, compilation "
-          "or first kernel runs); transformers: (generate of all new tokens - of one) / steps, after an untimed run")
+STEADY = "minikv: median gap of two steps' tokens from the 3rd step on; transformers: (all tokens - one) / steps, warm"
 _clock = time.perf_counter                                # the steps' timestamps (a test swaps in a fake clock)
 MAX_BATCH_RULE = ("the largest batch whose run (all prompts prefilled at once, then every new token) completes: a "
                   "line of peak memory vs batch through probes at 8 and 24 rows (prefill, a step, cache.fit to the "
