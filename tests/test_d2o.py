@@ -57,6 +57,7 @@ def random_store(seed: int, B: int, Hkv: int, S: int, d: int) -> LayerStore:
 class H2OFixedSizes(Policy):
     """Reference for tau = +inf: H2O machinery (scores, heavy_recent_keep with sinks) with given per-layer sizes."""
     name = "h2o-fixed"
+    takes_budget = False
     prefill_needs = frozenset({"colsum"})
     decode_needs = frozenset({"probs"})
     decode_evicts = True

@@ -22,7 +22,7 @@ from minikv.store import KVCache, LayerStore
 class Policy:
     name = "base"
     summary = ""               # one line for `minikv policies`, distinct for each policy
-    takes_budget = True        # False: the policy refuses a budget (it keeps everything, or sizes its own cache)
+    takes_budget = True        # True: a budget is required; False: refused (keeps everything, or sizes its own)
     prefill_needs: frozenset = frozenset()
     decode_needs: frozenset = frozenset()
     window = 0                 # rows of the last queries needed as "last_rows"
@@ -31,6 +31,8 @@ class Policy:
 
     def __init__(self, budget=None):
         self.budget: Budget | None = parse_budget(budget)
+        if self.takes_budget and self.budget is None:
+            raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
 
     def budget_entries(self, store: LayerStore) -> torch.Tensor | None:
         """(B,) entries per (layer, head) for each row, or None for no budget (keep everything); kept beside the rows."""

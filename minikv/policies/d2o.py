@@ -195,8 +195,6 @@ class D2O(Policy):
                  threshold_rule: str = "code", allocation: str = "variance",
                  tau_override: float | None = None, score: str = "sum"):
         super().__init__(budget)
-        if self.budget is None:
-            raise BadInput("d2o needs a budget: a ratio of the sequence length (0.2) or a count of entries per head (512)")
         self.heavy_share = float_option("d2o", "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
         self.n_sink = int_option("d2o", "n_sink", n_sink, lo=0, what="first positions always kept")
         self.merge_weights = choice_option("d2o", "merge_weights", merge_weights, MERGE_WEIGHTS, what="Step 5 weights")

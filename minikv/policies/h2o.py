@@ -10,7 +10,6 @@ import torch
 from minikv.ops import first_positions_mask, group_mean, last_ranked, recent_mask, select_topk
 from minikv.store import LayerStore
 from minikv.policies.base import Policy, choice_option, float_option, int_option
-from minikv.errors import BadInput
 
 SCORES = ("sum", "mean")       # what ranks: H2O's accumulated attention, or kvpress's ObservedAttentionPress mean
 
@@ -54,8 +53,6 @@ class H2O(Policy):
 
     def __init__(self, budget, heavy_share: float = 0.5, n_sink: int = 0, score: str = "sum"):
         super().__init__(budget)
-        if self.budget is None:
-            raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
         self.heavy_share = float_option(self.name, "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
         self.n_sink = int_option(self.name, "n_sink", n_sink, lo=0, what="first positions always kept")
         self.score = choice_option(self.name, "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")

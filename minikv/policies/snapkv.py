@@ -42,8 +42,6 @@ class SnapKV(Policy):
 
     def __init__(self, budget, window: int = 32, kernel: int = 7, pooling: str = "max"):
         super().__init__(budget)
-        if self.budget is None:
-            raise BadInput(f"{self.name} needs a budget (a count like 512 or a ratio like 0.2)")
         self.window = int_option(self.name, "window", window, lo=1, what="observation window of last prompt queries")
         self.kernel = int_option(self.name, "kernel", kernel, lo=1, what="pooling width")
         self.pooling = choice_option(self.name, "pooling", pooling, ("max", "avg"), what="'avg': kvpress's SnapKVPress")

@@ -22,8 +22,6 @@ class Streaming(Policy):
 
     def __init__(self, budget, n_sink: int = 4):
         super().__init__(budget)
-        if self.budget is None:
-            raise BadInput("streaming needs a budget (a count like 512 or a ratio like 0.2)")
         self.n_sink = int_option("streaming", "n_sink", n_sink, lo=0, what="attention sinks kept")
         if not self.budget.is_ratio and self.budget.value <= self.n_sink:
             raise BadInput(f"streaming: budget {self.budget} must exceed n_sink = {self.n_sink} (the sinks alone "
