@@ -149,11 +149,12 @@ class LayerStore:
         b, h = self._row_head(dst_slot)
         scale, w = torch.gather(dst_scale, 2, dst_slot)[..., None], src_weight[..., None]   # (B, Hkv, E, 1)
         for t, src in ((self.k, src_k), (self.v, src_v)):
+            scaled, added = t[b, h, dst_slot] * scale.to(t.dtype), w.to(t.dtype) * src.to(t.dtype)   # (B, Hkv, E, d)
             if dst_slot.shape[-1] == 1:       # one source per head (a decode step): one write, kept in place compiled
-                t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype) + w.to(t.dtype) * src.to(t.dtype)
+                t[b, h, dst_slot] = scaled + added
             else:                             # a repeated destination writes the same scaled value, then the sources
-                t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype)
-                t.index_put_((b, h, dst_slot), w.to(t.dtype) * src.to(t.dtype), accumulate=True)
+                t[b, h, dst_slot] = scaled
+                t.index_put_((b, h, dst_slot), added, accumulate=True)
 
     def _row_head(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and head indices (B, 1, 1), (1, Hkv, 1) that broadcast against slots (B, Hkv, n) for indexed writes."""
