@@ -183,7 +183,8 @@ def protected_layer_option(value) -> tuple[int, ...] | None:
     return tuple(int_option("d2o", "protected_layers", v, what="layer index") for v in items)
 
 class D2O(Policy):
-    """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries."""
+    """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries.
+    First compression at the first decode step only: the release's when="prefill" is not implemented (train_free §9)."""
     name = "d2o"
     summary = "D2O: variance-weighted layer budgets, H2O selection with sinks, evicted entries merged when similar"
     prefill_needs = frozenset({"colsum"})
