@@ -194,7 +194,8 @@ def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: in
     fixed = cuda_graph or compile       # room for every token left: no host-side bound to guard on or sync for
     cache.fit(left if fixed else min(left, reserve), fixed)
     step = lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
-    step = torch.compile(step, dynamic=False) if compile else step
+    # inductor's reorder_for_locality put attention's P @ V after d2o's merge, which then copied whole stores
+    step = torch.compile(step, dynamic=False, options={"reorder_for_locality": False}) if compile else step
     t0 = time.perf_counter()
     logits = step(tokens, pos)
     if not cuda_graph:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from minikv.generate import decode_step, generate
+from minikv.generate import decode_step, fixed_capacity_step, generate
 from minikv.policies import get_policy
 from conftest import tiny_model
 
@@ -58,16 +58,16 @@ def test_a_fixed_store_keeps_no_host_bound():
     assert not store.fixed and store.max_len_bound == 4
 
 
-@pytest.mark.parametrize("name, budget", [("full", None), ("h2o", 0.5)])
-def test_compiled_step_writes_the_store_in_place(name, budget):
-    """inductor's code for one fitted decode step holds no store-sized temporary: the appends (and h2o's eviction)
-    write the store in place. A `scatter_` append made it copy every layer's whole store at each step."""
-    model, policy = tiny_model(num_hidden_layers=2), get_policy(name, budget)
+@pytest.mark.parametrize("name, budget, kw", [("full", None, {}), ("h2o", 0.5, {}),
+                                              ("d2o", 0.5, {"protected_layers": [0]})])
+def test_compiled_step_writes_the_store_in_place(name, budget, kw):
+    """inductor's code for generate's fitted decode step (fixed_capacity_step) holds no store-sized temporary: the
+    appends, h2o's eviction and d2o's merge write the store in place. A `scatter_` append made it copy every layer's
+    whole store at each step; so did d2o's merge while inductor's reorder_for_locality pass was on."""
+    model, policy = tiny_model(num_hidden_layers=3), get_policy(name, budget, **kw)
     prompts = torch.randint(3, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1)).tolist()
-    res = generate(model, prompts, policy, max_new_tokens=2, stop_ids=[], keep_cache=True)
-    cache = res.cache
-    cache.fit(4, fixed=True)
-    step = torch.compile(lambda t, p: decode_step(model, cache, t, policy, p, validate=False), dynamic=False)
-    _, code = run_and_get_code(step, torch.tensor([5, 6]), cache.seen.clone())
+    cache = generate(model, prompts, policy, max_new_tokens=2, stop_ids=[], keep_cache=True).cache
+    tokens, pos = torch.tensor([5, 6]), cache.seen.clone()
+    _, code = run_and_get_code(lambda: fixed_capacity_step(model, cache, policy, None, 4, tokens, pos, compile=True))
     shapes = {tuple(s.k.shape) for s in cache.layers}
     assert code and not [s for s in shapes for c in code if f"empty_strided_cpu({s}" in c], shapes
