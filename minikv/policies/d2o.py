@@ -95,9 +95,10 @@ def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, po
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
     k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos: (B, Hkv, S); in_order: slots in position order
     (nothing evicted yet; later E <= 1). m: (B, Hkv, E), -inf where the head keeps nothing; ties: the older position."""
-    norm = k.norm(dim=-1).clamp_min(1e-8)               # (B, Hkv, S); divide the E x S products, not a copy of k
+    norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-8)   # (B, Hkv, S, 1); k itself is not copied to unit length
     ke = torch.gather(k, 2, src_slot[..., None].expand(*src_slot.shape, k.shape[-1]))    # (B, Hkv, E, d)
-    u = (ke @ k.transpose(-1, -2)) / (torch.gather(norm, 2, src_slot)[..., None] * norm[:, :, None, :])  # (B,Hkv,E,S)
+    ke = ke / torch.gather(norm, 2, src_slot[..., None])                                   # unit evicted keys
+    u = (ke @ k.transpose(-1, -2)).div_(norm.transpose(-1, -2))                                  # (B, Hkv, E, S)
     u = u.masked_fill_(~keep[:, :, None, :], float("-inf"))
     m, j = u.max(dim=-1, keepdim=True)                          # (B, Hkv, E, 1): the first maximum, oldest in order
     j = j if in_order else torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1, keepdim=True)   # oldest maximum
