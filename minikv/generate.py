@@ -96,13 +96,18 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
         if not store.heads_aligned:      # it evicted: give the memory back before the next layer runs (one sync)
             store.fit(room)
 
+    run = lambda c, hook: model(ids, c, pos, hook=hook, need=policy.prefill_needs, window=policy.window,
+                                use_sdpa=sdpa, last_only=True)[:, -1]
+    if policy.prefill_pass == "statistics_first":      # every layer's statistic, then after_prompt, then compress
+        run(model.new_cache(len(prompts)), lambda l, scratch, stats: policy.first_pass(cache.layers[l], scratch, stats))
+        policy.after_prompt(cache)                        # (D2O when="prefill": the prompt is run twice)
     if policy.prefill_pass == "token_by_token":                         # the prompt as decode steps (CORM exact)
         for j in range(ids.shape[1]):                                    # left-padded rows skip their padding
             logits = decode_step(model, cache, ids[:, j], policy, pos=pos[:, j], use_sdpa=sdpa)
     else:
-        logits = model(ids, cache, pos, hook=compress, need=policy.prefill_needs,
-                       window=policy.window, use_sdpa=sdpa, last_only=True)[:, -1]
-    policy.after_prompt(cache)
+        logits = run(cache, compress)
+    if policy.prefill_pass != "statistics_first":
+        policy.after_prompt(cache)
     if question:
         ids, pos = left_pad(question, pad_id, cache.seen, model.device)
         logits = model(ids, cache, pos, use_sdpa=sdpa, last_only=True)[:, -1]
@@ -206,9 +211,7 @@ def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: in
         static_logits = step(static_tokens, static_pos)
 
     def replay(new_tokens: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
-        static_tokens.copy_(new_tokens)
-        static_pos.copy_(new_pos)
-        graph.replay()
+        static_tokens.copy_(new_tokens), static_pos.copy_(new_pos), graph.replay()
         return static_logits
     return replay, logits, time.perf_counter() - t0
 

@@ -259,6 +259,7 @@ def test_model_forward_refuses_out_of_vocabulary_ids(tiny_llama):
     ("d2o", 0.2, {"protected_layers": "0,1"}, "protected_layers .* got '0,1'"),
     ("d2o", 0.2, {"protected_layers": [0, 1.5]}, "protected_layers .* got 1.5"),
     ("d2o", 0.2, {"allocation": "later"}, "allocation .* got 'later'"),
+    ("d2o", 0.2, {"when": "prompt"}, "when .*'first_decode', 'prefill', got 'prompt'"),
     ("d2o", 0.2, {"tau_override": "x"}, "tau_override .* got 'x'"),
     ("h2o", 8, {"windw": 3}, "no option 'windw'.*heavy_share=0.5"),
     ("h2o", [8], {}, r"got \[8\] \(list\)"),

@@ -451,3 +451,68 @@ def test_registry_errors_and_report_view(tiny64, tmp_path):
         format_d2o_report({"policy": "h2o"})
     pytest.importorskip("matplotlib")
     assert plot_d2o_report(r.policy_report, tmp_path / "d2o.png").stat().st_size > 0
+
+
+# ---- when="prefill": Step 1 in a first pass, each layer compressed as the second pass runs ----------------------
+def _d2o_prompts(seed: int, lengths=(60, 47)) -> list[list[int]]:
+    return [_tokens(n, seed + i) for i, n in enumerate(lengths)]
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([0.3, 0.5, 12]),
+       merge_weights=st.sampled_from(["code", "paper"]))
+def test_when_prefill_equals_compressing_the_whole_prompt_cache(seed, budget, merge_weights):
+    """The two-pass prefill keeps, merges and thresholds exactly as one pass followed by compressing every layer
+    (T = the prompt): a layer's prompt attention never depends on another layer's cache."""
+    model = tiny_model(torch.float64, seed=seed % 7, num_hidden_layers=4)
+    kw = dict(protected_layers=[0], merge_weights=merge_weights)
+    reference = get_policy("d2o", budget, **kw)
+    _, want = prefill(model, _d2o_prompts(seed), reference)
+    for store in want.layers:
+        reference._compress(store)
+    _, got = prefill(model, _d2o_prompts(seed), get_policy("d2o", budget, when="prefill", **kw))
+    for a, b in zip(want.layers, got.layers):
+        a.fit(), b.fit()
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        assert torch.allclose(a.rows["tau"], b.rows["tau"], rtol=0, atol=0, equal_nan=True)
+    assert (got.layers[1].length < 47).all()                       # it did compress
+
+
+def test_when_prefill_never_holds_the_whole_prompt_cache(monkeypatch):
+    """Key and value bytes of every store (the first pass's too), read after each layer's hook: the whole prompt's
+    cache with when="first_decode"; with when="prefill" at most the compressed cache plus two layers' prompt (the
+    layer being compressed and the first pass's layer, emptied after its hook)."""
+    model, prompts = tiny_model(num_hidden_layers=6), [_tokens(400, 1), _tokens(400, 2)]
+    caches, peaks, final = [], {}, {}
+    real_new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **k: caches.append(real_new_cache(*a, **k)) or caches[-1])
+    kv_bytes = lambda stores: sum(s.k.nbytes + s.v.nbytes for s in stores)
+    for when in ("first_decode", "prefill"):
+        policy, peak = get_policy("d2o", 0.2, protected_layers=[0], when=when), [0]
+        for hook in ("first_pass", "after_prefill"):
+            def spy(*a, inner=getattr(policy, hook)):
+                inner(*a)
+                peak[0] = max(peak[0], kv_bytes([s for c in caches for s in c.layers]))
+            monkeypatch.setattr(policy, hook, spy)
+        caches.clear()
+        _, cache = prefill(model, prompts, policy)
+        peaks[when], final[when] = peak[0], cache
+    one_layer = kv_bytes(final["first_decode"].layers[:1])          # a layer's whole prompt (never compressed)
+    assert peaks["first_decode"] >= 6 * one_layer
+    assert peaks["prefill"] <= kv_bytes(final["prefill"].layers) + 2 * one_layer, (peaks, one_layer)
+    assert peaks["prefill"] < 0.6 * peaks["first_decode"], peaks
+
+
+def test_when_prefill_then_each_step_evicts_to_the_same_sizes():
+    """After a prefill compression a head holds S_h + S_r entries; a question appended without eviction is evicted
+    at the first decode step (its bound read then), and after every later step the sizes hold."""
+    model = tiny_model(torch.float64, num_hidden_layers=4)
+    policy = get_policy("d2o", 0.3, protected_layers=[0], when="prefill")
+    _, cache = prefill(model, _d2o_prompts(3), policy)
+    sizes = [(s.rows["S_h"] + s.rows["S_r"]).clone() for s in cache.layers]
+    res = generate(model, _d2o_prompts(3), policy, question=[[5, 6, 7], [8, 9, 10]], max_new_tokens=6,
+                   stop_ids=[], keep_cache=True)
+    for store, size in zip(res.cache.layers[1:], sizes[1:]):
+        assert torch.equal(store.rows["S_h"] + store.rows["S_r"], size)   # fixed at the prefill compression
+        assert (store.length == size[:, None]).all()
+        assert store.rows["compressions"].tolist() == [6, 6]           # the prefill, then 5 fed tokens

@@ -32,6 +32,7 @@ MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
 THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
 DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
 ALLOCATIONS = ("variance", "uniform")
+WHENS = ("first_decode", "prefill")         # the first compression: at the first decode step, or right after prefill
 
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
 def head_variances(colsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -162,10 +163,8 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     src, real = evicted_slots(evict, store.pos, max_evicted)              # (B, Hkv, E)
     m, j = nearest_kept(store.k, src, keep, store.pos, in_order=store.heads_aligned)
     real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
-    if tau_override is None:
-        tau = update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights)   # before its use
-    else:
-        tau = torch.full_like(tau, float(tau_override))
+    tau = (update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights) if tau_override is None
+           else torch.full_like(tau, float(tau_override)))                # updated before its use
     merged = merge_decision(m, real_m, tau)                               # (B, Hkv, E)
     n_merged = merged.sum(dim=(1, 2))                                     # (B,)
     weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
@@ -177,16 +176,15 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
 
 def protected_layer_option(value) -> tuple[int, ...] | None:
     """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1; one int is one layer)."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, set, frozenset)):
+    items = [value] if is_int(value) else value
+    if value is not None and not isinstance(items, (list, tuple, set, frozenset)):
         raise BadInput(f"d2o: protected_layers must be a list of layer indices (e.g. 0,1,29) or None, got {value!r}")
-    return tuple(int_option("d2o", "protected_layers", v, what="layer index") for v in items)
+    return None if value is None else tuple(int_option("d2o", "protected_layers", v, what="layer index") for v in items)
 
 class D2O(Policy):
     """D2O: variance-based layer ratios, H2O selection with sinks, threshold-gated merging of evicted entries.
-    First compression at the first decode step only: the release's when="prefill" is not implemented (train_free §9)."""
+    when="prefill": every layer's Step 1 in a first pass over the prompt (its entries dropped as it goes), Step 2, then
+    a second pass compresses each layer as it runs, so the whole prompt's cache never exists at once (train_free §6)."""
     name = "d2o"
     summary = "D2O: variance-weighted layer budgets, H2O selection with sinks, evicted entries merged when similar"
     prefill_needs = frozenset({"colsum"})
@@ -196,7 +194,7 @@ class D2O(Policy):
     def __init__(self, budget=0.2, heavy_share: float = 0.5, n_sink: int = 4, protected_layers=None,
                  alpha: float = 0.5, beta: float | None = None, merge_weights: str = "code",
                  threshold_rule: str = "code", allocation: str = "variance",
-                 tau_override: float | None = None, score: str = "sum"):
+                 tau_override: float | None = None, score: str = "sum", when: str = "first_decode"):
         super().__init__(budget)
         self.heavy_share = float_option("d2o", "heavy_share", heavy_share, 0, 1, what="budget share of heavy hitters")
         self.n_sink = int_option("d2o", "n_sink", n_sink, lo=0, what="first positions always kept")
@@ -204,10 +202,12 @@ class D2O(Policy):
         self.threshold_rule = choice_option("d2o", "threshold_rule", threshold_rule, THRESHOLD_RULES,
                                             what="Step 4 update of tau")
         self.allocation = choice_option("d2o", "allocation", allocation, ALLOCATIONS)
+        self.when = choice_option("d2o", "when", when, WHENS, what="the first compression")
+        self.prefill_pass = "statistics_first" if self.when == "prefill" else "one_pass"
         self.score = choice_option("d2o", "score", score, SCORES, what="'mean': kvpress's ObservedAttentionPress")
-        beta = DEFAULT_BETA[threshold_rule] if beta is None else beta
         self.alpha = float_option("d2o", "alpha", alpha, what="weight of the old threshold")
-        self.beta = float_option("d2o", "beta", beta, what="weight of the new similarities")
+        self.beta = float_option("d2o", "beta", DEFAULT_BETA[threshold_rule] if beta is None else beta,
+                                 what="weight of the new similarities")
         if tau_override is not None and not (is_int(tau_override) or isinstance(tau_override, float)
                                              and not math.isnan(tau_override)):
             raise BadInput(f"d2o: tau_override must be a number (+inf never merges) or None, got {tau_override!r}")
@@ -221,13 +221,15 @@ class D2O(Policy):
             raise BadInput(f"protected_layers {bad} out of range for a model with {n_layers} layers")
         return {p % n_layers for p in prot}
 
-    def rho(self, cache: KVCache) -> torch.Tensor:
-        """(B,) the nominal ratio of each row: the budget, or count / prompt length."""
-        n = cache.prompt_len.cpu().double()
-        return torch.full_like(n, self.budget.value) if self.budget.is_ratio else self.budget.value / n
+    def first_pass(self, store, scratch, stats):
+        """when="prefill", first pass: Step 1 of one layer into `store`; `scratch`, the layer's prompt, emptied."""
+        store.rows["head_var"] = head_variances(stats["colsum"], scratch.valid).cpu()    # (B, Hq)
+        scratch.keep(torch.zeros_like(scratch.valid)), scratch.fit()
 
     def after_prefill(self, layer, store, stats):
         accumulate_prefill_scores(store, stats["colsum"])
+        if self.when == "prefill":             # Step 2 ran after the first pass: compress this layer now (T = n)
+            return self._compress(store)
         store.rows["head_var"] = head_variances(stats["colsum"], store.valid).cpu()      # (B, Hq), Step 1
 
     def after_prompt(self, cache):
@@ -246,11 +248,13 @@ class D2O(Policy):
     def after_step(self, layer, store, stats):
         accumulate_step_scores(store, stats["probs"])
         self._compress(store)
+        store.host["step_compressed"] = True     # a head now holds S_h + S_r entries: each later step evicts <= 1
 
     def allocate(self, cache: KVCache) -> list[dict]:
         """Step 2: per layer, the rows' ratio r_l, whether they are never compressed, S_h/S_r (known now for a
         count budget, -1 = set at the first compression), and fresh tau / merge counters. One dict per layer."""
-        F, protected, rho = layer_statistics(cache), self.protected(len(cache.layers)), self.rho(cache)
+        F, protected, n = layer_statistics(cache), self.protected(len(cache.layers)), cache.prompt_len.cpu().double()
+        rho = torch.full_like(n, self.budget.value) if self.budget.is_ratio else self.budget.value / n   # (B,) nominal
         B, L = rho.shape[0], F.shape[0]
         S_h = S_r = torch.full((L, B), -1, dtype=torch.long)
         if self.budget.is_ratio:
@@ -258,7 +262,7 @@ class D2O(Policy):
             full = (ratios >= 1.0) | (rho >= 1.0)[None, :]
         else:                                   # a count: fixed per-layer caps, sizes known now (module docstring)
             caps = layer_caps(F, int(self.budget.value), protected, self.allocation, B)   # (L, B)
-            ratios = caps.double() / cache.prompt_len.cpu().double()[None, :]             # reported only
+            ratios = caps.double() / n[None, :]                                          # reported only
             full = caps < 0
             h = self.heavy_share                                                          # S_h, S_r as heavy_recent_sizes
             S_h, S_r = (torch.where(caps < 0, -1, (caps * s).floor().long()) for s in (h, 1 - h))
@@ -277,15 +281,14 @@ class D2O(Policy):
         r = store.rows
         if store.host["never_compressed"]:
             return
-        first = not store.host.get("step_compressed")
-        if first and self.budget.is_ratio:                                # first compression: T = entries now
+        first = not store.host.get("step_compressed")                     # (a prefill compression is not a step)
+        if not store.host.get("sized") and self.budget.is_ratio:          # first compression: T = entries now
             r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
+        store.host["sized"] = True
         keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink, not first)
         keep |= r["full"][:, None, None] & store.valid
-        # Once compressed a head holds <= S_h + S_r entries, so the one token a decode step adds evicts <= 1.
         tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,
                                                self.tau_override, self.threshold_rule, None if first else 1)
-        store.host["step_compressed"] = True
         r["tau"].copy_(tau)
         r["merged"] += merged
         r["dropped"] += dropped
@@ -294,9 +297,5 @@ class D2O(Policy):
 
 def layer_statistics(cache: KVCache) -> torch.Tensor:
     """Step 1 over the cache: F_l from the batch mean of every row's head variances (kept beside the rows). (L,)"""
-    missing = [l for l, s in enumerate(cache.layers) if "head_var" not in s.rows]
-    if missing:
-        raise RuntimeError(f"d2o: layer statistic missing for layers {missing}; was the prompt run with "
-                           f"need={{'colsum'}} and after_prefill?")
     return torch.stack([variance_statistic(s.rows["head_var"].sum(dim=0) / s.rows["head_var"].shape[0])
                         for s in cache.layers])
