@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from minikv.errors import BadInput
 from minikv.generate import prefill
-from minikv.tools import bench, compare
+from minikv.tools import bench, common, compare
 from test_bad_input import assert_refused, run_cli
 
 IDS = list(range(5, 45))                             # a 40-token prompt
@@ -33,13 +33,13 @@ def test_jaccard_by_hand():
 
 
 def test_policy_spec_reads_name_budget_and_options():
-    p = compare.policy_spec("snapkv 0.2 window=8 kernel=3")
+    p = common.policy_spec("snapkv 0.2 window=8 kernel=3")
     assert (p.name, p.budget.value, p.window, p.kernel) == ("snapkv", 0.2, 8, 3)
-    assert compare.policy_spec(" full ").budget is None and compare.policy_spec("h2o 12").budget.value == 12
+    assert common.policy_spec(" full ").budget is None and common.policy_spec("h2o 12").budget.value == 12
     with pytest.raises(BadInput, match="'0.2 0.5'"):                 # two budgets are refused, named
-        compare.policy_spec("h2o 0.2 0.5")
+        common.policy_spec("h2o 0.2 0.5")
     with pytest.raises(BadInput, match="'nope'"):
-        compare.policy_spec("h2o 0.2 nope=1")
+        common.policy_spec("h2o 0.2 nope=1")
 
 
 def test_a_policy_against_itself_overlaps_everywhere(tiny64):

@@ -23,8 +23,8 @@ from minikv.generate import decode_step, fixed_capacity_step, generate, prefill
 from minikv.io.checkpoint import load_model
 from minikv.io.convert import ensure_default_model
 from minikv.model import Llama
-from minikv.policies import REGISTRY, get_policy
-from minikv.tools.common import add_model_args, format_rows
+from minikv.policies import REGISTRY
+from minikv.tools.common import add_model_args, format_rows, policy_spec
 
 def check_out_path(out: Path) -> Path:
     """Refuse an --out that is a folder or lies under a file, and make its folder, before a long run starts."""
@@ -70,8 +70,8 @@ def random_model(build, dtype=torch.bfloat16, device="cuda"):
     return model.eval()
 
 def policy_for(name: str, ratio: float):
-    """The policy at `ratio`; full and corm take no budget (corm's measured ratio is reported)."""
-    return get_policy(name, None if name in ("full", "corm") else ratio)
+    """The policy at `ratio`, options as policy_spec ("d2o when=prefill"); full and corm take no budget."""
+    return policy_spec(name if name.split()[0] in ("full", "corm") else f"{name} {ratio}")
 
 def _free():
     gc.collect()
@@ -239,12 +239,13 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             raise BadInput(f"{name}={env.get(name, default)!r}: give {known}")
         return items
     num = lambda x, lo=1: x.isdecimal() and int(x) >= lo
-    is_spec = lambda p, b="", m="", *more: p in REGISTRY and num(b) and m in MODES and not more
+    known = lambda p: p.split()[0] in REGISTRY and bool(policy_for(p, 0.2))     # "d2o when=prefill": an option
+    is_spec = lambda p, b="", m="", *more: known(p) and num(b) and m in MODES and not more
     spec = [x.split(":") for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
                                       lambda x: is_spec(*x.split(":")), "policy:batch:mode,...")]
     one = lambda *a: get(*a)[0]
     return {"shapes": get("MINIKV_BENCH_SHAPES", "llama2-7b", SHAPES.__contains__, ", ".join(SHAPES)),
-            "policies": get("MINIKV_BENCH_POLICIES", ",".join(POLICIES), REGISTRY.__contains__, ", ".join(REGISTRY)),
+            "policies": get("MINIKV_BENCH_POLICIES", ",".join(POLICIES), known, ", ".join(REGISTRY)),
             "batches": [x if x == "max" else int(x) for x in get("MINIKV_BENCH_BATCHES", "1,16,max",
                                                                  lambda x: x == "max" or num(x), "e.g. 1,16,max")],
             "modes": get("MINIKV_BENCH_MODES", "graph,eager", MODES.__contains__, "of " + ", ".join(MODES)),
@@ -341,9 +342,9 @@ def run_main(args) -> int:
 def targets(res: dict) -> list[dict]:
     """The issue's targets as measured ratios, each "pass", "miss", or "not measured" when a row is missing."""
     def v(key, policy, modes, batch, engine="minikv"):
-        """The best `key` (least time or memory, most tok/s) over the rows of this configuration that ran."""
-        vals = [r[key] for r in res["rows"] if "error" not in r and (r["engine"], r["policy"]) == (engine, policy)
-                and r["mode"] in modes and (r["max_batch"] if batch == "max" else r["batch"] == batch)]
+        """The best `key` (least time or memory, most tok/s) over the rows of this configuration (any options)."""
+        vals = [r[key] for r in res["rows"] if "error" not in r and (r["engine"], r["policy"].split()[0]) ==
+                (engine, policy) and r["mode"] in modes and (r["max_batch"] if batch == "max" else r["batch"] == batch)]
         return (max if key == "decode_tok_per_s" else min)(vals) if vals else None
     ms, tok, hf, both, captured = "decode_ms_per_step", "decode_tok_per_s", "transformers", MODES, ("graph", "compiled")
     vs_full = lambda key, modes, ps: [(p, v(key, p, modes, 16), v(key, "full", modes, 16)) for p in ps]
@@ -391,8 +392,7 @@ def report_main(args) -> int:
         format_rows(res["profile"], ["shape", "policy", "batch", "mode", "launches_per_step", "kernels_per_step",
                                      "gpu_busy_ms_per_step", "wall_ms_per_step", "error"], 3)]) + "\n"
     print(text)
-    if args.out:
-        check_out_path(Path(args.out)).write_text(text)
+    check_out_path(Path(args.out)).write_text(text) if args.out else None
     return 0
 
 def register(sub) -> None:

@@ -91,6 +91,12 @@ def parse_options(pairs: list[str]) -> dict:
         out[key] = parse_value(value)
     return out
 
+def policy_spec(text: str):
+    """'POLICY [BUDGET] [KEY=VALUE ...]', e.g. 'snapkv 0.2 kernel=7' -> the policy (BadInput naming a bad part)."""
+    name, *rest = text.split() or [""]
+    budget = " ".join(w for w in rest if "=" not in w) or None         # two budgets: refused as one bad budget
+    return get_policy(name, budget, **parse_options([w for w in rest if "=" in w]))
+
 def make_policy(args):
     return get_policy(args.policy, args.budget, **parse_options(args.option))
 

@@ -10,18 +10,11 @@ import torch
 from minikv.attention import attend
 from minikv.generate import generate, prefill
 from minikv.model import apply_rope, rope_cos_sin
-from minikv.policies import get_policy
 from minikv.tools.bench import check_out_path, write_json
-from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, parse_options,
+from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, policy_spec,
                                  prompt_arg, pyplot, save_figure)
 from minikv.tools.eval.runner import EvalConfig
 from minikv.tools.eval.tasks import make_example
-
-def policy_spec(text: str):
-    """'POLICY [BUDGET] [KEY=VALUE ...]', e.g. 'snapkv 0.2 kernel=7' -> the policy (BadInput naming a bad part)."""
-    name, *rest = text.split() or [""]
-    budget = " ".join(w for w in rest if "=" not in w) or None         # two budgets: refused as one bad budget
-    return get_policy(name, budget, **parse_options([w for w in rest if "=" in w]))
 
 def jaccard(a: list, b: list) -> list[list[float]]:
     """|A ∩ B| / |A ∪ B| per [layer][head] of two [layer][head] lists of positions (1.0 when both are empty)."""
