@@ -360,3 +360,12 @@ def test_o_proj_blocks_reproduce_o_proj():
     out = seeded_randn(3, 4, model.cfg.head_dim)                                 # (h, d)
     blocks = o_proj_blocks(W, 4)
     torch.testing.assert_close(torch.einsum("hd,hdD->D", out, blocks), model.layers[0].self_attn.o_proj(out.reshape(-1)))
+
+
+def test_bound_report_of_d2o_compressing_at_prefill():
+    """D2O when="prefill" (two prefill passes) compresses during the report's prefill; its merges change the values,
+    so the bound (of eviction alone) is not asserted, only that the report runs and sees the evictions."""
+    model = tiny_model(F64, seed=1, num_hidden_layers=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = bound_report(model, ids, get_policy("d2o", 0.3, protected_layers=[0], when="prefill"))
+    assert [sum(r["kept_entries"]) == 3 * 40 for r in rows] == [True, False, False, False]

@@ -36,7 +36,8 @@ def bound_report(model, ids: list[int], policy) -> list[dict]:
         records.append({"A": last.flatten(0, 1), "V": v, "pos": pos_before})
 
     capture = copy.copy(policy)                                            # a policy is a configuration: cheap
-    capture.after_prefill, capture.prefill_pass = hook, "one_pass"
+    capture.after_prefill = hook                     # CORM exact runs the prompt as decode steps: one pass here
+    capture.prefill_pass = "one_pass" if policy.prefill_pass == "token_by_token" else policy.prefill_pass
     capture.prefill_needs, capture.window = frozenset(policy.prefill_needs) | {"last_rows"}, max(policy.window, 1)
     _, cache = prefill(model, [ids], capture)
     rows = []
