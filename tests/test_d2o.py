@@ -3,6 +3,7 @@ decode-time invariants on tiny float64 models."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import tiny_model
 from minikv.tools.eval.plots import format_d2o_report, plot_d2o_report
 from minikv.generate import generate, prefill
 from minikv.policies import get_policy
+from minikv.policies import d2o as d2o_module
 from minikv.policies.base import Policy
 from minikv.policies.d2o import (D2O, evict_and_merge, head_variances, heavy_recent_sizes, layer_caps, layer_ratios,
                                  layer_weights, merge_decision, merge_weights_code, merge_weights_paper,
@@ -139,17 +141,20 @@ def test_heavy_recent_sizes_are_int_of_products():
 # ---- Step 4 --------------------------------------------------------------------------------------------------
 @settings(deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), S=st.integers(2, 10), d=st.sampled_from([2, 4]),
-       seed=st.integers(0, 2**16))
-def test_nearest_kept_is_max_cosine_over_kept(B, Hkv, S, d, seed):
+       E=st.integers(0, 7), chunk=st.sampled_from([1, 2, 3, 256]), seed=st.integers(0, 2**16))
+def test_nearest_kept_is_max_cosine_over_kept(B, Hkv, S, d, E, chunk, seed):
+    """Against cosine_similarity, whatever the number of evicted keys compared at once (SIMILARITY_CHUNK)."""
     k = seeded_randn(seed, B, Hkv, S, d)
     keep = seeded_randn(seed + 7, B, Hkv, S) > 0
     keep[..., 0] = True
-    src = torch.randint(0, S, (B, Hkv, 3), generator=torch.Generator().manual_seed(seed))
+    src = torch.randint(0, S, (B, Hkv, E), generator=torch.Generator().manual_seed(seed))
     pos = torch.randperm(S, generator=torch.Generator().manual_seed(seed)).expand(B, Hkv, S)  # slots in any order
-    m, j = nearest_kept(k, src, keep, pos)
+    with mock.patch.object(d2o_module, "SIMILARITY_CHUNK", chunk):
+        m, j = nearest_kept(k, src, keep, pos)
+    assert m.shape == j.shape == (B, Hkv, E)
     for b in range(B):
         for h in range(Hkv):
-            for e in range(3):
+            for e in range(E):
                 u = F.cosine_similarity(k[b, h, src[b, h, e]][None], k[b, h], dim=-1)
                 u[~keep[b, h]] = -math.inf
                 assert math.isclose(float(m[b, h, e]), float(u.max()), rel_tol=1e-12, abs_tol=1e-12)

@@ -32,6 +32,7 @@ MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
 THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
 DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
 ALLOCATIONS = ("variance", "uniform")
+SIMILARITY_CHUNK = 256                      # Step 4 compares this many evicted keys at once (the E x S products)
 WHENS = ("first_decode", "prefill")         # the first compression: at the first decode step, or right after prefill
 
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
@@ -96,14 +97,14 @@ def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, po
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
     k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos: (B, Hkv, S); in_order: slots in position order
     (nothing evicted yet; later E <= 1). m: (B, Hkv, E), -inf where the head keeps nothing; ties: the older position."""
-    norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-8)   # (B, Hkv, S, 1); k itself is not copied to unit length
-    ke = torch.gather(k, 2, src_slot[..., None].expand(*src_slot.shape, k.shape[-1]))    # (B, Hkv, E, d)
-    ke = ke / torch.gather(norm, 2, src_slot[..., None])                                   # unit evicted keys
-    u = (ke @ k.transpose(-1, -2)).div_(norm.transpose(-1, -2))                                  # (B, Hkv, E, S)
-    u = u.masked_fill_(~keep[:, :, None, :], float("-inf"))
-    m, j = u.max(dim=-1, keepdim=True)                          # (B, Hkv, E, 1): the first maximum, oldest in order
-    j = j if in_order else torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1, keepdim=True)   # oldest maximum
-    return m.squeeze(-1), j.squeeze(-1)
+    norm, out = k.norm(dim=-1, keepdim=True).clamp_min(1e-8), []   # (B, Hkv, S, 1); k is not copied to unit length
+    for src in src_slot.split(SIMILARITY_CHUNK, dim=-1):           # (B, Hkv, C): at most C x S products at once
+        ke = torch.gather(k, 2, src[..., None].expand(*src.shape, k.shape[-1])) / torch.gather(norm, 2, src[..., None])
+        u = (ke @ k.transpose(-1, -2)).div_(norm.transpose(-1, -2)).masked_fill_(~keep[:, :, None, :], float("-inf"))
+        m, j = u.max(dim=-1, keepdim=True)                      # (B, Hkv, C, 1): the first maximum, oldest in order
+        j = j if in_order else torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1, keepdim=True)  # oldest max
+        out.append((m.squeeze(-1), j.squeeze(-1)))
+    return torch.cat([m for m, _ in out], -1), torch.cat([j for _, j in out], -1)
 
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
@@ -116,12 +117,11 @@ def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alp
                      beta: float = 0.5, rule: str = "code") -> torch.Tensor:
     """Step 4: first compression (tau NaN) tau = mean(m); later "code" tau <- alpha*tau + beta*mean(m), "paper"
     tau <- beta*max(m) + (1 - beta)*tau. Rows without evictions keep tau. tau: (B,) float64; m, real: (B, Hkv, E)."""
-    B = m.shape[0]
     mean, has = _row_mean(m, real)                                        # (B,)
     if rule == "code":
         later = alpha * tau + beta * mean
     elif rule == "paper":
-        mx = torch.where(real, m.double(), float("-inf")).reshape(B, -1).amax(-1) if m.numel() else mean
+        mx = torch.where(real, m.double(), float("-inf")).reshape(m.shape[0], -1).amax(-1) if m.numel() else mean
         later = beta * mx + (1 - beta) * tau
     else:
         raise BadInput(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
