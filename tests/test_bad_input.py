@@ -1411,6 +1411,13 @@ class TestFetchAndBench:
         assert_refused(run_cli(["bench", "gpu", "--out", tmp_path / "g.json"], capsys), "llama9-1t",
                        "MINIKV_BENCH_SHAPES")
 
+    def test_bench_gpu_bad_policy_option(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any CUDA call
+        monkeypatch.setenv("MINIKV_BENCH_HF", "0")
+        monkeypatch.setenv("MINIKV_BENCH_POLICIES", "full,d2o when=later")
+        assert_refused(run_cli(["bench", "gpu", "--out", tmp_path / "g.json"], capsys), "when", "'later'",
+                       "first_decode")
+
     # where the default model lives
     def test_default_model_dir_honours_minikv_home(self, tmp_path, monkeypatch):
         monkeypatch.setenv("MINIKV_HOME", str(tmp_path / "h"))
