@@ -104,7 +104,7 @@ def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, po
         m, j = u.max(dim=-1, keepdim=True)                      # (B, Hkv, C, 1): the first maximum, oldest in order
         j = j if in_order else torch.where(u == m, pos[:, :, None, :], NO_POS).argmin(-1, keepdim=True)  # oldest max
         out.append((m.squeeze(-1), j.squeeze(-1)))
-    return torch.cat([m for m, _ in out], -1), torch.cat([j for _, j in out], -1)
+    return tuple(torch.cat(x, -1) if len(x) > 1 else x[0] for x in zip(*out))   # (B, Hkv, E) each; a step: no copy
 
 def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
