@@ -24,20 +24,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name, budget", [("full", None), ("h2o", 0.5), ("d2o", 0.5)])
-def test_compiled_decode_equals_eager(name, budget):
+@pytest.mark.parametrize("name, budget, kw", [("full", None, {}), ("h2o", 0.5, {}),
+                                              ("d2o", 0.5, {"protected_layers": [0]}),     # layer 1 compressed
+                                              ("d2o", 0.5, {"when": "prefill", "protected_layers": [0]})])
+def test_compiled_decode_equals_eager(name, budget, kw):
     model = tiny_model(num_hidden_layers=2)
     prompts = torch.randint(3, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1)).tolist()
-    eager = generate(model, prompts, get_policy(name, budget), max_new_tokens=8, stop_ids=[], keep_cache=True)
-    comp = generate(model, prompts, get_policy(name, budget), max_new_tokens=8, stop_ids=[], keep_cache=True,
+    eager = generate(model, prompts, get_policy(name, budget, **kw), max_new_tokens=8, stop_ids=[], keep_cache=True)
+    comp = generate(model, prompts, get_policy(name, budget, **kw), max_new_tokens=8, stop_ids=[], keep_cache=True,
                     compile=True)
     assert comp.tokens == eager.tokens and comp.capture_seconds > 0 and eager.capture_seconds == 0
+    assert name == "full" or bool((comp.cache.layers[-1].length < 40).all())   # the last layer was compressed
     for a, b in zip(eager.cache.layers, comp.cache.layers):
         order = lambda s: torch.sort(torch.where(s.pos >= 0, s.pos, 1 << 40), dim=-1).values
         assert torch.equal(order(a), order(b))                     # the same positions kept in every head
         assert not b.fixed and b.max_len_bound == b.capacity      # unfixed: the next append re-reads the lengths
     # The returned cache keeps working: appends past its fitted capacity grow it instead of overwriting entries.
-    cache, policy, n = comp.cache, get_policy(name, budget), comp.cache.layers[0].capacity + 2
+    cache, policy, n = comp.cache, get_policy(name, budget, **kw), comp.cache.layers[0].capacity + 2
     for _ in range(n):
         decode_step(model, cache, torch.tensor([5, 6]), policy)
     assert cache.seen.tolist() == [40 + 7 + n] * 2                 # 7 tokens fed back by generate, then n more
