@@ -57,8 +57,7 @@ def per_head_bound(A: torch.Tensor, mask: torch.Tensor, C_i: torch.Tensor) -> to
 
 def global_bound(A: torch.Tensor, mask: torch.Tensor, C_i: torch.Tensor) -> torch.Tensor:
     """2 h C - 2 C sum_i F_i with C = max_i C_i, the looser form of Theorem 3.1 that Ada-KV minimises (Thm 3.3)."""
-    C = C_i.amax(-1)
-    h = A.shape[-2]
+    C, h = C_i.amax(-1), A.shape[-2]
     return 2 * h * C - 2 * C * kept_mass(A, mask).sum(-1)
 
 def true_l1_error(A: torch.Tensor, V: torch.Tensor, W_o_blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,7 @@ class Budget:
     def entries(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """Budget in entries per batch row (B,), from each row's prompt length (ratios round down, at least 1)."""
         n = torch.as_tensor(prompt_lengths, dtype=torch.long)
-        if self.is_ratio:
-            return (n.double() * self.value).floor().long().clamp_min(1)
-        return torch.full_like(n, self.value)
+        return (n.double() * self.value).floor().long().clamp_min(1) if self.is_ratio else torch.full_like(n, self.value)
 
     def __str__(self) -> str:
         # repr keeps the decimal point (1.0, not 1), so a ratio never reads as a count.
@@ -72,8 +70,7 @@ def pyramid_prefix_budgets(prefix_budget: torch.Tensor, prompt_lengths: torch.Te
     step = (max_b - min_b) // (L - 1); layer l keeps max_b - l * step prefix entries."""
     b = prefix_budget.long()
     n = torch.as_tensor(prompt_lengths, dtype=torch.long, device=b.device)
-    min_b = b // beta
-    max_b = 2 * b - min_b
+    min_b, max_b = b // beta, 2 * b - b // beta
     capped = max_b >= n - window
     max_b = torch.where(capped, n - window, max_b)
     min_b = torch.where(capped, 2 * b - max_b, min_b)

@@ -135,17 +135,16 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
     n_steps = min(max_new_tokens, context_room(model, prompts, question))     # the context caps the work
     fed = max(n_steps - 1, 0)          # the last sampled token is never fed back
     reserve = min(max_new_tokens, RESERVE_CHUNK, fed) if reserve_tokens is None else min(reserve_tokens, fed)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)     # honest wall times
-    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    clock = lambda: (sync(), time.perf_counter())[1]          # honest wall times: the queued GPU work finished
+    t0 = clock()
     logits, cache = prefill(model, prompts, policy, question, pad_id, use_sdpa, reserve)
-    sync()
-    t1 = time.perf_counter()
+    t1 = clock()
     gen = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     sampler = lambda lg: sample(lg, temperature, top_p, gen)
     out, all_stopped, capture_s = decode_loop(model, cache, logits, policy, n_steps, sampler, stop, pad_id, on_tokens,
                                        use_sdpa, cuda_graph, reserve, compile)
-    sync()
-    t2 = time.perf_counter()
+    t2 = clock()
     return GenerationResult(
         tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
         kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
@@ -160,12 +159,11 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
     """Sample a token per row from `logits`, feed it back with decode_step, n_steps times at most; from the second
     step on (D2O compresses at the first) through fixed_capacity_step. No host sync but the tokens' read.
     Returns (new tokens per row, stop token excluded; whether every row hit a stop token; capture seconds)."""
-    B = logits.shape[0]
+    B, capture_s = logits.shape[0], 0.0
     out: list[list[int]] = [[] for _ in range(B)]
     finished, done = [False] * B, torch.zeros(B, dtype=torch.bool, device=model.device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=model.device)
     step_fn = lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
-    capture_s = 0.0
     for step in range(n_steps):
         nxt = sampler(logits)                                                  # (B,)
         done |= torch.isin(nxt, stop_ids)

@@ -122,10 +122,9 @@ class Llama(nn.Module):
 
     def inv_freq(self, dtype) -> torch.Tensor:
         """RoPE inverse frequencies for activations of `dtype`: float64 in oracle mode, else float32."""
-        rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (rope_dtype, self.device)
+        key = (torch.float64 if dtype == torch.float64 else torch.float32, self.device)     # (rope dtype, device)
         if key not in self._inv_freq:
-            self._inv_freq[key] = rope_inv_freq(self.cfg, rope_dtype).to(self.device)
+            self._inv_freq[key] = rope_inv_freq(self.cfg, key[0]).to(self.device)
         return self._inv_freq[key]
 
     @property
@@ -151,8 +150,7 @@ class Llama(nn.Module):
         default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only).
         validate=False skips the token and position range check (its host sync): the decode loop's own tokens."""
         B, T = tokens.shape
-        if pos is None:
-            pos = cache.seen[:, None] + torch.arange(T, device=tokens.device)
+        pos = cache.seen[:, None] + torch.arange(T, device=tokens.device) if pos is None else pos
         lo = -1                                                # unknown: assume padding (the masked SDPA path)
         if validate:   # one host sync reads the position range and the token range together
             lo, hi, t_lo, t_hi = torch.stack([x.long() for x in (*pos.aminmax(), *tokens.aminmax())]).tolist()
@@ -171,8 +169,6 @@ class Llama(nn.Module):
             x, stats = block(x, pos, cos, sin, cache.layers[i], need, window, use_sdpa, padded=lo < 0)
             if hook is not None:
                 hook(i, cache.layers[i], stats)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return x @ head.T                                                       # (B, T, vocab)

@@ -358,6 +358,22 @@ def test_merging_changes_the_cache(tiny64):
     assert torch.equal(got[:2], want[:2])       # prefill logits and the first step's output precede any merge
 
 
+@pytest.mark.parametrize("when", d2o_module.WHENS)
+def test_kept_key_norms_are_the_live_keys_norms_after_every_step(tiny64, when):
+    """Step 4 reads the norms kept beside the keys (the stat "key_norm") instead of recomputing them: after every
+    step and compressed layer they equal the norms of the live keys, the newest entry's and the merged ones' included
+    (tau = -inf merges every evicted entry into its nearest kept one)."""
+    checked = []
+
+    def check(layer, store):
+        if "key_norm" in store.stats:
+            live = store.valid
+            assert torch.equal(store.stats["key_norm"][live], store.k.norm(dim=-1)[live])
+            checked.append(layer)
+    forced_run(tiny64, _tokens(48, 5), _tokens(10, 6), D2O(0.3, tau_override=-math.inf, when=when), check)
+    assert sorted(set(checked)) == [2, 3, 4] and len(checked) == 3 * 10
+
+
 @pytest.mark.parametrize("opts", [{}, {"merge_weights": "paper"},
                                   {"allocation": "uniform", "heavy_share": 0.75}])
 def test_compressed_heads_hold_exactly_S_h_plus_S_r(tiny64, opts):

@@ -42,8 +42,7 @@ def step_thresholds(store: LayerStore, qpos: torch.Tensor, threshold: str, dtype
     else:
         visible = store.valid[:, :, None, :] & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B,Hkv,Tq,S)
         s = visible.sum(-1)                                               # (B, Hkv, Tq)
-    s = s.to(dtype)
-    return torch.where(s >= 1, 1.0 / s.clamp_min(1), torch.full_like(s, float("inf")))
+    return torch.where(s >= 1, 1.0 / s.to(dtype).clamp_min(1), float("inf"))
 
 def important_mask(probs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """important_{s,i} = OR over the G query heads of (alpha_{s,i} >= tau_s). probs (B,Hkv,G,Tq,S) -> (B,Hkv,Tq,S)."""

@@ -93,11 +93,13 @@ def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) 
     order = torch.topk(torch.where(evict, pos, NO_POS), E, -1, largest=False).indices   # (B, Hkv, E) oldest first
     return order, torch.arange(E, device=evict.device) < counts[..., None]
 
-def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, in_order=False):
+def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, in_order=False,
+                 norm: torch.Tensor | None = None):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
-    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos: (B, Hkv, S); in_order: slots in position order
-    (nothing evicted yet; later E <= 1). m: (B, Hkv, E), -inf where the head keeps nothing; ties: the older position."""
-    norm, out = k.norm(dim=-1, keepdim=True).clamp_min(1e-8), []   # (B, Hkv, S, 1); k is not copied to unit length
+    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos, norm (the keys' norms; None: computed, one more
+    read of k): (B, Hkv, S); in_order: slots in position order (nothing evicted yet; later E <= 1). m: (B, Hkv, E),
+    -inf where the head keeps nothing; ties: the older position."""
+    norm, out = (k.norm(dim=-1) if norm is None else norm)[..., None].clamp_min(1e-8), []   # (B, Hkv, S, 1)
     for src in src_slot.split(SIMILARITY_CHUNK, dim=-1):           # (B, Hkv, C): at most C x S products at once
         ke = torch.gather(k, 2, src[..., None].expand(*src.shape, k.shape[-1])) / torch.gather(norm, 2, src[..., None])
         u = (ke @ k.transpose(-1, -2)).div_(norm.transpose(-1, -2)).masked_fill_(~keep[:, :, None, :], float("-inf"))
@@ -139,8 +141,7 @@ def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> to
 def merge_weights_code(m: torch.Tensor, dst: torch.Tensor, merged: torch.Tensor, S: int):
     """Step 5 ("code"): k_c <- (k_c + sum_{e in I_c} m_e k_e) / (1 + |I_c|), i.e. scatter-mean with include_self.
     m, dst, merged: (B, Hkv, E). Returns (src_weight (B, Hkv, E), dst_scale (B, Hkv, S)) for LayerStore.merge."""
-    w = merged.to(m.dtype)
-    count = torch.zeros(*dst.shape[:2], S, dtype=w.dtype, device=dst.device).scatter_add(2, dst, w)  # |I_c|
+    count = torch.zeros(*dst.shape[:2], S, dtype=m.dtype, device=dst.device).scatter_add(2, dst, merged.to(m.dtype))
     scale = 1.0 / (1.0 + count)                                           # (B, Hkv, S)
     return torch.where(merged, m, 0.0) * torch.gather(scale, 2, dst), scale
 
@@ -159,9 +160,9 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression); threshold_rule
     defaults to the rule named like the weights; max_evicted: a host bound on the entries a head evicts (None: read
     it, one sync). Returns (new tau (B,), merged (B,), dropped (B,) entries per row). No branch reads a tensor."""
-    evict = store.valid & ~keep                                           # (B, Hkv, S)
+    evict, norm = store.valid & ~keep, store.stats.get("key_norm")       # (B, Hkv, S) each; norm: see D2O._compress
     src, real = evicted_slots(evict, store.pos, max_evicted)              # (B, Hkv, E)
-    m, j = nearest_kept(store.k, src, keep, store.pos, in_order=store.heads_aligned)
+    m, j = nearest_kept(store.k, src, keep, store.pos, store.heads_aligned, norm)
     real_m = real & torch.isfinite(m)                                     # heads that keep nothing cannot merge
     tau = (update_threshold(tau, m, real_m, alpha, beta, threshold_rule or merge_weights) if tau_override is None
            else torch.full_like(tau, float(tau_override)))                # updated before its use
@@ -171,8 +172,15 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     src_w, dst_scale = weights(m, j, merged, store.capacity)              # weight 0 / scale 1: nothing merged
     idx = src[..., None].expand(*src.shape, store.k.shape[-1])
     store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
+    if norm is not None:                                                  # merged keys changed: so did their norms
+        update_norms(store, j)
     store.keep(keep)
     return tau, n_merged, real.sum(dim=(1, 2)) - n_merged
+
+def update_norms(store: LayerStore, slot: torch.Tensor) -> None:
+    """The "key_norm" statistic recomputed at `slot` (B, Hkv, n) from the keys there (n entries per head, not S)."""
+    keys = torch.gather(store.k, 2, slot[..., None].expand(*slot.shape, store.k.shape[-1]))   # (B, Hkv, n, d)
+    store.stats["key_norm"].scatter_(2, slot, keys.norm(dim=-1))
 
 def protected_layer_option(value) -> tuple[int, ...] | None:
     """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1; one int is one layer)."""
@@ -285,6 +293,10 @@ class D2O(Policy):
         if not store.host.get("sized") and self.budget.is_ratio:          # first compression: T = entries now
             r["S_h"], r["S_r"] = heavy_recent_sizes(store.seen, r["ratio"], self.heavy_share)
         store.host["sized"] = True
+        if first:          # every key's norm, kept beside it from now on: a later step reads k once less (Step 4)
+            store.stats["key_norm"] = store.k.norm(dim=-1)                # (B, Hkv, S), k's dtype
+        else:              # the entry this step appended has the highest position of its head
+            update_norms(store, store.pos.argmax(-1, keepdim=True))
         keep = heavy_recent_keep(store, ranked_scores(store, self.score), r["S_h"], r["S_r"], self.n_sink, not first)
         keep |= r["full"][:, None, None] & store.valid
         tau, merged, dropped = evict_and_merge(store, keep, r["tau"], self.alpha, self.beta, self.merge_weights,

@@ -28,8 +28,7 @@ def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kerne
     p = (F.max_pool1d if mx else F.avg_pool1d)(s.flatten(0, 2)[:, None], kernel, stride=1, padding=kernel // 2)
     return group_mean(p.view_as(s)).masked_fill(~prefix, float("-inf"))
 
-def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget: torch.Tensor,
-                          window: int) -> torch.Tensor:
+def window_plus_topk_keep(store: LayerStore, score: torch.Tensor, prefix_budget: torch.Tensor, window: int):
     """(B, Hkv, S): the last `window` positions plus the top prefix_budget earlier entries ((B,) or (B, Hkv))."""
     k = prefix_budget if prefix_budget.dim() == 2 else prefix_budget[:, None]
     win = recent_mask(store.pos, window, store.seen)
