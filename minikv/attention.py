@@ -37,9 +37,7 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     (lets the SDPA path use a plain causal mask on a fresh prompt)."""
     B, Hq, T, d = q.shape
     Hkv, S = store.k.shape[1], store.k.shape[2]
-    if Hq % Hkv:
-        raise BadInput(f"attend: {Hq} query heads is not a multiple of {Hkv} KV heads")
-    G = Hq // Hkv
+    G = Hq // Hkv                                        # (LlamaConfig checks that Hkv divides Hq)
     if qpos.shape != (B, T):
         raise BadInput(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
     fresh = store.heads_aligned and store.max_len_bound == T   # only these T tokens, in slot order: t sees slots <= t

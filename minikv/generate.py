@@ -46,9 +46,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, start: torch.Tensor, device) ->
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     pos = torch.full((len(seqs), T), -1, dtype=torch.long)
     for b, s in enumerate(seqs):
-        if s:
-            ids[b, T - len(s):] = torch.tensor(s)
-            pos[b, T - len(s):] = int(start[b]) + torch.arange(len(s))
+        ids[b, T - len(s):] = torch.tensor(s)          # (check_prompts refuses an empty row)
+        pos[b, T - len(s):] = int(start[b]) + torch.arange(len(s))
     return ids.to(device), pos.to(device)
 
 @dataclass
@@ -67,10 +66,10 @@ class GenerationResult:
     context: int = 0                               # the model's context, in tokens (for the message)
     capture_seconds: float = 0.0                   # compiling and capturing, with the first fitted step (in decode)
 
-def full_cache_bytes(model: Llama, cache: KVCache) -> int:
-    c = model.cfg
-    return int(cache.seen.sum()) * c.num_hidden_layers * c.num_key_value_heads * 2 * c.head_dim * \
-        model.embed_tokens.weight.element_size()
+def full_cache_bytes(cache: KVCache) -> int:
+    """Bytes of keys and values a full cache would hold now: every token seen, in every layer and KV head."""
+    k = cache.layers[0].k                                                 # (B, Hkv, S, d)
+    return int(cache.seen.sum()) * len(cache.layers) * k.shape[1] * 2 * k.shape[-1] * k.element_size()
 
 @torch.no_grad()
 def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[list[int]] | None = None,
@@ -148,7 +147,7 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
     return GenerationResult(
         tokens=out, prompt_tokens=[len(p) for p in prompts], cache_ratio=cache.cache_ratio(),
         kv_bytes_live=cache.nbytes_live(), kv_bytes_allocated=cache.nbytes_allocated(),
-        kv_bytes_full=full_cache_bytes(model, cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        kv_bytes_full=full_cache_bytes(cache), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
         cache=cache if keep_cache else None, policy_report=policy.report(cache),
         stopped_at_context=n_steps < max_new_tokens and not all_stopped,
         context=model.cfg.max_position_embeddings, capture_seconds=capture_s)

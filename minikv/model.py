@@ -84,6 +84,8 @@ class Attention(nn.Module):
         out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa, padded=padded)  # (B,Hq,T,d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), stats
 
+MLP_TOKENS = 8192   # a prompt's MLP runs this many tokens at a time: its FFN-wide activations are prefill's largest
+
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -92,7 +94,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        """SwiGLU: down(silu(gate(x)) * up(x))."""
+        """SwiGLU: down(silu(gate(x)) * up(x)), over the B*T tokens of x (B, T, D) MLP_TOKENS at a time."""
+        if x.shape[0] * x.shape[1] > MLP_TOKENS:
+            return torch.cat([self(c) for c in x.reshape(1, -1, x.shape[-1]).split(MLP_TOKENS, dim=1)], 1).view_as(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):

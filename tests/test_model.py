@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -70,6 +71,23 @@ def test_chunked_prefill_equals_one_shot(cuts):
         bounds = [0, *sorted(cuts), 40]
         parts = [model(ids[:, a:b], cache) for a, b in zip(bounds, bounds[1:]) if b > a]
     assert torch.allclose(torch.cat(parts, dim=1), one, rtol=1e-10, atol=1e-10)
+
+
+@given(pieces=st.integers(1, 70), B=st.integers(1, 3), T=st.integers(1, 40))
+def test_mlp_in_pieces_of_tokens_equals_one_piece(pieces, B, T):
+    """A prompt's MLP runs MLP_TOKENS tokens at a time (prefill memory): the same outputs as all tokens at once."""
+    import minikv.model as model_module
+    model = tiny_model(torch.float64)
+    ids = torch.randint(0, 101, (B, T), generator=torch.Generator().manual_seed(pieces))
+    with torch.no_grad():
+        one = model(ids, model.new_cache(B))
+        mlp = model.layers[0].mlp
+        x = torch.randn(B, T, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+        whole = mlp(x)
+        with mock.patch.object(model_module, "MLP_TOKENS", pieces):
+            split, in_pieces = model(ids, model.new_cache(B)), mlp(x)
+    assert torch.allclose(split, one, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(in_pieces, whole, rtol=1e-12, atol=1e-12) and in_pieces.shape == x.shape
 
 
 @given(chunk=st.integers(1, 50), T=st.integers(1, 50))

@@ -22,10 +22,9 @@ def get_policy(name: str, budget=None, **options) -> Policy:
     """Build the policy called `name`. Raises ValueError (BadInput) for an unknown name or option, or a bad value."""
     if not isinstance(name, str) or name not in REGISTRY:
         raise BadInput(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
-    cls = REGISTRY[name]
-    known = policy_options(cls)
+    known = policy_options(REGISTRY[name])
     unknown = [k for k in options if k not in known]
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
         raise BadInput(f"policy {name!r} has no option {unknown[0]!r}; its options (with defaults): {valid}")
-    return cls(budget=budget, **options)
+    return REGISTRY[name](budget=budget, **options)
