@@ -87,10 +87,10 @@ def heavy_recent_sizes(T: torch.Tensor, ratio: torch.Tensor, heavy_share: float)
 # ---- Step 4: nearest kept entry, threshold, decision -----------------------------------------------------------
 def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots of the evicted entries of each head in position order, padded to E (None: the most any head evicts,
-    one host sync): ((B, Hkv, E) long, (B, Hkv, E) real)."""
-    counts = evict.sum(-1)                                                # (B, Hkv)
+    one host sync): ((B, Hkv, E) long, (B, Hkv, E) real). E = 1 (a decode step): an arg-min, fused when compiled."""
+    counts, key = evict.sum(-1), torch.where(evict, pos, NO_POS)          # (B, Hkv), (B, Hkv, S)
     E = (int(counts.max()) if counts.numel() else 0) if E is None else E
-    order = torch.topk(torch.where(evict, pos, NO_POS), E, -1, largest=False).indices   # (B, Hkv, E) oldest first
+    order = key.argmin(-1, keepdim=True) if E == 1 else torch.topk(key, E, -1, largest=False).indices  # oldest first
     return order, torch.arange(E, device=evict.device) < counts[..., None]
 
 def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, in_order=False,
