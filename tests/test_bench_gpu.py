@@ -76,6 +76,17 @@ def test_probe_and_checks_run_on_cpu(tiny):
     assert prof["wall_ms_per_step"] > 0 and prof["kernels_per_step"] == 0 and prof["top_kernels"] == []
 
 
+def test_prefill_profile_times_the_second_of_three_prefills(tiny, monkeypatch):
+    """Mode "prefill" profiles a prefill (for target (e)): an untimed one, a timed one, then one under the profiler."""
+    calls, real = [], bench.prefill
+    monkeypatch.setattr(bench, "prefill", lambda *a, **kw: (calls.append(len(a[1])), real(*a, **kw))[1])
+    times = iter([10.0, 10.25])                     # the clock around the timed (second) prefill
+    monkeypatch.setattr(bench, "_clock", lambda: next(times))
+    prof = bench.profile_decode(tiny, "h2o", 0.2, 2, P, "prefill")
+    assert calls == [2, 2, 2] and prof["wall_ms_per_step"] == pytest.approx(250.0) and prof["kernels_per_step"] == 0
+    assert bench.bench_plan({"MINIKV_BENCH_PROFILE": "h2o:16:prefill"})["profile"] == [("h2o", 16, "prefill")]
+
+
 def test_sync_check_records_the_first_error(tiny, monkeypatch):
     calls, real = [], bench.decode_step
 

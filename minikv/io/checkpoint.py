@@ -116,7 +116,6 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     check_state_dict(state, cfg, source=str(folder))
     with torch.device("meta"):
         model = Llama(cfg)
-    ours = {name.removeprefix("model."): t.to(dtype) for name, t in state.items()
-            if name in expected_shapes(cfg)}
+    ours = {name.removeprefix("model."): t.to(dtype) for name, t in state.items() if name in expected_shapes(cfg)}
     model.load_state_dict(ours, strict=True, assign=True)
     return model.to(device).eval()

@@ -194,8 +194,7 @@ def verify_conversion(out_dir: str | Path) -> dict:
     n_vocab = len(read_json_object(out_dir / "tokenizer.json").get("model", {}).get("vocab", {}))
     require(n_vocab == cfg.vocab_size,
             f"{out_dir / 'tokenizer.json'}: vocabulary has {n_vocab} tokens, config says {cfg.vocab_size}")
-    return {name: {"size": (out_dir / name).stat().st_size, "sha256": _sha256(out_dir / name)}
-            for name in OUTPUT_FILES}
+    return {name: {"size": (out_dir / name).stat().st_size, "sha256": _sha256(out_dir / name)} for name in OUTPUT_FILES}
 
 def is_verified(out_dir: str | Path, deep: bool = False) -> bool:
     """Whether out_dir's stamp still matches its files: sizes, and sha256 where mtimes moved (every file when deep)."""

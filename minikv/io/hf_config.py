@@ -44,8 +44,7 @@ def config_from_dict(d: dict) -> LlamaConfig:
     d = dict(d)
     _merge_rope_parameters(d)
     known = {f for f in LlamaConfig.__dataclass_fields__ if f != "extra"}
-    cfg = LlamaConfig(**{k: v for k, v in d.items() if k in known},
-                      extra={k: v for k, v in d.items() if k not in known})
+    cfg = LlamaConfig(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
     return check_config(cfg)
 
 def read_json_object(path: Path):

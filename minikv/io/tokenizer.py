@@ -68,8 +68,7 @@ def _split_on(pieces: list[tuple[str, bool]], pattern: re.Pattern | None) -> lis
     out = []
     for text, is_added in pieces:
         # split with one group alternates text between matches (even k, kept when non-empty) and matches (odd k).
-        out += [(text, True)] if is_added else [(p, k % 2 == 1) for k, p in enumerate(pattern.split(text))
-                                                if p or k % 2]
+        out += [(text, True)] if is_added else [(p, k % 2 == 1) for k, p in enumerate(pattern.split(text)) if p or k % 2]
     return out
 
 # ---- reading tokenizer.json ------------------------------------------------------------------------------------------

@@ -179,11 +179,16 @@ def summarize(events, steps: int) -> dict:
 def profile_decode(model: Llama, name: str, ratio: float, batch: int, prompt_len: int, mode: str, steps: int = 5):
     """Decode steps (validate=False) after prefill, a step and cache.fit. Mode "sync": 3 steps under set_sync_debug_mode
     ("error"): ok, or the first error ("checked": False without CUDA). Modes "eager", "graph" and "compiled" (MODES):
-    wall ms/step over `steps` steps after a warm-up step, then torch.profiler over `steps` more."""
+    wall ms/step over `steps` steps after a warm-up step, then torch.profiler over `steps` more. Mode "prefill": the
+    same for one prefill of the batch (its "step"), after an untimed one."""
     _free()
     policy, on = policy_for(name, ratio), torch.cuda.is_available()
-    cache, tok = _fitted(model, policy, batch, prompt_len, 2 * steps + 2)
-    step = lambda: decode_step(model, cache, tok, policy, validate=False)
+    if mode == "prefill":    # the "step" is a prefill of the batch; a first one untimed (lazy inits, library heuristics)
+        step, steps = lambda: prefill(model, _prompts(model, batch, prompt_len), policy), 1
+        step()
+    else:
+        cache, tok = _fitted(model, policy, batch, prompt_len, 2 * steps + 2)
+        step = lambda: decode_step(model, cache, tok, policy, validate=False)
     if mode == "sync":
         old = torch.cuda.get_sync_debug_mode() if on else 0
         try:
@@ -194,14 +199,15 @@ def profile_decode(model: Llama, name: str, ratio: float, batch: int, prompt_len
             return {"ok": False, "checked": on, "error": str(e).splitlines()[0][:300]}
         finally:
             torch.cuda.set_sync_debug_mode(old) if on else None
-    step_fn, _, _ = fixed_capacity_step(model, cache, policy, None, 2 * steps + 2, tok, cache.seen.clone(),
-                                        mode != "eager", 2 * steps + 2, mode == "compiled")
-    step = lambda: step_fn(tok, cache.seen.clone())
-    _sync_peak(); t0 = time.perf_counter()
+    if mode != "prefill":
+        step_fn, _, _ = fixed_capacity_step(model, cache, policy, None, 2 * steps + 2, tok, cache.seen.clone(),
+                                            mode != "eager", 2 * steps + 2, mode == "compiled")
+        step = lambda: step_fn(tok, cache.seen.clone())
+    _sync_peak(); t0 = _clock()
     for _ in range(steps):
         step()
-    _sync_peak(); wall = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()) as prof:
+    _sync_peak(); wall = _clock() - t0
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on) as prof:
         for _ in range(steps):
             step()
         _sync_peak()
@@ -232,7 +238,8 @@ GPU_KEYS = ["shape", "engine", "policy", "mode", "batch", "max_batch", "prefill_
 def bench_plan(env, profile_flag: bool = False) -> dict:
     """The run from MINIKV_BENCH_*, checked up front: SHAPES, POLICIES, BATCHES ("1,16,max"), MODES ("graph,eager", in
     that order), HF ("1", "0", "only"), PROMPT, NEW_TOKENS, SECONDS (a budget checked before each item), PROFILE
-    ("policy:batch:mode,..."; --profile: PROFILE_DEFAULT), SYNC ("1": check all POLICIES; default on if profiling)."""
+    ("policy:batch:mode,...", mode also "prefill"; --profile: PROFILE_DEFAULT), SYNC ("1": check all POLICIES; default
+    on if profiling)."""
     def get(name, default, ok, known):
         items = [x.strip() for x in env.get(name, default).split(",") if x.strip()]
         if [x for x in items if not ok(x)] or (default and not items):
@@ -240,7 +247,7 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
         return items
     num = lambda x, lo=1: x.isdecimal() and int(x) >= lo
     known = lambda p: p.split()[0] in REGISTRY and bool(policy_for(p, 0.2))     # "d2o when=prefill": an option
-    is_spec = lambda p, b="", m="", *more: known(p) and num(b) and m in MODES and not more
+    is_spec = lambda p, b="", m="", *more: known(p) and num(b) and m in (*MODES, "prefill") and not more
     spec = [x.split(":") for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
                                       lambda x: is_spec(*x.split(":")), "policy:batch:mode,...")]
     one = lambda *a: get(*a)[0]
@@ -274,8 +281,7 @@ def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloa
 
     def time_left(what: str) -> bool:
         t = time.perf_counter() - t_start
-        print(f"[{t:5.0f} s] " + (what if t < plan["seconds"] else f"time budget spent: skipping {what}"),
-              file=sys.stderr)
+        print(f"[{t:5.0f} s] " + (what if t < plan["seconds"] else f"time budget spent: skipping {what}"), file=sys.stderr)
         return t < plan["seconds"]
 
     for shape in plan["shapes"]:

@@ -142,8 +142,7 @@ def register(sub) -> None:
     p = sub.add_parser("trace", help="per-step account of what a policy kept, evicted and merged")
     p.add_argument("--prompt", required=True, type=prompt_arg)
     p.add_argument("--max-new-tokens", type=count_arg, default=4)
-    p.add_argument("--layers", default="0", type=layers_arg,
-                   help="comma-separated layers to show, or 'all' (default: 0)")
+    p.add_argument("--layers", default="0", type=layers_arg, help="comma-separated layers to show, or 'all' (default: 0)")
     add_model_args(p)
     add_policy_args(p)
     p.set_defaults(func=cmd_trace)

@@ -116,8 +116,7 @@ def format_d2o_report(report: dict) -> str:
         n = r["merged"] + r["dropped"]
         r["merge%"] = _num(100 * r["merged"] / n if n else None, 1)
         r.update({k: "-" for k in ("S_h", "S_r") if r.get(k, 0) < 0})
-    options = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("policy", "budget", "layers") and
-                        v is not None)
+    options = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("policy", "budget", "layers") and v is not None)
     head = f"D2O budget {report['budget']} (rho row 0 = {_num(report['layers'][0]['rho'][0])}), {options}"
     return head + "\n" + format_rows(rows, ["layer", "F", "L*w", "ratio", "S_h", "S_r", "merged", "dropped", "merge%",
                                             "tau"])
