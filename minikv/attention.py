@@ -29,19 +29,18 @@ def softmax_visible(scores: torch.Tensor, visible: torch.Tensor, lo: int = 0) ->
     return e, e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozenset = frozenset(),
-           window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True):
+           window: int = 0, chunk: int | None = None, use_sdpa: bool = False, padded: bool = True, offset: int = 0):
     """Attention of queries over the store. Returns (out (B, Hq, T, d), stats dict as requested in `need`).
     q: (B, Hq, T, d) already rotated; qpos: (B, T) absolute positions, -1 for padding queries (output 0).
     need: subset of {"colsum", "last_rows", "probs"}; window: rows kept for "last_rows"; use_sdpa: outputs through
-    torch's fused SDPA, statistics (if any) in a second pass; padded: False promises that no query is padding
-    (lets the SDPA path use a plain causal mask on a fresh prompt)."""
-    B, Hq, T, d = q.shape
-    Hkv, S = store.k.shape[1], store.k.shape[2]
+    torch's fused SDPA, statistics (if any) in a second pass; padded: False promises that no query is padding (a
+    causal mask for a fresh prompt); offset: tokens of the same prompt appended before these (a prompt in pieces)."""
+    (B, Hq, T, d), (Hkv, S) = q.shape, store.k.shape[1:3]
     G = Hq // Hkv                                        # (LlamaConfig checks that Hkv divides Hq)
     if qpos.shape != (B, T):
         raise BadInput(f"attend: qpos shape {tuple(qpos.shape)} != (B, T) = {(B, T)}")
-    fresh = store.heads_aligned and store.max_len_bound == T   # only these T tokens, in slot order: t sees slots <= t
-    out = _attend_sdpa(q, qpos, store, fresh and not padded) if use_sdpa else torch.empty_like(q)   # no probs
+    fresh = store.heads_aligned and store.max_len_bound == offset + T   # only this prompt: t sees slots <= offset + t
+    out = _attend_sdpa(q, qpos, store, offset if fresh and not padded else None) if use_sdpa else torch.empty_like(q)
     if use_sdpa and not need:
         return out, {}
     scale, w = 1.0 / math.sqrt(d), min(window, T)
@@ -52,17 +51,18 @@ def attend(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, need: frozens
     # With SDPA's outputs only the statistics are left to compute: "last_rows" alone needs the last w queries only.
     for t0 in range(T - w if use_sdpa and need == {"last_rows"} else 0, T, chunk):
         t1 = min(T, t0 + chunk)
-        tc, Sc = t1 - t0, min(S, t1) if fresh else S
+        tc, Sc = t1 - t0, min(S, offset + t1) if fresh else S
         qc = (q[:, :, t0:t1] * scale).view(B, Hkv, G, tc, d)               # (B, Hkv, G, tc, d)
         # A fresh prompt without padding: every query of the chunk sees the slots before t0, only the rest is masked.
-        e, r = _chunk_exp(qc, qpos[:, t0:t1], store, Sc, t0 if fresh and not padded else 0)   # softmax = e / r
+        e, r = _chunk_exp(qc, qpos[:, t0:t1], store, Sc, offset + t0 if fresh and not padded else 0)  # softmax e / r
         if "colsum" in stats:     # sum_i e_ij / r_i as one product (no divided copy of the chunk): (B, Hkv, G, Sc)
             stats["colsum"][..., :Sc] += (r.reciprocal().transpose(-1, -2) @ e).squeeze(-2)
         if not use_sdpa or need - {"colsum"}:
-            p = e.div_(r)                                                   # (B, Hkv, G, tc, Sc)
+            e.div_(r)                                                       # the softmax (B, Hkv, G, tc, Sc)
             if not use_sdpa:
-                out[:, :, t0:t1] = (p.to(store.v.dtype).flatten(2, 3) @ store.v[:, :, :Sc]).view(B, Hq, tc, d)
-            _store_rows(stats, p, t0, t1, T - w)
+                out[:, :, t0:t1] = (e.to(store.v.dtype).flatten(2, 3) @ store.v[:, :, :Sc]).view(B, Hq, tc, d)
+            _store_rows(stats, e, t0, t1, T - w)
+        del e                   # this chunk's scores go before the next chunk's exist (a long prompt's peak)
     return out, stats
 
 def _chunk_exp(qc: torch.Tensor, qpos: torch.Tensor, store: LayerStore, Sc: int, lo: int):
@@ -84,14 +84,16 @@ def _store_rows(stats: dict, p: torch.Tensor, t0: int, t1: int, first_row: int) 
         lo = max(t0, first_row)
         stats["last_rows"][:, :, :, lo - first_row:t1 - first_row, :p.shape[-1]] = p[:, :, :, lo - t0:]
 
-def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, causal: bool = False) -> torch.Tensor:
-    """The same attention through torch's fused SDPA (no probabilities; enable_gqa: keys are not copied G times).
-    causal: the store holds only these T tokens, none of them padding (host-side facts, no GPU sync)."""
-    T, gqa = q.shape[2], q.shape[1] != store.k.shape[1]
-    if causal:              # the plain causal mask is exact, and SDPA may use flash
-        return F.scaled_dot_product_attention(q, store.k[:, :, :T], store.v[:, :, :T], is_causal=True, enable_gqa=gqa)
-    visible = (store.pos[:, :, None, :] >= 0) & (store.pos[:, :, None, :] <= qpos[:, None, :, None])  # (B, Hkv, T, S)
-    # The mask is per KV head; share it while every head holds the same entries, else repeat it per query head.
-    mask = visible[:, :1] if store.heads_aligned else visible.repeat_interleave(q.shape[1] // store.k.shape[1], 1)
-    # Rows that see nothing (padding queries) come back NaN from SDPA; the reference returns 0 for them.
-    return torch.nan_to_num(F.scaled_dot_product_attention(q, store.k, store.v, mask, enable_gqa=gqa), nan=0.0)
+def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, offset: int | None = None) -> torch.Tensor:
+    """The same attention through torch's fused SDPA (no probabilities). offset: the store holds only this prompt's
+    tokens, none of them padding, these T after `offset` others (host-side facts, no GPU sync): a causal mask."""
+    (B, Hq, T, d), Hkv = q.shape, store.k.shape[1]
+    if offset == 0:      # the plain causal mask is exact, and SDPA may use flash (enable_gqa: keys not copied G times)
+        return F.scaled_dot_product_attention(q, store.k[:, :, :T], store.v[:, :, :T], is_causal=True, enable_gqa=Hq > Hkv)
+    S, pos = store.capacity if offset is None else offset + T, store.pos[:, :1] if store.heads_aligned else store.pos
+    visible = (torch.ones(T, S, dtype=torch.bool, device=q.device).tril(offset) if offset is not None else   # t <= o+t
+               (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= qpos[:, None, :, None]))   # (B, 1 or Hkv, T, S)
+    # A KV head's G query heads as G*T queries (as `attend` does): SDPA sees no GQA, so a masked kernel can take it.
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv * T, d), store.k[:, :, :S], store.v[:, :, :S],
+                                         torch.cat([visible] * (Hq // Hkv), dim=-2))
+    return torch.nan_to_num(out.view(B, Hq, T, d), nan=0.0)   # rows that see nothing (padding): NaN from SDPA, 0 here

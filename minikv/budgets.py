@@ -23,8 +23,7 @@ class Budget:
         if isinstance(v, int) and v < 1:
             raise BadInput(f"budget count must be >= 1, got {v}")
         if isinstance(v, float) and not (0 < v <= 1):
-            hint = f"; for a count of {int(v)} entries write {int(v)}" if math.isfinite(v) and v == int(v) and v > 1 \
-                else ""
+            hint = f"; for a count of {int(v)} entries write {int(v)}" if math.isfinite(v) and v == int(v) > 1 else ""
             raise BadInput(f"budget ratio must be in (0, 1], got {v!r}{hint}")
 
     @property

@@ -187,8 +187,7 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
     return out, all(finished), capture_s
 
 def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, tokens: torch.Tensor,
-                        pos: torch.Tensor, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK,
-                        compile: bool = False):
+                        pos: torch.Tensor, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK, compile=False):
     """Fit the cache to the `left` tokens still to feed (plain eager: at most `reserve`, then it grows if it must),
     run the first, tokens and pos (B,), and return (step(tokens, pos) -> logits, its logits, seconds spent compiling
     and capturing, that first step included). compile: torch.compile'd (its first run compiles); cuda_graph: then

@@ -74,17 +74,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool,
-                padded: bool = True):
+                padded: bool = True, offset: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)      # keys are cached after RoPE, at true positions
         store.append(k, v, pos)
-        out, stats = attend(q, pos, store, need=need, window=window, use_sdpa=use_sdpa, padded=padded)  # (B,Hq,T,d)
+        out, stats = attend(q, pos, store, need, window, use_sdpa=use_sdpa, padded=padded, offset=offset)  # (B,Hq,T,d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), stats
-
-MLP_TOKENS = 8192   # a prompt's MLP runs this many tokens at a time: its FFN-wide activations are prefill's largest
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -94,10 +92,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        """SwiGLU: down(silu(gate(x)) * up(x)), over the B*T tokens of x (B, T, D) MLP_TOKENS at a time."""
-        if x.shape[0] * x.shape[1] > MLP_TOKENS:
-            return torch.cat([self(c) for c in x.reshape(1, -1, x.shape[-1]).split(MLP_TOKENS, dim=1)], 1).view_as(x)
+        """SwiGLU: down(silu(gate(x)) * up(x))."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+PIECE_TOKENS = 8192   # a prompt runs through a block this many tokens (all rows) at a time: prefill's activations
 
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -109,10 +107,20 @@ class Block(nn.Module):
 
     def forward(self, x, pos, cos, sin, store: LayerStore, need: frozenset, window: int, use_sdpa: bool,
                 padded: bool = True) -> tuple[torch.Tensor, dict]:
-        """x + attn(norm(x)), then + mlp(norm(.)): the pre-norm residual block. Returns (x (B, T, D), stats)."""
-        a, stats = self.self_attn(self.input_layernorm(x), pos, cos, sin, store, need, window, use_sdpa, padded)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), stats
+        """x + attn(norm(x)), then + mlp(norm(.)): the pre-norm residual block, written into x (B, T, D) in place,
+        PIECE_TOKENS tokens at a time: a piece of queries sees the earlier ones through the store, so a prompt's
+        activations are one piece's. The last piece holds the `window` last queries; "colsum" adds up over pieces."""
+        T, stats = x.shape[1], {}
+        size = T if "probs" in need else max(1, window, PIECE_TOKENS // x.shape[0])      # queries per piece
+        store.reserve(T)                                                      # one allocation for all pieces
+        for t1 in reversed(range(T, 0, -size)):                              # the last piece is a whole one
+            p = slice(max(0, t1 - size), t1)
+            a, s = self.self_attn(self.input_layernorm(x[:, p]), pos[:, p], cos[:, :, p], sin[:, :, p], store,
+                                  need if t1 == T else need - {"last_rows"}, window, use_sdpa, padded, p.start)
+            x[:, p] += a
+            x[:, p] += self.mlp(self.post_attention_layernorm(x[:, p]))
+            stats = {name: stats[name] + v if name in stats else v for name, v in s.items()}
+        return x, stats
 
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -141,10 +149,9 @@ class Llama(nn.Module):
 
     def new_cache(self, batch: int, capacity: int = 16) -> KVCache:
         """An empty cache for `batch` rows with `capacity` slots per head; it grows as needed, up to the context."""
-        c = self.cfg
-        return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
-                             min(capacity, c.max_position_embeddings), dtype=self.dtype, device=self.device,
-                             max_capacity=c.max_position_embeddings)
+        c, ctx = self.cfg, self.cfg.max_position_embeddings
+        return KVCache([LayerStore.empty(batch, c.num_key_value_heads, c.head_dim, min(capacity, ctx), self.dtype,
+                                         self.device, ctx, c.num_hidden_layers) for _ in range(c.num_hidden_layers)])
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,
                 hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
@@ -159,8 +166,8 @@ class Llama(nn.Module):
         if validate:   # one host sync reads the position range and the token range together
             lo, hi, t_lo, t_hi = torch.stack([x.long() for x in (*pos.aminmax(), *tokens.aminmax())]).tolist()
             if t_lo < 0 or t_hi >= self.cfg.vocab_size:
-                bad = t_lo if t_lo < 0 else t_hi
-                raise BadInput(f"token id {bad} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
+                raise BadInput(f"token id {t_lo if t_lo < 0 else t_hi} is outside the model's vocabulary "
+                               f"(0..{self.cfg.vocab_size - 1})")
             if hi >= self.cfg.max_position_embeddings:
                 raise BadInput(f"sequence of {hi + 1} tokens exceeds the model's context "
                                f"({self.cfg.max_position_embeddings} tokens)")

@@ -102,6 +102,13 @@ class LayerStore:
         self.k, self.v, self.pos = move(self.k, 0), move(self.v, 0), move(self.pos, -1)
         self.stats = {name: move(t, 0) for name, t in self.stats.items()}
 
+    def reserve(self, T: int) -> None:
+        """Room for T more entries per head (a free slot for padding too): grows the tensors when it must."""
+        if not self.fixed and self.max_len_bound + T + 1 > self.capacity:   # the host bound says it may not fit:
+            self.max_len_bound = int(self.length.max())                  # one sync reads the real lengths
+            if self.max_len_bound + T + 1 > self.capacity:
+                self.fit(T, spare=max(self.capacity // 2, self.room))    # geometric growth: amortised O(1)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Write T new tokens into empty slots of every head of each batch row; tokens with pos < 0 (left padding)
         are not cached. k, v: (B, Hkv, T, d); pos: (B, T). Returns the slot of each token, (B, Hkv, T) (-1 if not)."""
@@ -109,10 +116,7 @@ class LayerStore:
         if v.shape != k.shape or pos.shape != (B, T) or (B, Hkv, d) != tuple(self.k.shape[i] for i in (0, 1, 3)):
             raise BadInput(f"append: k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)} do not fit "
                            f"the store's (B, Hkv, S, d) = {tuple(self.k.shape)}")
-        if not self.fixed and self.max_len_bound + T + 1 > self.capacity:   # the host bound says it may not fit:
-            self.max_len_bound = int(self.length.max())                  # one sync reads the real lengths
-            if self.max_len_bound + T + 1 > self.capacity:
-                self.fit(T, spare=max(self.capacity // 2, self.room))    # geometric growth: amortised O(1)
+        self.reserve(T)
         real = (pos >= 0)                                                # (B, T)
         if T == 1:                                                       # a decode step: the first empty slot
             slot = self.pos.argmin(-1, keepdim=True)                     # (B, Hkv, 1): pos -1 is the minimum
@@ -140,21 +144,22 @@ class LayerStore:
             t.masked_fill_(~keep_mask, 0)
         self.heads_aligned = False
 
-    def merge(self, dst_slot: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
-              src_weight: torch.Tensor, dst_scale: torch.Tensor) -> None:
-        """Weighted in-place merge of E source vectors into kept entries (D2O, Step 5).
-        k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * src_k[e]   (the same for v)
-        dst_slot: (B, Hkv, E) int64; src_k, src_v: (B, Hkv, E, d); src_weight: (B, Hkv, E) (0 = not merged);
-        dst_scale: (B, Hkv, S), 1 for entries that receive nothing. Only the E destinations are read and written."""
-        b, h = self._row_head(dst_slot)
-        scale, w = torch.gather(dst_scale, 2, dst_slot)[..., None], src_weight[..., None]   # (B, Hkv, E, 1)
-        for t, src in ((self.k, src_k), (self.v, src_v)):
-            scaled, added = t[b, h, dst_slot] * scale.to(t.dtype), w.to(t.dtype) * src.to(t.dtype)   # (B, Hkv, E, d)
-            if dst_slot.shape[-1] == 1:       # one source per head (a decode step): one write, kept in place compiled
-                t[b, h, dst_slot] = scaled + added
-            else:                             # a repeated destination writes the same scaled value, then the sources
-                t[b, h, dst_slot] = scaled
-                t.index_put_((b, h, dst_slot), added, accumulate=True)
+    def merge(self, dst_slot: torch.Tensor, src_slot: torch.Tensor, src_weight: torch.Tensor,
+              dst_scale: torch.Tensor, chunk: int = 256) -> None:
+        """Weighted in-place merge of E entries into kept entries of the same head (D2O, Step 5).
+        k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * k[src_e]   (the same for v)
+        dst_slot, src_slot: (B, Hkv, E) int64, no source a destination; src_weight: (B, Hkv, E) (0 = not merged);
+        dst_scale: (B, Hkv, S), 1 for entries that receive nothing. E = 1 (a decode step) reads and writes the one
+        destination; more: every entry is scaled, then the sources added `chunk` at a time (no (E, d) copies)."""
+        (b, h), w = self._row_head(dst_slot), src_weight[..., None]          # w: (B, Hkv, E, 1)
+        for t in (self.k, self.v):
+            if dst_slot.shape[-1] == 1:       # one write per head, kept in place when compiled
+                scale = torch.gather(dst_scale, 2, dst_slot)[..., None].to(t.dtype)          # (B, Hkv, 1, 1)
+                t[b, h, dst_slot] = t[b, h, dst_slot] * scale + w.to(t.dtype) * t[b, h, src_slot]
+            else:                             # a repeated destination is scaled once, then receives every source
+                t.mul_(dst_scale[..., None].to(t.dtype))
+                for dst, src, wc in zip(dst_slot.split(chunk, -1), src_slot.split(chunk, -1), w.split(chunk, -2)):
+                    t.index_put_((b, h, dst), wc.to(t.dtype) * t[b, h, src], accumulate=True)   # (B, Hkv, c, d)
 
     def _row_head(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and head indices (B, 1, 1), (1, Hkv, 1) that broadcast against slots (B, Hkv, n) for indexed writes."""
@@ -174,21 +179,10 @@ class KVCache:
     """One LayerStore per layer."""
     layers: list[LayerStore]
 
-    @classmethod
-    def empty(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int = _ROUND,
-              dtype=torch.float32, device=None, max_capacity: int = 0) -> "KVCache":
-        return cls([LayerStore.empty(batch, n_kv_heads, head_dim, capacity, dtype, device, max_capacity, n_layers)
-                    for _ in range(n_layers)])
-
     @property
     def seen(self) -> torch.Tensor:
         """(B,) tokens each batch row has seen so far (the next token's position)."""
         return self.layers[0].seen
-
-    @property
-    def prompt_len(self) -> torch.Tensor:
-        """(B,) prompt length of each row (set by prefill; budgets given as a ratio are ratios of it)."""
-        return self.layers[0].rows["prompt_len"]
 
     @property
     def capacity(self) -> int:

@@ -73,21 +73,35 @@ def test_chunked_prefill_equals_one_shot(cuts):
     assert torch.allclose(torch.cat(parts, dim=1), one, rtol=1e-10, atol=1e-10)
 
 
-@given(pieces=st.integers(1, 70), B=st.integers(1, 3), T=st.integers(1, 40))
-def test_mlp_in_pieces_of_tokens_equals_one_piece(pieces, B, T):
-    """A prompt's MLP runs MLP_TOKENS tokens at a time (prefill memory): the same outputs as all tokens at once."""
+@given(pieces=st.integers(1, 70), B=st.integers(1, 3), T=st.integers(1, 40), pad=st.integers(0, 5),
+       window=st.integers(0, 8), sdpa=st.booleans(), question=st.integers(0, 30))
+def test_prompt_in_pieces_equals_one_piece(pieces, B, T, pad, window, sdpa, question):
+    """A prompt runs through each block PIECE_TOKENS tokens at a time (prefill memory): the same logits, cache and
+    statistics as in one piece, with left padding, through SDPA or the reference, and for a question appended after."""
     import minikv.model as model_module
     model = tiny_model(torch.float64)
-    ids = torch.randint(0, 101, (B, T), generator=torch.Generator().manual_seed(pieces))
+    g = torch.Generator().manual_seed(T)
+    ids, more = torch.randint(0, 101, (B, T), generator=g), torch.randint(0, 101, (B, question), generator=g)
+    pos = torch.arange(T).repeat(B, 1)
+    pos[0] = (pos[0] - min(pad, T - 1)).clamp_min(-1)                           # row 0 left-padded
+    need = frozenset({"colsum", "last_rows"})
+
+    def run():
+        cache, stats = model.new_cache(B), []
+        logits = model(ids, cache, pos, lambda l, store, s: stats.append(s), need, window, use_sdpa=sdpa)
+        return [logits, model(more, cache, use_sdpa=sdpa) if question else None, cache, stats]
+
     with torch.no_grad():
-        one = model(ids, model.new_cache(B))
-        mlp = model.layers[0].mlp
-        x = torch.randn(B, T, model.cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
-        whole = mlp(x)
-        with mock.patch.object(model_module, "MLP_TOKENS", pieces):
-            split, in_pieces = model(ids, model.new_cache(B)), mlp(x)
-    assert torch.allclose(split, one, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(in_pieces, whole, rtol=1e-12, atol=1e-12) and in_pieces.shape == x.shape
+        one = run()
+        with mock.patch.object(model_module, "PIECE_TOKENS", pieces):
+            split = run()
+    for a, b in zip(one[:2] + [x for s in one[3] for x in s.values()], split[:2] + [x for s in split[3] for x in s.values()]):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(one[2].layers, split[2].layers):              # (padding leaves other data in empty slots)
+        live = a.pos >= 0
+        assert torch.equal(a.pos, b.pos) and all(torch.allclose(x[live], y[live], atol=1e-12) for x, y in
+                                                 ((a.k, b.k), (a.v, b.v)))
+    assert [sorted(s) for s in one[3]] == [sorted(s) for s in split[3]]
 
 
 @given(chunk=st.integers(1, 50), T=st.integers(1, 50))
@@ -106,6 +120,23 @@ def test_query_chunking_does_not_change_attention(chunk, T):
         assert torch.allclose(sa[name], sb[name], atol=1e-12), name
     assert torch.allclose(sa["last_rows"], sa["probs"][:, :, :, -min(5, T):])
     assert torch.allclose(sa["colsum"], sa["probs"].sum(3))
+
+
+@given(S=st.integers(1, 40), T=st.integers(1, 4), G=st.sampled_from([1, 3]), evict=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sdpa_equals_reference_over_any_store(S, T, G, evict, seed):
+    """SDPA's masked path (G query heads folded into the query axis) gives the reference attention over a store whose
+    heads keep different entries (after an eviction) or the same ones, for queries at any positions (-1: padding)."""
+    g = torch.Generator().manual_seed(seed)
+    store = tiny_model(torch.float64).new_cache(2).layers[0]
+    k = torch.randn(2, 2, S, 16, generator=g, dtype=torch.float64)
+    store.append(k, torch.randn_like(k), torch.arange(S).expand(2, S))
+    if evict:
+        store.keep(torch.rand(store.pos.shape, generator=g) < 0.7)
+    q = torch.randn(2, 2 * G, T, 16, generator=g, dtype=torch.float64)
+    qpos = torch.randint(-1, S + 1, (2, T), generator=g)
+    ref, fast = attend(q, qpos, store)[0], attend(q, qpos, store, use_sdpa=True)[0]
+    assert torch.allclose(ref, fast, atol=1e-12)
 
 
 def test_sdpa_path_matches_reference():

@@ -66,35 +66,32 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.fit(extra)                       # compaction moves entries, never changes them
         assert self.store.capacity >= int(self.store.length.max()) + extra + 1
 
-    @precondition(lambda self: all(len(self.model[b][h]) for b in range(2) for h in range(2)))
+    @precondition(lambda self: all(len(self.model[b][h]) >= 3 for b in range(2) for h in range(2)))
     @rule(data=st.data())
     def merge(self, data):
+        """Sources are entries of the same head that are not destinations (D2O merges evicted into kept ones)."""
         E = data.draw(st.integers(1, 2), label="E")      # 1: one source per head (a decode step's single write)
-        dst = torch.zeros(self.B, self.H, E, dtype=torch.long)
+        dst, src = (torch.zeros(self.B, self.H, E, dtype=torch.long) for _ in range(2))
         w = torch.zeros(self.B, self.H, E, dtype=torch.float64)
-        src_k = seeded_randn(self.step + 20_000, self.B, self.H, E, self.d)
-        src_v = seeded_randn(self.step + 30_000, self.B, self.H, E, self.d)
-        self.step += 1
         scale = torch.ones(self.store.pos.shape, dtype=torch.float64)
+        chunk = data.draw(st.integers(1, 2), label="chunk")
         for b in range(self.B):
             for h in range(self.H):
-                n = len(self.model[b][h])
-                entry = [data.draw(st.integers(0, n - 1), label="dst") for e in range(E)]
+                entries = self.model[b][h]
+                target = data.draw(st.integers(0, len(entries) - 1), label="dst")     # one destination per head
+                others = [i for i in range(len(entries)) if i != target]
+                source = [data.draw(st.sampled_from(others), label="src") for e in range(E)]
                 for e in range(E):
-                    dst[b, h, e] = self.slot_of(b, h, self.model[b][h][entry[e]][0])
+                    dst[b, h, e] = self.slot_of(b, h, entries[target][0])
+                    src[b, h, e] = self.slot_of(b, h, entries[source[e]][0])
                     w[b, h, e] = data.draw(st.floats(0, 1), label="w")
-                s = data.draw(st.floats(0.5, 1.0), label="scale")
-                scale[b, h, int(dst[b, h, 0])] = s
-                new = []
-                for i, (p, k, v, tag) in enumerate(self.model[b][h]):
-                    sc = s if i == entry[0] else 1.0
-                    k, v = k * sc, v * sc
-                    for e in range(E):
-                        if entry[e] == i:
-                            k, v = k + w[b, h, e] * src_k[b, h, e], v + w[b, h, e] * src_v[b, h, e]
-                    new.append((p, k, v, tag))
-                self.model[b][h] = new
-        self.store.merge(dst, src_k, src_v, w, scale)
+                s = scale[b, h, int(dst[b, h, 0])] = data.draw(st.floats(0.5, 1.0), label="scale")
+                p, k, v, tag = entries[target]
+                k, v = k * s, v * s
+                for e in range(E):
+                    k, v = k + w[b, h, e] * entries[source[e]][1], v + w[b, h, e] * entries[source[e]][2]
+                entries[target] = (p, k, v, tag)
+        self.store.merge(dst, src, w, scale, chunk)
 
     @invariant()
     def consistent(self):

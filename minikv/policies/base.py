@@ -76,8 +76,7 @@ def int_option(policy: str, name: str, value, lo: int | None = None, hi: int | N
         raise BadInput(f"{_label(policy, name, what)} must be{_range_text(lo, hi)}, got {value!r}")
     return int(value)
 
-def float_option(policy: str, name: str, value, lo: float | None = None, hi: float | None = None,
-                 what: str = "") -> float:
+def float_option(policy: str, name: str, value, lo: float | None = None, hi: float | None = None, what="") -> float:
     """`value` as a finite real option of `policy` (an int is fine, a bool or a string is not), within [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise BadInput(f"{_label(policy, name, what)} must be a number{_range_text(lo, hi)}, "

@@ -32,7 +32,7 @@ MERGE_WEIGHTS = ("code", "paper")          # Step 5 weights
 THRESHOLD_RULES = ("code", "paper")        # Step 4 update of tau
 DEFAULT_BETA = {"code": 0.5, "paper": 0.7}  # beta, the weight of the new similarities, per threshold rule
 ALLOCATIONS = ("variance", "uniform")
-SIMILARITY_CHUNK = 256                      # Step 4 compares this many evicted keys at once (the E x S products)
+SIMILARITY_CHUNK = 64                       # Steps 4-5 take this many evicted keys at once (the E x S products)
 WHENS = ("first_decode", "prefill")         # the first compression: at the first decode step, or right after prefill
 
 # ---- Step 1: layer statistic ---------------------------------------------------------------------------------
@@ -170,8 +170,7 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
     n_merged = merged.sum(dim=(1, 2))                                     # (B,)
     weights = merge_weights_code if merge_weights == "code" else merge_weights_paper
     src_w, dst_scale = weights(m, j, merged, store.capacity)              # weight 0 / scale 1: nothing merged
-    idx = src[..., None].expand(*src.shape, store.k.shape[-1])
-    store.merge(j, torch.gather(store.k, 2, idx), torch.gather(store.v, 2, idx), src_w, dst_scale)
+    store.merge(j, src, src_w, dst_scale, SIMILARITY_CHUNK)
     if norm is not None:                                                  # merged keys changed: so did their norms
         update_norms(store, j)
     store.keep(keep)
@@ -179,8 +178,9 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
 
 def update_norms(store: LayerStore, slot: torch.Tensor) -> None:
     """The "key_norm" statistic recomputed at `slot` (B, Hkv, n) from the keys there (n entries per head, not S)."""
-    keys = torch.gather(store.k, 2, slot[..., None].expand(*slot.shape, store.k.shape[-1]))   # (B, Hkv, n, d)
-    store.stats["key_norm"].scatter_(2, slot, keys.norm(dim=-1))
+    for s in slot.split(SIMILARITY_CHUNK, dim=-1):                         # (B, Hkv, c): no (n, d) copy of keys
+        keys = torch.gather(store.k, 2, s[..., None].expand(*s.shape, store.k.shape[-1]))   # (B, Hkv, c, d)
+        store.stats["key_norm"].scatter_(2, s, keys.norm(dim=-1))
 
 def protected_layer_option(value) -> tuple[int, ...] | None:
     """protected_layers as a tuple of layer indices (None = the default 0, 1, L-1; one int is one layer)."""
@@ -261,7 +261,8 @@ class D2O(Policy):
     def allocate(self, cache: KVCache) -> list[dict]:
         """Step 2: per layer, the rows' ratio r_l, whether they are never compressed, S_h/S_r (known now for a
         count budget, -1 = set at the first compression), and fresh tau / merge counters. One dict per layer."""
-        F, protected, n = layer_statistics(cache), self.protected(len(cache.layers)), cache.prompt_len.cpu().double()
+        F, protected = layer_statistics(cache), self.protected(len(cache.layers))
+        n = cache.layers[0].rows["prompt_len"].cpu().double()                                  # (B,) prompt lengths
         rho = torch.full_like(n, self.budget.value) if self.budget.is_ratio else self.budget.value / n   # (B,) nominal
         B, L = rho.shape[0], F.shape[0]
         S_h = S_r = torch.full((L, B), -1, dtype=torch.long)

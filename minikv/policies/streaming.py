@@ -24,8 +24,7 @@ class Streaming(Policy):
         super().__init__(budget)
         self.n_sink = int_option("streaming", "n_sink", n_sink, lo=0, what="attention sinks kept")
         if not self.budget.is_ratio and self.budget.value <= self.n_sink:
-            raise BadInput(f"streaming: budget {self.budget} must exceed n_sink = {self.n_sink} (the sinks alone "
-                           f"would fill it)")
+            raise BadInput(f"streaming: budget {self.budget} must exceed n_sink = {self.n_sink} (the sinks would fill it)")
 
     def after_prefill(self, layer, store, stats):
         budget = self.budget_entries(store)
