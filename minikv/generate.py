@@ -92,8 +92,8 @@ def prefill(model: Llama, prompts: list[list[int]], policy=None, question: list[
 
     def compress(layer: int, store, stats) -> None:
         policy.after_prefill(layer, store, stats)
-        if not store.heads_aligned:      # it evicted: give the memory back before the next layer runs (one sync)
-            store.fit(room)
+        if not store.heads_aligned:   # it evicted: memory back before the next layer runs (one sync), room for step 0
+            store.fit(1 if policy.decode_evicts and not question else room)   # (then the decode loop refits it)
 
     run = lambda c, hook: model(ids, c, pos, hook=hook, need=policy.prefill_needs, window=policy.window,
                                 use_sdpa=sdpa, last_only=True)[:, -1]

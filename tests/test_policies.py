@@ -186,3 +186,25 @@ def test_every_registered_policy_builds():
     for name in REGISTRY:
         policy = get_policy(name, None if name in ("full", "corm") else 0.5)   # corm is budget-free
         assert policy.name == name
+
+
+@pytest.mark.parametrize("spec", [("h2o", {}), ("streaming", {}), ("d2o", {"when": "prefill", "protected_layers": [0]}),
+                                  ("snapkv", {"window": 4})])
+def test_prefill_room_of_an_evicted_layer(spec):
+    """A layer compressed at prefill keeps room for one decode step when its policy evicts at every step (the decode
+    loop refits the cache at the second step); a policy that does not, or a question to append, keeps the room asked."""
+    name, options = spec
+    model, policy = tiny_model(), get_policy(name, 0.25, **options)
+    prompts = [[(7 * i) % 100 + 1 for i in range(80)]] * 2
+    for question in (None, [[5, 6]] * 2):
+        _, cache = prefill(model, prompts, policy, question=question, extra_capacity=100)
+        evicted = [s for s in cache.layers if not s.heads_aligned]
+        assert evicted, "the policy compressed no layer at prefill"
+        for store in evicted:
+            spare = store.capacity - int(store.length.max())
+            if policy.decode_evicts and question is None:
+                assert 2 <= spare < 2 + 16                # one step's entry, a padding slot, rounding to 16 slots
+            else:
+                assert spare >= 100 + 1 - (2 if question else 0)
+    res = generate(model, prompts, policy, max_new_tokens=5, stop_ids=[])   # the decode loop takes it from there
+    assert all(len(t) == 5 for t in res.tokens)
