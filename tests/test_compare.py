@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_model
 from minikv.errors import BadInput
-from minikv.generate import prefill
+from minikv.generate import generate, prefill
 from minikv.tools import bench, common, compare
 from test_bad_input import assert_refused, run_cli
 
@@ -48,6 +48,20 @@ def test_a_policy_against_itself_overlaps_everywhere(tiny64):
     assert rep["a"]["err"] == rep["b"]["err"] and all(e > 0 for e in rep["a"]["err"])
     assert rep["a"]["answer_ids"] == rep["b"]["answer_ids"] and len(rep["full"]["answer_ids"]) == 3
     assert all(len(head) == 12 for layer in rep["a"]["kept"] for head in layer)
+
+
+def test_each_policy_prefills_once_and_answers_as_generate(tiny64):
+    """One prefill per policy gives both its stores and its greedy answer, which is generate's."""
+    tokens = []                                      # tokens of each pass through the model
+    hook = tiny64.layers[0].register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
+    try:
+        rep = compare.compare_policies(tiny64, IDS, "h2o 12", "streaming 12", max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert tokens.count(N) == 3                      # prefills: the full cache's run, then one per policy
+    for key, spec in (("a", "h2o 12"), ("b", "streaming 12")):
+        res = generate(tiny64, [IDS], compare.policy_spec(spec), max_new_tokens=4)
+        assert rep[key]["answer_ids"] == res.tokens[0] and rep[key]["cache_ratio"] == res.cache_ratio
 
 
 def test_full_against_streaming_by_hand(tiny64, monkeypatch):

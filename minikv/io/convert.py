@@ -67,8 +67,7 @@ def _open_gguf(path: Path):
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged headers
         detail = " ".join(str(e).split())  # one line: the command line prints the message as one line
-        raise BadInput(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {detail}") \
-            from None
+        raise BadInput(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {detail}") from None
     # The reader memory-maps lazily, so a file cut inside the tensor data can still open: check every extent.
     for t in reader.tensors:
         require(t.data_offset + t.n_bytes <= size, f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up "
@@ -135,8 +134,7 @@ def _dequantized(reader, path: Path, cfg: LlamaConfig) -> dict[str, torch.Tensor
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise BadInput(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which gguf cannot dequantize") \
-                from None
+            raise BadInput(f"{path}: tensor {t.name!r} uses {t.tensor_type.name}, which gguf cannot dequantize") from None
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
         name = _hf_name(t.name, cfg.num_hidden_layers) or t.name  # check_state_dict names an unexpected one
         state[name] = torch.tensor(values, dtype=torch.float32).reshape(shape)  # copies out of the memory map

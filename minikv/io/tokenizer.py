@@ -313,8 +313,7 @@ def load_tokenizer(folder: str | Path):
     try:
         tok = ByteLevelBPE(spec, bos_token=bos, eos_token=eos, add_bos=add_bos)
     except BadInput as e:  # name the file; keep the class (UnsupportedTokenizer stays a NotImplementedError)
-        raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") \
-            from None
+        raise type(e)(f"{json_path}: {str(e).removeprefix('tokenizer.json: ').removeprefix('tokenizer.json ')}") from None
     # Without tokenizer_config.json's token, config.json's id names it (the first of a list).
     model_config = read_json_object(folder / "config.json") if (folder / "config.json").exists() else {}
     for name, token in (("bos", bos), ("eos", eos)):

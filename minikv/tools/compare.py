@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from minikv.attention import attend
-from minikv.generate import generate, prefill
+from minikv.checks import context_room
+from minikv.generate import decode_loop, generate, prefill
 from minikv.model import apply_rope, rope_cos_sin
 from minikv.tools.bench import check_out_path, write_json
 from minikv.tools.common import (add_model_args, count_arg, format_rows, load_model_and_tokenizer, policy_spec,
@@ -37,15 +38,17 @@ def compare_policies(model, ids: list[int], a: str, b: str, max_new_tokens: int 
     queries = [apply_rope(q.view(1, 1, H, d).transpose(1, 2), cos, sin) for q in found[:len(model.layers)]]
     rep = {"engine": "minikv", "prompt_ids": ids, "probe": "the last prompt token's query (full-cache run)",
            "full": {"spec": "full", "answer_ids": full.tokens[0], "cache_ratio": full.cache_ratio}}
-    for key, spec in (("a", a), ("b", b)):
-        policy = policy_spec(spec)
-        cache = prefill(model, [ids], policy)[1]                       # the stores after prefill
-        res = generate(model, [ids], policy, max_new_tokens=max_new_tokens)
+    n_new = min(max_new_tokens, context_room(model, [ids], None))
+    for key, spec in (("a", a), ("b", b)):       # one prefill each: the stores after it, then its greedy answer
+        logits, cache = prefill(model, [ids], policy := policy_spec(spec), extra_capacity=n_new)
         kept = [[sorted(s.pos[0, h][s.pos[0, h] >= 0].tolist()) for h in range(s.pos.shape[1])] for s in cache.layers]
-        rep[key] = {"spec": spec, "answer_ids": res.tokens[0], "cache_ratio": res.cache_ratio, "kept": kept, "err": []}
+        rep[key] = {"spec": spec, "kept": kept, "err": []}
         for q, ref, store in zip(queries, full.cache.layers, cache.layers):   # entries decoded later: after qpos
             want = attend(q, qpos, ref)[0].double()
             rep[key]["err"].append(float((attend(q, qpos, store)[0].double() - want).norm() / want.norm()))
+        out = decode_loop(model, cache, logits, policy, n_new, lambda lg: lg.argmax(-1), set(model.cfg.eos_ids), 0,
+                          None, None)[0]
+        rep[key].update(answer_ids=out[0], cache_ratio=cache.cache_ratio())
     rep["layers"] = [{"layer": i, "jaccard": j, "err_a": rep["a"]["err"][i], "err_b": rep["b"]["err"][i]}
                      for i, j in enumerate(jaccard(rep["a"]["kept"], rep["b"]["kept"]))]
     return rep
