@@ -95,5 +95,5 @@ def _attend_sdpa(q: torch.Tensor, qpos: torch.Tensor, store: LayerStore, offset:
                (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= qpos[:, None, :, None]))   # (B, 1 or Hkv, T, S)
     # A KV head's G query heads as G*T queries (as `attend` does): SDPA sees no GQA, so a masked kernel can take it.
     out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv * T, d), store.k[:, :, :S], store.v[:, :, :S],
-                                         torch.cat([visible] * (Hq // Hkv), dim=-2))
+                                         visible if Hq == Hkv else torch.cat([visible] * (Hq // Hkv), dim=-2))
     return torch.nan_to_num(out.view(B, Hq, T, d), nan=0.0)   # rows that see nothing (padding): NaN from SDPA, 0 here

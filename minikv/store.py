@@ -152,10 +152,10 @@ class LayerStore:
         dst_scale: (B, Hkv, S), 1 for entries that receive nothing. E = 1 (a decode step) reads and writes the one
         destination; more: every entry is scaled, then the sources added `chunk` at a time (no (E, d) copies)."""
         (b, h), w = self._row_head(dst_slot), src_weight[..., None]          # w: (B, Hkv, E, 1)
+        scale = torch.gather(dst_scale, 2, dst_slot)[..., None] if dst_slot.shape[-1] == 1 else None   # (B, Hkv, 1, 1)
         for t in (self.k, self.v):
-            if dst_slot.shape[-1] == 1:       # one write per head, kept in place when compiled
-                scale = torch.gather(dst_scale, 2, dst_slot)[..., None].to(t.dtype)          # (B, Hkv, 1, 1)
-                t[b, h, dst_slot] = t[b, h, dst_slot] * scale + w.to(t.dtype) * t[b, h, src_slot]
+            if scale is not None:             # one source per head: one write, kept in place when compiled
+                t[b, h, dst_slot] = t[b, h, dst_slot] * scale.to(t.dtype) + w.to(t.dtype) * t[b, h, src_slot]
             else:                             # a repeated destination is scaled once, then receives every source
                 t.mul_(dst_scale[..., None].to(t.dtype))
                 for dst, src, wc in zip(dst_slot.split(chunk, -1), src_slot.split(chunk, -1), w.split(chunk, -2)):
