@@ -27,8 +27,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """Next token per row from logits (B, vocab): greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    # Shifted by the max and in float64, any finite temperature > 0 works: a tiny one sends the others to -inf
-    # (instead of inf - inf = NaN, or a float32 temperature that rounds to 0), a huge one gives a uniform choice.
+    # In float64, shifted by the max, any finite temperature > 0 works (no inf - inf; a huge one is uniform).
     z = logits.double()
     probs = torch.softmax((z - z.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
@@ -119,11 +118,10 @@ def generate(model: Llama, prompts: list[list[int]], policy=None, *, max_new_tok
              on_tokens: Callable[[list[int | None]], None] | None = None, use_sdpa: bool | None = None,
              keep_cache: bool = False, reserve_tokens: int | None = None,
              cuda_graph: bool = False, compile: bool = False) -> GenerationResult:
-    """Generate up to `max_new_tokens` per prompt; a row that hits a stop token stops growing its cache, and nothing
-    runs past the model's context (`stopped_at_context` says when that ended it). The cache has room for
-    `reserve_tokens` decode entries (default min(max_new_tokens, RESERVE_CHUNK)) and grows geometrically past them.
-    cuda_graph (a CUDA model) and compile: from the second step on, the cache holds every token left and the step is
-    torch.compile'd and/or captured as a CUDA graph and replayed (decode_loop)."""
+    """Generate up to `max_new_tokens` per prompt; a row that hits a stop token stops growing its cache; nothing runs
+    past the context (`stopped_at_context`). The cache has room for `reserve_tokens` decode entries (default
+    min(max_new_tokens, RESERVE_CHUNK)) and grows past them. cuda_graph (a CUDA model) and compile: from the second
+    step on the cache holds every token left, the step torch.compile'd and/or replayed as a CUDA graph (decode_loop)."""
     policy = FullCache() if policy is None else policy          # (prefill checks it)
     check_arguments(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     reserve_tokens=reserve_tokens, seed=seed, on_tokens=on_tokens)
@@ -189,9 +187,8 @@ def decode_loop(model: Llama, cache: KVCache, logits: torch.Tensor, policy, n_st
 def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: int, tokens: torch.Tensor,
                         pos: torch.Tensor, cuda_graph: bool = False, reserve: int = RESERVE_CHUNK, compile=False):
     """Fit the cache to the `left` tokens still to feed (plain eager: at most `reserve`, then it grows if it must),
-    run the first, tokens and pos (B,), and return (step(tokens, pos) -> logits, its logits, seconds spent compiling
-    and capturing, that first step included). compile: torch.compile'd (its first run compiles); cuda_graph: then
-    recorded as a CUDA graph over the cache's tensors (each step updates them in place) and replayed."""
+    run the first, tokens and pos (B,); return (step(tokens, pos) -> logits, its logits, seconds compiling and capturing
+    with that step). compile: torch.compile'd; cuda_graph: then recorded over the cache's tensors and replayed."""
     fixed = cuda_graph or compile       # room for every token left: no host-side bound to guard on or sync for
     cache.fit(left if fixed else min(left, reserve), fixed)
     step = lambda tokens, pos: decode_step(model, cache, tokens, policy, pos, use_sdpa, validate=False)
@@ -205,19 +202,16 @@ def fixed_capacity_step(model: Llama, cache: KVCache, policy, use_sdpa, left: in
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_logits = step(static_tokens, static_pos)
-
-    def replay(new_tokens: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
-        static_tokens.copy_(new_tokens), static_pos.copy_(new_pos), graph.replay()
-        return static_logits
+    replay = lambda new_tokens, new_pos: (static_tokens.copy_(new_tokens), static_pos.copy_(new_pos), graph.replay(),
+                                          static_logits)[-1]          # the inputs copied in, the graph replayed
     return replay, logits, time.perf_counter() - t0
 
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, policy, pos: torch.Tensor | None = None,
                 use_sdpa: bool | None = None, validate: bool = True) -> torch.Tensor:
-    """One new token per row through the model, the policy's `after_step` running on every layer; logits (B, vocab).
-    tokens: (B,) ids; pos: (B,) absolute positions, default cache.seen (-1 = a finished row: nothing is cached).
-    SDPA unless the policy needs attention statistics or the model runs in float64 (the oracle path); validate=False
-    skips the token/position check, the one host sync (once the cache is fitted: see decode_loop)."""
+    """One new token per row through the model, the policy's `after_step` on every layer; logits (B, vocab). tokens:
+    (B,) ids; pos: (B,) positions, default cache.seen (-1: a finished row, nothing cached). SDPA unless the policy needs
+    statistics or the model is float64 (the oracle); validate=False skips the token check, the one host sync."""
     sdpa = (model.dtype != torch.float64 if use_sdpa is None else use_sdpa) and not policy.decode_needs
     pos = cache.seen.clone() if pos is None else pos        # a copy: the cache advances `seen` while appending
     return model(tokens.reshape(-1, 1), cache, pos.reshape(-1, 1), hook=policy.after_step, need=policy.decode_needs,

@@ -156,9 +156,8 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None = None,
                 hook: LayerHook | None = None, need: frozenset = frozenset(), window: int = 0,
                 use_sdpa: bool = False, last_only: bool = False, validate: bool = True) -> torch.Tensor:
-        """Run T new tokens per row through the model, appending their keys/values to `cache`.
-        tokens: (B, T) ids; pos: (B, T) absolute positions (-1 marks left padding, which is not cached);
-        default pos = cache.seen + arange(T). Returns logits (B, T, vocab) (or (B, 1, vocab) with last_only).
+        """Run T new tokens per row through the model, appending their keys/values to `cache`. tokens: (B, T) ids; pos:
+        (B, T) positions (-1: left padding, not cached), default cache.seen + arange(T). Logits (B, T or 1, vocab).
         validate=False skips the token and position range check (its host sync): the decode loop's own tokens."""
         B, T = tokens.shape
         pos = cache.seen[:, None] + torch.arange(T, device=tokens.device) if pos is None else pos

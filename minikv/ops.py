@@ -10,10 +10,9 @@ from minikv.store import position_order
 
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor, valid: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the top-k entries of `scores` along the last dim, with the documented tie-break.
-    scores: (..., S); k: an int or a tensor broadcastable to scores.shape[:-1] (per-head counts);
-    valid: (..., S) bool, entries that may be chosen; pos: (..., S) positions for the tie-break (None: the slot
-    index). Returns (..., S) bool with min(k, #valid) True per row."""
+    """Boolean mask (..., S) of the top-k entries of `scores` (..., S) along the last dim, with the tie-break: k, an int or
+    a tensor broadcastable to scores.shape[:-1]; valid: (..., S) the entries that may be chosen; pos: (..., S)
+    positions for the tie-break (None: the slot index). min(k, #valid) True per row."""
     if scores.device.type == "cpu" and torch.isnan(scores).any():   # (on GPU this check would sync every step)
         raise BadInput("select_topk: scores contain NaN")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))

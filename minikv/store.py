@@ -6,10 +6,9 @@ hit); rows: name -> (B, ...) per-row state (the prompt lengths, D2O's threshold 
 host: name -> value, facts a policy decided once (Python values, read without a GPU sync).
 
 Eviction empties slots in place (pos = -1) and an appended entry takes the first empty slot, so a decode step moves
-no data and never waits for the GPU: slot order is NOT position order. Code that needs "how old" or "how recent",
-and every tie-break, reads `pos`, never the slot. `fit` compacts the entries to the front in position order and
-sizes the tensors (one host sync; after prefill, before a fixed-capacity decode). Statistics live beside the
-entries; per-row state lives beside the rows, so a policy is a configuration only."""
+no data and never waits for the GPU: slot order is NOT position order, and every tie-break reads `pos`. `fit`
+compacts the entries to the front in position order and sizes the tensors (one host sync; after prefill, before a
+fixed-capacity decode). State lives beside the entries and rows, so a policy is a configuration only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -148,9 +147,8 @@ class LayerStore:
               dst_scale: torch.Tensor, chunk: int = 256) -> None:
         """Weighted in-place merge of E entries into kept entries of the same head (D2O, Step 5).
         k[dst] <- dst_scale[dst] * k[dst] + sum_{e -> dst} src_weight[e] * k[src_e]   (the same for v)
-        dst_slot, src_slot: (B, Hkv, E) int64, no source a destination; src_weight: (B, Hkv, E) (0 = not merged);
-        dst_scale: (B, Hkv, S), 1 for entries that receive nothing. E = 1 (a decode step) reads and writes the one
-        destination; more: every entry is scaled, then the sources added `chunk` at a time (no (E, d) copies)."""
+        dst_slot, src_slot: (B, Hkv, E), no source a destination; src_weight: (B, Hkv, E) (0: not merged); dst_scale:
+        (B, Hkv, S), 1 where nothing arrives. E > 1: all entries scaled, then sources added `chunk` at a time."""
         (b, h), w = self._row_head(dst_slot), src_weight[..., None]          # w: (B, Hkv, E, 1)
         scale = torch.gather(dst_scale, 2, dst_slot)[..., None] if dst_slot.shape[-1] == 1 else None   # (B, Hkv, 1, 1)
         for t in (self.k, self.v):

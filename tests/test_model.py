@@ -139,6 +139,26 @@ def test_sdpa_equals_reference_over_any_store(S, T, G, evict, seed):
     assert torch.allclose(ref, fast, atol=1e-12)
 
 
+@given(T=st.integers(1, 12), offset=st.integers(0, 30), G=st.sampled_from([1, 3]), B=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_flash_outputs_and_column_sums_equal_reference(T, offset, G, B, seed):
+    """A fresh prompt's piece (T queries after `offset` others, no padding) through the fused kernels: outputs from
+    the own slots and the earlier slots joined by log-sum-exp, column sums from the transposed attention. Both equal
+    the reference path's (float64), and slots past the piece stay 0."""
+    g = torch.Generator().manual_seed(seed)
+    store = tiny_model(torch.float64).new_cache(B).layers[0]
+    store.reserve(offset + T + 5)
+    k = torch.randn(B, 2, offset + T, 16, generator=g, dtype=torch.float64)
+    store.append(k, torch.randn_like(k), torch.arange(offset + T).expand(B, -1))
+    q = torch.randn(B, 2 * G, T, 16, generator=g, dtype=torch.float64) * 3
+    qpos = torch.arange(offset, offset + T).expand(B, -1)
+    ref, ref_stats = attend(q, qpos, store, frozenset({"colsum"}))
+    fast, stats = attend(q, qpos, store, frozenset({"colsum"}), use_sdpa=True, padded=False, offset=offset)
+    assert torch.allclose(ref, fast, atol=1e-12)
+    assert stats["colsum"].shape == ref_stats["colsum"].shape
+    assert torch.allclose(ref_stats["colsum"], stats["colsum"], atol=1e-12)
+
+
 def test_sdpa_path_matches_reference():
     model = tiny_model(torch.float32)
     ids = torch.randint(0, 101, (2, 33))

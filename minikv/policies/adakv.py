@@ -2,11 +2,9 @@
 
 Theorem 3.1 bounds a layer's eviction error by 2hC - 2C sum_i F_i (F_i = attention mass head i keeps; see
 minikv/bounds.py), and the global top-B over all heads' scores maximises sum_i F_i (Thm 3.3). So instead of giving every
-KV head the same prefix budget b, the layer's Hkv*b prefix entries go to whichever heads hold the highest scores, with
-a safeguard so every head keeps at least floor(alpha*b). The allocation (`adakv_allocate`) is separate from the scorers
-and composes with SnapKV window scores, PyramidKV's layer schedule and H2O's accumulated scores. Each head then really
-stores its own count (store.keep compacts unevenly; no masking).
-
+KV head the same prefix budget b, the layer's Hkv*b prefix entries go to the heads with the highest scores, each head
+keeping at least floor(alpha*b). The allocation (`adakv_allocate`) composes with SnapKV window scores, PyramidKV's
+layer schedule and H2O's accumulated scores; each head really stores its own count (no masking).
 Budget = average per-head cache size INCLUDING the window: prefix budget b = budget - window (SnapKV family) or
 b = n_heavy (H2O family, whose window is the n_recent most recent entries)."""
 from __future__ import annotations
@@ -37,8 +35,8 @@ def adakv_allocate(scores: torch.Tensor, prefix_budget: int | torch.Tensor, alph
     """Ada-KV head-wise prefix budgets (B, Hkv) from scores (B, Hkv, m) and the average prefix budget b per head.
     official: B_i = round((1 - alpha) f_i + floor(alpha b)), f_i = head i's share of the global top-(Hkv*b);
     exact: each head's top floor(alpha b), then a global top fills the rest (sum = Hkv*b); train_free.md §8.1, §9.
-    scores: -inf (or `valid` False) marks slots that are not candidates (window, empty). b: int or (B,).
-    pos: (B, Hkv, m) positions for the tie-break (None: slot order); globally, ties break by head, then position."""
+    scores: -inf (or `valid` False) marks non-candidates (window, empty); b: int or (B,); pos: (B, Hkv, m) for the
+    tie-break (None: slot order); globally, ties break by head, then position."""
     check_allocation_options(alpha, variant)
     B, H, m = scores.shape
     valid = (scores > float("-inf")) if valid is None else valid

@@ -1,19 +1,14 @@
 """CORM, Cache Optimization with Recent Message (Dai et al. 2024, arXiv 2404.15949): budget-free eviction of the keys
 that all of the last w queries ignored.
 
-Step s (1-indexed) is the query at position s-1. Key i is *important* at step s iff alpha_{s,i} >= 1/s, where alpha is
-the softmax over the entries still cached and s is the absolute step even after evictions. Key i is evicted at step t
-iff pos_i <= t-1-r and it was minor at every one of the steps t-w+1 .. t. Eviction is permanent and per (layer, KV
-head); nothing is budgeted, so the cache size depends on the input, layer and head.
-
-State: one integer per entry, the store stat `last_hit` = the last step at which the entry was important (initially
-its own step, pos + 1). The rule is then  evict iff pos_i <= t-1-r and last_hit_i <= t-w ; with r >= w this makes
-exactly the decisions of storing the last w attention rows (tests/test_corm.py checks it against a literal w-row
-implementation).
-
+Step s (1-indexed) is the query at position s-1. Key i is *important* at step s iff alpha_{s,i} >= 1/s (alpha: the
+softmax over the entries still cached; s: the absolute step even after evictions). Key i is evicted at step t iff
+pos_i <= t-1-r and it was minor at every step t-w+1 .. t: permanently, per (layer, KV head), with no budget.
+State: one integer per entry, the stat `last_hit` = the last step at which it was important (initially pos + 1), so
+the rule is  evict iff pos_i <= t-1-r and last_hit_i <= t-w ; with r >= w these are exactly the decisions of storing
+the last w attention rows (tests/test_corm.py checks it against a literal w-row implementation).
 prefill_mode "oneshot" (default) applies the rule once with the last w prompt rows; "exact" feeds the prompt as
-decode steps (prefill_pass = "token_by_token"). GQA union rule, oneshot, threshold="cached", n_sink: train_free.md §9.
-"""
+decode steps (prefill_pass = "token_by_token"). GQA union rule, oneshot, threshold="cached", n_sink: train_free.md §9."""
 from __future__ import annotations
 
 import torch
@@ -61,11 +56,6 @@ def corm_keep(store: LayerStore, last_hit: torch.Tensor, w: int, r: int, n_sink:
     evict = store.valid & old & long_term_minor & ~first_positions_mask(store.pos, n_sink)
     return store.valid & ~evict
 
-def oneshot_window_steps(store: LayerStore, n_rows: int) -> torch.Tensor:
-    """Steps of the last n_rows prompt queries: s_j = seen - n_rows + j + 1 (<= 0 for left-padding rows). (B, n_rows)"""
-    j = torch.arange(n_rows, device=store.seen.device)
-    return store.seen[:, None] - n_rows + j + 1
-
 class CORM(Policy):
     name = "corm"
     summary = "CORM (budget-free): evicts keys that all of the last w queries ignored, except the r most recent"
@@ -98,7 +88,8 @@ class CORM(Policy):
                                "minikv.generate.prefill, which reads policy.prefill_pass")
         rows = stats["last_rows"]                                         # (B, Hkv, G, w', S), w' = min(w, T)
         last_hit = init_last_hit(store)
-        steps = oneshot_window_steps(store, rows.shape[3])                # (B, w')
+        # (B, w'): the steps of the last w' prompt queries (<= 0 for left-padding rows)
+        steps = store.seen[:, None] - rows.shape[3] + torch.arange(1, rows.shape[3] + 1, device=store.seen.device)
         tau = step_thresholds(store, steps - 1, self.threshold, rows.dtype)
         record_hits(last_hit, important_mask(rows, tau), steps)
         store.keep(corm_keep(store, last_hit, self.w, self.r, self.n_sink))

@@ -57,11 +57,7 @@ def layer_weights(F: torch.Tensor) -> torch.Tensor:
 
 def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
     """Step 2: each layer's multiple of the nominal budget, L * softmax(-F)_l ("variance") or 1 ("uniform"). (L,)"""
-    if allocation == "variance":
-        return layer_weights(F) * F.shape[0]                              # sums to L
-    if allocation == "uniform":
-        return torch.ones(F.shape[0], dtype=torch.float64)
-    raise BadInput(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    return layer_weights(F) * F.shape[0] if allocation == "variance" else torch.ones(F.shape[0], dtype=torch.float64)
 
 def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
                  allocation: str = "variance") -> torch.Tensor:
@@ -96,9 +92,8 @@ def evicted_slots(evict: torch.Tensor, pos: torch.Tensor, E: int | None = None) 
 def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor, in_order=False,
                  norm: torch.Tensor | None = None):
     """Step 4: u = cos(k_e, K_c) over the kept keys of the same head; returns (m = max u, j* = argmax u slot).
-    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos, norm (the keys' norms; None: computed, one more
-    read of k): (B, Hkv, S); in_order: slots in position order (nothing evicted yet; later E <= 1). m: (B, Hkv, E),
-    -inf where the head keeps nothing; ties: the older position."""
+    k: (B, Hkv, S, d); src_slot: (B, Hkv, E) evicted slots; keep, pos, norm (keys' norms; None: computed): (B, Hkv, S);
+    in_order: slots in position order (nothing evicted yet). m: (B, Hkv, E), -inf where the head keeps nothing."""
     norm, out = (k.norm(dim=-1) if norm is None else norm)[..., None].clamp_min(1e-8), []   # (B, Hkv, S, 1)
     for src in src_slot.split(SIMILARITY_CHUNK, dim=-1):           # (B, Hkv, C): at most C x S products at once
         ke = torch.gather(k, 2, src[..., None].expand(*src.shape, k.shape[-1])) / torch.gather(norm, 2, src[..., None])
@@ -108,27 +103,17 @@ def nearest_kept(k: torch.Tensor, src_slot: torch.Tensor, keep: torch.Tensor, po
         out.append((m.squeeze(-1), j.squeeze(-1)))
     return tuple(torch.cat(x, -1) if len(x) > 1 else x[0] for x in zip(*out))   # (B, Hkv, E) each; a step: no copy
 
-def _row_mean(m: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of m over the real entries of each batch row, and whether the row has any. (B,), (B,)."""
-    w = real.reshape(m.shape[0], -1)                                      # (B, Hkv * E)
-    n = w.sum(-1)
-    s = torch.where(w, m.reshape(w.shape).double(), 0.0).sum(-1)
-    return s / n.clamp_min(1), n > 0
-
 def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alpha: float = 0.5,
                      beta: float = 0.5, rule: str = "code") -> torch.Tensor:
     """Step 4: first compression (tau NaN) tau = mean(m); later "code" tau <- alpha*tau + beta*mean(m), "paper"
     tau <- beta*max(m) + (1 - beta)*tau. Rows without evictions keep tau. tau: (B,) float64; m, real: (B, Hkv, E)."""
-    mean, has = _row_mean(m, real)                                        # (B,)
-    if rule == "code":
-        later = alpha * tau + beta * mean
-    elif rule == "paper":
+    w = real.reshape(m.shape[0], -1)                                      # (B, Hkv * E) the real entries of a row
+    n = w.sum(-1)
+    mean, has = torch.where(w, m.reshape(w.shape).double(), 0.0).sum(-1) / n.clamp_min(1), n > 0   # (B,) each
+    if rule == "paper":
         mx = torch.where(real, m.double(), float("-inf")).reshape(m.shape[0], -1).amax(-1) if m.numel() else mean
-        later = beta * mx + (1 - beta) * tau
-    else:
-        raise BadInput(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
-    new = torch.where(torch.isnan(tau), mean, later)
-    return torch.where(has, new, tau)
+    later = alpha * tau + beta * mean if rule == "code" else beta * mx + (1 - beta) * tau
+    return torch.where(has, torch.where(torch.isnan(tau), mean, later), tau)
 
 def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Step 4: merge the k-th evicted entry of every head iff mean over heads of m[:, :, k] >= tau. (B, Hkv, E)."""
@@ -157,9 +142,8 @@ def evict_and_merge(store: LayerStore, keep: torch.Tensor, tau: torch.Tensor, al
                     merge_weights: str = "code", tau_override: float | None = None, threshold_rule: str | None = None,
                     max_evicted: int | None = None):
     """Steps 4-5 after the selection: nearest kept entry, threshold, merge or drop, then eviction.
-    keep: (B, Hkv, S) selection of Step 3; tau: (B,) float64 (NaN before the first compression); threshold_rule
-    defaults to the rule named like the weights; max_evicted: a host bound on the entries a head evicts (None: read
-    it, one sync). Returns (new tau (B,), merged (B,), dropped (B,) entries per row). No branch reads a tensor."""
+    keep: (B, Hkv, S) Step 3's selection; tau: (B,) float64 (NaN before the first compression); threshold_rule: default
+    the weights' rule; max_evicted: a host bound per head (None: one sync). Returns (tau, merged, dropped), each (B,)."""
     evict, norm = store.valid & ~keep, store.stats.get("key_norm")       # (B, Hkv, S) each; norm: see D2O._compress
     src, real = evicted_slots(evict, store.pos, max_evicted)              # (B, Hkv, E)
     m, j = nearest_kept(store.k, src, keep, store.pos, store.heads_aligned, norm)

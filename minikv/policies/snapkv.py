@@ -20,8 +20,8 @@ def window_scores(store: LayerStore, last_rows: torch.Tensor, window: int, kerne
     """SnapKV prefix scores (B, Hkv, S): window-mean attention, pooled along positions; -inf outside the prefix.
     "max": group mean, then max-pool padded with -inf (Ada-KV's code); "avg": avg-pool of each query head's prefix,
     the zeros around it counted (F.avg_pool1d's count_include_pad), then group mean (kvpress's SnapKVPress).
-    last_rows: (B, Hkv, G, w, S) softmax rows of the last w prompt queries. Pooling runs along the slots, which hold
-    the prompt in position order: the layer's store is fresh (nothing evicted yet) when prefill calls this."""
+    last_rows: (B, Hkv, G, w, S), the last w prompt queries' rows. Pooling runs along the slots: at prefill they hold
+    the prompt in position order."""
     prefix = store.valid & ~recent_mask(store.pos, window, store.seen)     # earlier entries, not the window
     mx, s = pooling == "max", last_rows.mean(dim=3)                        # s: (B, Hkv, G, S)
     s = (group_mean(s)[:, :, None] if mx else s).masked_fill(~prefix[:, :, None], float("-inf") if mx else 0.0)
