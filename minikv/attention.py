@@ -130,6 +130,7 @@ def _colsum_flash(q: torch.Tensor, lse: torch.Tensor, store: LayerStore, offset:
         own = s0 == offset                         # the own slots reversed on both axes: a causal mask
         k = store.k[:, :, s0:offset + T].flip(2) if own else store.k[:, :, s0:min(offset, s0 + T)]   # (B,Hkv,n,d)
         k = torch.cat([k, k.new_ones(*k.shape[:3], 2), k.new_zeros(*k.shape[:3], 6)], -1)   # [k, 1, 1, 0...]
-        lse_t = _flash(k.repeat_interleave(Hq // Hkv, 1), *[keys.flip(2) if own else keys] * 2, own, scale=1.0)[1]
+        k = k[:, :, None].expand(-1, -1, Hq // Hkv, -1, -1).flatten(1, 2)     # (B, Hq, n, d + 8), a view when G = 1
+        lse_t = _flash(k, *[keys.flip(2) if own else keys] * 2, own, scale=1.0)[1]
         colsum[..., s0:s0 + k.shape[2]] = (lse_t.flip(-1) if own else lse_t).exp()
     return colsum.view(B, Hkv, Hq // Hkv, S)
