@@ -125,12 +125,13 @@ def _colsum_flash(q: torch.Tensor, lse: torch.Tensor, store: LayerStore, offset:
     hi = (-lse).to(q.dtype)                                # -lse_i as two half-precision parts (exact to ~1e-5)
     keys = torch.cat([q / math.sqrt(d), hi[..., None], (-lse - hi.to(lse.dtype)).to(q.dtype)[..., None],
                       q.new_zeros(B, Hq, T, 6)], -1)                                     # (B, Hq, T, d + 8)
-    colsum = torch.zeros(B, Hq, S, dtype=lse.dtype, device=q.device)
-    for s0 in (*range(0, offset, T), offset):     # the earlier slots T at a time (bounded copies), then the own ones
+    colsum, n = torch.zeros(B, Hq, S, dtype=lse.dtype, device=q.device), max(T, 128)   # n: earlier slots per call
+    for s0 in (*range(0, offset, n), offset):     # the earlier slots n at a time (bounded copies), then the own ones
         own = s0 == offset                         # the own slots reversed on both axes: a causal mask
-        k = store.k[:, :, s0:offset + T].flip(2) if own else store.k[:, :, s0:min(offset, s0 + T)]   # (B,Hkv,n,d)
-        k = torch.cat([k, k.new_ones(*k.shape[:3], 2), k.new_zeros(*k.shape[:3], 6)], -1)   # [k, 1, 1, 0...]
-        k = k[:, :, None].expand(-1, -1, Hq // Hkv, -1, -1).flatten(1, 2)     # (B, Hq, n, d + 8), a view when G = 1
-        lse_t = _flash(k, *[keys.flip(2) if own else keys] * 2, own, scale=1.0)[1]
+        k = store.k[:, :, s0:offset + T].flip(2) if own else store.k[:, :, s0:min(offset, s0 + n)]   # (B,Hkv,n,d)
+        kq = k.new_zeros(*k.shape[:3], d + 8)                                # [k, 1, 1, 0 ...]: (B, Hkv, n, d + 8)
+        kq[..., :d], kq[..., d:d + 2] = k, 1
+        kq = kq[:, :, None].expand(-1, -1, Hq // Hkv, -1, -1).flatten(1, 2)  # (B, Hq, n, d + 8), a view when G = 1
+        lse_t = _flash(kq, *[keys.flip(2) if own else keys] * 2, own, scale=1.0)[1]
         colsum[..., s0:s0 + k.shape[2]] = (lse_t.flip(-1) if own else lse_t).exp()
     return colsum.view(B, Hkv, Hq // Hkv, S)

@@ -16,8 +16,7 @@ def _is_real(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 def _short(x) -> str:          # repr(x), cut to 60 characters
-    r = repr(x)
-    return r if len(r) <= 60 else r[:57] + "..."
+    return r[:57] + "..." if len(r := repr(x)) > 60 else r
 
 # Keyword argument -> (accepted?, what it must be); a refusal reads "<name> must be <what>, got <value>".
 ARGUMENTS = {
