@@ -122,9 +122,9 @@ def _colsum_flash(q: torch.Tensor, lse: torch.Tensor, store: LayerStore, offset:
     queries are the keys and whose keys are the queries with -lse_i as one more dimension; a fused kernel adds it up
     and no score lives in memory. Slot j sees query i iff offset + i >= j: the earlier slots see every query."""
     (B, Hq, T, d), (Hkv, S) = q.shape, store.k.shape[1:3]
-    hi = (-lse).to(q.dtype)                                # -lse_i as two half-precision parts (exact to ~1e-5)
-    keys = torch.cat([q / math.sqrt(d), hi[..., None], (-lse - hi.to(lse.dtype)).to(q.dtype)[..., None],
-                      q.new_zeros(B, Hq, T, 6)], -1)                                     # (B, Hq, T, d + 8)
+    keys = q.new_zeros(B, Hq, T, d + 8)        # [q, -lse_i sqrt(d) as two half-precision parts (hi + lo), 0 ...]
+    keys[..., :d], keys[..., d] = q, -lse * math.sqrt(d)                       # scaled by 1/sqrt(d) in the kernel
+    keys[..., d + 1] = -lse * math.sqrt(d) - keys[..., d].to(lse.dtype)
     colsum, n = torch.zeros(B, Hq, S, dtype=lse.dtype, device=q.device), max(T, 128)   # n: earlier slots per call
     for s0 in (*range(0, offset, n), offset):     # the earlier slots n at a time (bounded copies), then the own ones
         own = s0 == offset                         # the own slots reversed on both axes: a causal mask
@@ -132,6 +132,6 @@ def _colsum_flash(q: torch.Tensor, lse: torch.Tensor, store: LayerStore, offset:
         kq = k.new_zeros(*k.shape[:3], d + 8)                                # [k, 1, 1, 0 ...]: (B, Hkv, n, d + 8)
         kq[..., :d], kq[..., d:d + 2] = k, 1
         kq = kq[:, :, None].expand(-1, -1, Hq // Hkv, -1, -1).flatten(1, 2)  # (B, Hq, n, d + 8), a view when G = 1
-        lse_t = _flash(kq, *[keys.flip(2) if own else keys] * 2, own, scale=1.0)[1]
+        lse_t = _flash(kq, *[keys.flip(2) if own else keys] * 2, own, scale=1 / math.sqrt(d))[1]
         colsum[..., s0:s0 + k.shape[2]] = (lse_t.flip(-1) if own else lse_t).exp()
     return colsum.view(B, Hkv, Hq // Hkv, S)
