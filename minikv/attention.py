@@ -112,9 +112,8 @@ def _attend_flash(q: torch.Tensor, store: LayerStore, offset: int) -> tuple[torc
     out, lse = _flash(q, store.k[:, :, offset:offset + T], store.v[:, :, offset:offset + T], causal=True)  # GQA
     if offset:           # earlier slots: a KV head's G query heads as G*T queries (as `attend` does)
         out0, lse0 = _flash(q.reshape(B, Hkv, -1, d), store.k[:, :, :offset], store.v[:, :, :offset], causal=False)
-        lse, own = torch.logaddexp(lse, lse0.reshape(B, Hq, T)), lse
-        w = (own - lse).exp()[..., None].to(q.dtype)               # the own slots' share of the softmax (B, Hq, T, 1)
-        out = torch.lerp(out0.reshape(B, Hq, T, d), out, w)        # w out + (1 - w) out0
+        lse, own = torch.logaddexp(lse, lse0.reshape(B, Hq, T)), lse   # w out + (1 - w) out0, w the own slots' share:
+        out = torch.lerp(out0.reshape(B, Hq, T, d), out, (own - lse).exp()[..., None].to(q.dtype))   # exp(own - lse)
     return out, lse
 
 def _colsum_flash(q: torch.Tensor, lse: torch.Tensor, store: LayerStore, offset: int) -> torch.Tensor:

@@ -1447,3 +1447,14 @@ class TestFetchAndBench:
         assert convert.ensure_default_model() == folder
         code, out, err = run_cli(["fetch"], capsys)
         assert code == 0 and out.strip().splitlines()[-1] == str(folder)
+
+
+def test_d2o_step_functions_refuse_unknown_rules():
+    """Called directly (not through D2O, which checks its options), Step 2 and Step 4 refuse an unknown allocation
+    or threshold rule by name instead of falling back to the other one."""
+    from minikv.policies.d2o import layer_shares, update_threshold
+    with pytest.raises(BadInput, match="allocation .* got 'varience'"):
+        layer_shares(torch.zeros(4), "varience")
+    m, real = torch.zeros(1, 2, 3), torch.ones(1, 2, 3, dtype=torch.bool)
+    with pytest.raises(BadInput, match="threshold_rule .* got 'papper'"):
+        update_threshold(torch.full((1,), float("nan"), dtype=torch.float64), m, real, rule="papper")

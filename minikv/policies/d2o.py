@@ -57,7 +57,8 @@ def layer_weights(F: torch.Tensor) -> torch.Tensor:
 
 def layer_shares(F: torch.Tensor, allocation: str) -> torch.Tensor:
     """Step 2: each layer's multiple of the nominal budget, L * softmax(-F)_l ("variance") or 1 ("uniform"). (L,)"""
-    return layer_weights(F) * F.shape[0] if allocation == "variance" else torch.ones(F.shape[0], dtype=torch.float64)
+    uniform = choice_option("d2o", "allocation", allocation, ALLOCATIONS) == "uniform"   # an unknown one is refused
+    return torch.ones(F.shape[0], dtype=torch.float64) if uniform else layer_weights(F) * F.shape[0]
 
 def layer_ratios(F: torch.Tensor, rho: torch.Tensor, protected: set[int] = frozenset(),
                  allocation: str = "variance") -> torch.Tensor:
@@ -108,11 +109,11 @@ def update_threshold(tau: torch.Tensor, m: torch.Tensor, real: torch.Tensor, alp
     """Step 4: first compression (tau NaN) tau = mean(m); later "code" tau <- alpha*tau + beta*mean(m), "paper"
     tau <- beta*max(m) + (1 - beta)*tau. Rows without evictions keep tau. tau: (B,) float64; m, real: (B, Hkv, E)."""
     w = real.reshape(m.shape[0], -1)                                      # (B, Hkv * E) the real entries of a row
-    n = w.sum(-1)
-    mean, has = torch.where(w, m.reshape(w.shape).double(), 0.0).sum(-1) / n.clamp_min(1), n > 0   # (B,) each
+    mean, has = torch.where(w, m.reshape(w.shape).double(), 0.0).sum(-1) / w.sum(-1).clamp_min(1), w.any(-1)   # (B,)
     if rule == "paper":
         mx = torch.where(real, m.double(), float("-inf")).reshape(m.shape[0], -1).amax(-1) if m.numel() else mean
-    later = alpha * tau + beta * mean if rule == "code" else beta * mx + (1 - beta) * tau
+    code = choice_option("d2o", "threshold_rule", rule, THRESHOLD_RULES) == "code"     # an unknown rule is refused
+    later = alpha * tau + beta * mean if code else beta * mx + (1 - beta) * tau
     return torch.where(has, torch.where(torch.isnan(tau), mean, later), tau)
 
 def merge_decision(m: torch.Tensor, real: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
