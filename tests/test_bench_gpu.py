@@ -298,14 +298,19 @@ def test_targets_take_the_best_captured_mode():
 
 
 def test_targets_take_a_policy_with_options_as_the_policy():
-    """A row of "d2o when=prefill" (the spec's option that compresses at prefill) counts as d2o: (f) takes the lower
-    peak of the two; the plan accepts such a name and refuses a bad option before anything runs."""
+    """A row of "d2o when=prefill" or "d2o:when=prefill" (the spec's option that compresses at prefill) counts as d2o:
+    (f) takes the lower peak of the two; the plan accepts such a name and refuses a bad option before anything runs."""
     res = edit(passing(), {"peak_gib": 40.0}, policy="d2o")                      # > 0.5 x 50: misses alone
     assert verdicts(res)["(f)"] == "miss"
     res["rows"].append(row("minikv", "d2o when=prefill", "graph", 16, peak=20.0))
     assert verdicts(res)["(f)"] == "pass" and "d2o 0.4x" in bench.targets(res)[5]["measured"]
     assert bench.bench_plan({"MINIKV_BENCH_POLICIES": "full,d2o when=prefill"})["policies"][1] == "d2o when=prefill"
     assert bench.policy_for("d2o when=prefill", 0.3).when == "prefill"
+    colon = bench.bench_plan({"MINIKV_BENCH_POLICIES": "d2o:when=prefill",
+                              "MINIKV_BENCH_PROFILE": "d2o:when=prefill:16:graph"})
+    assert colon["policies"] == ["d2o:when=prefill"] and colon["profile"] == [("d2o:when=prefill", 16, "graph")]
+    res["rows"][-1]["policy"] = "d2o:when=prefill"                                  # eval's spelling: the same policy
+    assert verdicts(res)["(f)"] == "pass" and bench.policy_for("d2o:when=prefill", 0.3).when == "prefill"
     with pytest.raises(bench.BadInput, match="when .* got 'later'"):
         bench.bench_plan({"MINIKV_BENCH_POLICIES": "d2o when=later"})
 

@@ -36,6 +36,8 @@ def test_policy_spec_reads_name_budget_and_options():
     p = common.policy_spec("snapkv 0.2 window=8 kernel=3")
     assert (p.name, p.budget.value, p.window, p.kernel) == ("snapkv", 0.2, 8, 3)
     assert common.policy_spec(" full ").budget is None and common.policy_spec("h2o 12").budget.value == 12
+    p = common.policy_spec("snapkv:0.2:window=8:kernel=3")                    # eval's colons work here too
+    assert (p.name, p.budget.value, p.window, p.kernel) == ("snapkv", 0.2, 8, 3)
     with pytest.raises(BadInput, match="'0.2 0.5'"):                 # two budgets are refused, named
         common.policy_spec("h2o 0.2 0.5")
     with pytest.raises(BadInput, match="'nope'"):

@@ -149,6 +149,8 @@ def test_policy_specs():
     specs = parse_policies("full,corm:w=8:r=16,snapkv:window=4")
     assert [s.takes_budget for s in specs] == [False, False, True]
     assert dict(specs[1].options) == {"w": 8, "r": 16}
+    spaced = parse_policies("corm w=8 r=16")                                   # bench's and compare's spaces work too
+    assert (spaced[0].name, dict(spaced[0].options)) == ("corm", {"w": 8, "r": 16})
     common = parse_policies("full,h2o,snapkv", {"window": 8})                 # --option: only where it applies
     assert [dict(s.options) for s in common] == [{}, {}, {"window": 8}]
     with pytest.raises(ValueError, match="none of the policies"):

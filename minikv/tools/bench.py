@@ -24,7 +24,7 @@ from minikv.io.checkpoint import load_model
 from minikv.io.convert import ensure_default_model
 from minikv.model import Llama
 from minikv.policies import REGISTRY
-from minikv.tools.common import add_model_args, format_rows, policy_spec
+from minikv.tools.common import add_model_args, format_rows, policy_spec, spec_words
 
 def check_out_path(out: Path) -> Path:
     """Refuse an --out that is a folder or lies under a file, and make its folder, before a long run starts."""
@@ -70,13 +70,11 @@ def random_model(build, dtype=torch.bfloat16, device="cuda"):
     return model.eval()
 
 def policy_for(name: str, ratio: float):
-    """The policy at `ratio`, options as policy_spec ("d2o when=prefill"); full and corm take no budget."""
-    return policy_spec(name if name.split()[0] in ("full", "corm") else f"{name} {ratio}")
+    """The policy at `ratio`, options as policy_spec ("d2o:when=prefill"); full and corm take no budget."""
+    return policy_spec(name if spec_words(name)[0] in ("full", "corm") else f"{name} {ratio}")
 
 def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+    gc.collect(), (torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()) if torch.cuda.is_available() else None
 
 def _sync_peak() -> float:
     """Wait for the GPU; its peak memory in GiB since the last _free (0 without CUDA)."""
@@ -246,10 +244,10 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             raise BadInput(f"{name}={env.get(name, default)!r}: give {known}")
         return items
     num = lambda x, lo=1: x.isdecimal() and int(x) >= lo
-    known = lambda p: p.split()[0] in REGISTRY and bool(policy_for(p, 0.2))     # "d2o when=prefill": an option
+    known = lambda p: spec_words(p)[0] in REGISTRY and bool(policy_for(p, 0.2))     # "d2o:when=prefill": an option
     is_spec = lambda p, b="", m="", *more: known(p) and num(b) and m in (*MODES, "prefill") and not more
-    spec = [x.split(":") for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
-                                      lambda x: is_spec(*x.split(":")), "policy:batch:mode,...")]
+    spec = [x.rsplit(":", 2) for x in get("MINIKV_BENCH_PROFILE", PROFILE_DEFAULT if profile_flag else "",
+                                          lambda x: is_spec(*x.rsplit(":", 2)), "policy:batch:mode,...")]
     one = lambda *a: get(*a)[0]
     return {"shapes": get("MINIKV_BENCH_SHAPES", "llama2-7b", SHAPES.__contains__, ", ".join(SHAPES)),
             "policies": get("MINIKV_BENCH_POLICIES", ",".join(POLICIES), known, ", ".join(REGISTRY)),
@@ -261,8 +259,7 @@ def bench_plan(env, profile_flag: bool = False) -> dict:
             "prompt_len": int(one("MINIKV_BENCH_PROMPT", "4096", num, "an integer >= 1")),
             "new_tokens": int(one("MINIKV_BENCH_NEW_TOKENS", "64", lambda x: num(x, 5), "an integer >= 5")),
             "seconds": float(one("MINIKV_BENCH_SECONDS", "99999", lambda x: x.replace(".", "", 1).isdigit(),
-                                 "a number of seconds")),
-            "ratio": 0.2, "profile": [(p, int(b), m) for p, b, m in spec]}
+                                 "a number of seconds")), "ratio": 0.2, "profile": [(p, int(b), m) for p, b, m in spec]}
 
 def run_plan(plan: dict, out: Path, info: dict, device="cuda", dtype=torch.bfloat16, total_bytes=None,
              folder: Path | None = None) -> dict:
@@ -349,7 +346,7 @@ def targets(res: dict) -> list[dict]:
     """The issue's targets as measured ratios, each "pass", "miss", or "not measured" when a row is missing."""
     def v(key, policy, modes, batch, engine="minikv"):
         """The best `key` (least time or memory, most tok/s) over the rows of this configuration (any options)."""
-        vals = [r[key] for r in res["rows"] if "error" not in r and (r["engine"], r["policy"].split()[0]) ==
+        vals = [r[key] for r in res["rows"] if "error" not in r and (r["engine"], spec_words(r["policy"])[0]) ==
                 (engine, policy) and r["mode"] in modes and (r["max_batch"] if batch == "max" else r["batch"] == batch)]
         return (max if key == "decode_tok_per_s" else min)(vals) if vals else None
     ms, tok, hf, both, captured = "decode_ms_per_step", "decode_tok_per_s", "transformers", MODES, ("graph", "compiled")

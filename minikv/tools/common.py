@@ -91,9 +91,13 @@ def parse_options(pairs: list[str]) -> dict:
         out[key] = parse_value(value)
     return out
 
+def spec_words(text: str) -> list[str]:
+    """A policy spec's words, split at spaces or colons (every command takes both): 'd2o:when=prefill'."""
+    return text.replace(":", " ").split() or [""]
+
 def policy_spec(text: str):
-    """'POLICY [BUDGET] [KEY=VALUE ...]', e.g. 'snapkv 0.2 kernel=7' -> the policy (BadInput naming a bad part)."""
-    name, *rest = text.split() or [""]
+    """'POLICY [BUDGET] [KEY=VALUE ...]' (spec_words; 'snapkv 0.2 kernel=7') -> the policy; BadInput names a bad part."""
+    name, *rest = spec_words(text)
     budget = " ".join(w for w in rest if "=" not in w) or None         # two budgets: refused as one bad budget
     return get_policy(name, budget, **parse_options([w for w in rest if "=" in w]))
 

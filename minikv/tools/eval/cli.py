@@ -58,8 +58,7 @@ def config_from_args(args, model_name: str) -> EvalConfig:
     budgets = parse_budgets(args.budgets)
     lengths = [2048 if args.task == "ppl" else 2000] if args.lengths is None else \
         split_list(args.lengths, "--lengths", "whole numbers of tokens, e.g. --lengths 1000,2000", int)
-    return EvalConfig(
-        task=args.task, policies=parse_policies(args.policies, parse_options(args.option), budgets[0]),
+    return EvalConfig(task=args.task, policies=parse_policies(args.policies, parse_options(args.option), budgets[0]),
         budgets=budgets, lengths=lengths,
         depths=split_list(args.depths, "--depths", "fractions in [0, 1], e.g. --depths 0,0.5,1", float),
         samples=args.samples, seed=args.seed, question="agnostic" if args.question_agnostic else "aware",

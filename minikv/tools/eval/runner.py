@@ -22,7 +22,7 @@ from minikv.generate import decode_step, generate, prefill
 from minikv.io.tokenizer import chat_stop_ids
 from minikv.policies import REGISTRY, get_policy
 from minikv.policies.base import Policy, policy_options
-from minikv.tools.common import note, parse_options, progress_bar
+from minikv.tools.common import note, parse_options, progress_bar, spec_words
 from minikv.tools.eval import records as rec
 from minikv.tools.eval.tasks import DEPTH_TASKS, RULER_SUBTASKS, Example, make_example
 
@@ -61,7 +61,7 @@ def parse_policies(text: str, common: dict | None = None, probe_budget: str | No
     Options after ':' apply to that policy only; `common` (--option) to every listed policy that takes that key."""
     known, common, specs = ", ".join(sorted(REGISTRY)), common or {}, []
     for label in split_list(text, "--policies", f"some of: {known}"):
-        name, *pairs = label.split(":")
+        name, *pairs = spec_words(label)
         refuse(name not in REGISTRY, f"unknown policy {name!r}; known policies: {known}")
         refuse(any("=" not in p for p in pairs), f"the policy options in {label!r} must be KEY=VALUE")
         opts = {k: v for k, v in common.items() if k in policy_options(REGISTRY[name])} | parse_options(pairs)
