@@ -70,8 +70,8 @@ def random_model(build, dtype=torch.bfloat16, device="cuda"):
     return model.eval()
 
 def policy_for(name: str, ratio: float):
-    """The policy at `ratio`, options as policy_spec ("d2o:when=prefill"); full and corm take no budget."""
-    return policy_spec(name if spec_words(name)[0] in ("full", "corm") else f"{name} {ratio}")
+    """The policy at `ratio` (none for a budget-free one: full, corm), options as policy_spec ("d2o:when=prefill")."""
+    return policy_spec(f"{name} {ratio}" if getattr(REGISTRY.get(spec_words(name)[0]), "takes_budget", 1) else name)
 
 def _free():
     gc.collect(), (torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()) if torch.cuda.is_available() else None
